@@ -1,0 +1,1 @@
+# Declarations of the metrics part of the core (included by _core.pxd).

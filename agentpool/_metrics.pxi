@@ -1,0 +1,1 @@
+# metrics part of the compiled core (see _core.pyx).

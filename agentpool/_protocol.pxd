@@ -1,0 +1,1 @@
+# Declarations of the protocol part of the core (included by _core.pxd).

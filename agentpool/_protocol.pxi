@@ -1,0 +1,1 @@
+# protocol part of the compiled core (see _core.pyx).

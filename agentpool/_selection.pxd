@@ -1,0 +1,1 @@
+# Declarations of the selection part of the core (included by _core.pxd).

@@ -1,0 +1,1 @@
+# selection part of the compiled core (see _core.pyx).

@@ -1,0 +1,147 @@
+"""The agentpool exception hierarchy.
+
+One base, :class:`AgentProtocolError`, with a subclass per upstream error kind. The
+messages match upstream's ``Display`` strings so logs and alerts built for the Rust
+proxy keep working (the closing parenthesis of ``MessageTooLarge`` is restored).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AgentProtocolError",
+    "CircuitBreakerOpen",
+    "ConnectionClosed",
+    "ConnectionFailed",
+    "FlowControlPaused",
+    "InvalidMessage",
+    "Io",
+    "MessageTooLarge",
+    "Serialization",
+    "Timeout",
+    "Unavailable",
+    "VersionMismatch",
+    "WrongConnectionType",
+    "format_duration",
+]
+
+
+def format_duration(seconds: float) -> str:
+    """Render a duration the way Rust's ``Duration`` Debug does (``30s``, ``100ms``, ``1.5s``)."""
+    if seconds < 0:
+        seconds = 0.0
+    nanos = round(seconds * 1_000_000_000)
+    if nanos >= 1_000_000_000:
+        whole, frac, unit_digits, suffix = divmod(nanos, 1_000_000_000) + (9, "s")
+    elif nanos >= 1_000_000:
+        whole, frac, unit_digits, suffix = divmod(nanos, 1_000_000) + (6, "ms")
+    elif nanos >= 1_000:
+        whole, frac, unit_digits, suffix = divmod(nanos, 1_000) + (3, "µs")
+    else:
+        return f"{nanos}ns"
+    if frac == 0:
+        return f"{whole}{suffix}"
+    digits = str(frac).rjust(unit_digits, "0").rstrip("0")
+    return f"{whole}.{digits}{suffix}"
+
+
+class AgentProtocolError(Exception):
+    """Base of every error raised by agentpool."""
+
+
+class ConnectionFailed(AgentProtocolError):
+    """Connecting, handshaking or finding a usable connection failed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"Connection failed: {message}")
+        self.reason = message
+
+
+class ConnectionClosed(AgentProtocolError):
+    """The connection closed (EOF, reset, close()) or the waiter was dropped."""
+
+    def __init__(self, detail: str | None = None) -> None:
+        super().__init__("Connection closed" if not detail else f"Connection closed: {detail}")
+        self.detail = detail
+
+
+class VersionMismatch(AgentProtocolError):
+    """The peer speaks a protocol version we do not."""
+
+    def __init__(self, expected: int, actual: int) -> None:
+        super().__init__(f"Protocol version mismatch: expected {expected}, got {actual}")
+        self.expected = expected
+        self.actual = actual
+
+
+class MessageTooLarge(AgentProtocolError):
+    """A frame's length exceeds the limit."""
+
+    def __init__(self, size: int, max: int) -> None:  # noqa: A002 - upstream field name
+        super().__init__(f"Message too large: {size} bytes (max: {max})")
+        self.size = size
+        self.max = max
+
+
+class InvalidMessage(AgentProtocolError):
+    """A frame or payload is malformed; ``field`` names the offending field when known."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(f"Invalid message format: {message}")
+        self.reason = message
+        self.field = field
+
+
+class Timeout(AgentProtocolError, TimeoutError):
+    """An operation did not finish within its deadline (``timeout`` seconds)."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(f"Timeout after {format_duration(timeout)}")
+        self.timeout = timeout
+
+
+class Unavailable(AgentProtocolError):
+    """The agent cannot take requests right now."""
+
+    def __init__(self, detail: str | None = None) -> None:
+        super().__init__("Agent unavailable" if not detail else f"Agent unavailable: {detail}")
+        self.detail = detail
+
+
+class CircuitBreakerOpen(Unavailable):
+    """The agent's circuit breaker is open: the call failed fast without touching the agent."""
+
+    def __init__(self, agent_id: str) -> None:
+        super().__init__(f"circuit breaker open for agent '{agent_id}'")
+        self.agent_id = agent_id
+
+
+class Io(AgentProtocolError):
+    """A socket-level I/O error."""
+
+    def __init__(self, error: object) -> None:
+        super().__init__(f"IO error: {error}")
+        self.error = error
+
+
+class Serialization(AgentProtocolError):
+    """A message could not be encoded."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"Serialization error: {message}")
+        self.reason = message
+
+
+class WrongConnectionType(AgentProtocolError):
+    """An operation is not supported by this kind of connection."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"Wrong connection type: {message}")
+        self.reason = message
+
+
+class FlowControlPaused(AgentProtocolError):
+    """The agent asked for backpressure and the pool is in fail-closed mode."""
+
+    def __init__(self, agent_id: str) -> None:
+        super().__init__(f"Flow control paused: agent '{agent_id}' requested backpressure")
+        self.agent_id = agent_id

@@ -1,0 +1,32 @@
+"""Shared test configuration: every async test runs on asyncio and on uvloop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Mapping
+
+import pytest
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+    uvloop = None
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    factories: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+        "asyncio": asyncio.new_event_loop,
+    }
+    if uvloop is not None and not os.environ.get("AGENTPOOL_TEST_NO_UVLOOP"):
+        factories["uvloop"] = uvloop.new_event_loop
+    return factories
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    import agentpool
+
+    kind = "compiled" if agentpool.HAS_EXTENSIONS else "pure-Python"
+    return f"agentpool {agentpool.__version__} from {os.path.dirname(agentpool.__file__)} ({kind} core)"
