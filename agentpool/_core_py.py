@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+from . import _framing_py, _metrics_py, _protocol_py, _selection_py
 from ._framing_py import MAX_MESSAGE_SIZE, FrameDecoder, encode_frame
 from ._metrics_py import *  # noqa: F403
 from ._protocol_py import *  # noqa: F403
 from ._selection_py import *  # noqa: F403
 
 COMPILED = False
+
+__all__ = [  # noqa: PLE0604
+    "COMPILED",
+    "MAX_MESSAGE_SIZE",
+    "FrameDecoder",
+    "encode_frame",
+    *_metrics_py.__all__,
+    *_protocol_py.__all__,
+    *_selection_py.__all__,
+]
+del _framing_py

@@ -1,1 +1,402 @@
-# protocol part of the compiled core (see _core.pyx).
+# Proxy side of one agent connection: frame routing by correlation id, timeouts, write
+# coalescing and backpressure (twin: _protocol_py.py).
+
+cimport cython
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+
+import collections as _pr_collections
+
+cdef object _pr_AGENT_RESPONSE = _MessageType.AGENT_RESPONSE
+cdef object _pr_deque = _pr_collections.deque
+cdef double _pr_TIMER_SLACK = 0.0005
+
+
+cdef inline double _pr_monotonic() noexcept:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
+
+
+def clone_error(exc):
+    """A fresh copy of an agentpool error (so every failed waiter gets its own instance)."""
+    cls = type(exc)
+    if cls is _errors.ConnectionClosed:
+        return _errors.ConnectionClosed(exc.detail)
+    if cls is _errors.InvalidMessage:
+        return _errors.InvalidMessage(exc.reason, field=exc.field)
+    if cls is _errors.MessageTooLarge:
+        return _errors.MessageTooLarge(exc.size, exc.max)
+    if cls is _errors.Io:
+        return _errors.Io(exc.error)
+    return exc
+
+
+cdef class AgentProtocolCore:
+    """asyncio protocol for one proxy→agent connection (compiled hot path).
+
+    Decodes frames, routes AgentResponse frames to the waiter future registered under their
+    correlation id, hands every other frame to ``on_frame(msg_type, payload)``, expires
+    requests after their timeout, coalesces the frames written during one loop iteration into
+    a single ``transport.write`` and buffers (boundedly) while the transport is paused.
+    ``on_lost(exc)`` is called once when the transport is gone, with the error that closed it
+    (None after a local ``close()``).
+    """
+
+    def __init__(self, loop, on_frame, on_lost, *, double request_timeout=30.0,
+                 Py_ssize_t max_write_buffer=4 * 1024 * 1024,
+                 Py_ssize_t max_frame_size=_MAX_MESSAGE_SIZE):
+        if request_timeout <= 0:
+            raise ValueError("request_timeout must be positive")
+        self._loop = loop
+        self._create_future = loop.create_future
+        self._call_soon = loop.call_soon
+        self._call_later = loop.call_later
+        self._on_frame = on_frame
+        self._on_lost = on_lost
+        self._decoder = FrameDecoder(max_frame_size)
+        self._decode = None
+        self._waiters = {}
+        self._tq = _pr_deque()
+        self._timer = None
+        self._wbuf = bytearray()
+        self._flush_scheduled = False
+        self._wrote_direct = False
+        self._drain_waiters = []
+        self._flush_cb = self._flush
+        self._timer_cb = self._on_timer
+        self.transport = None
+        self.request_timeout = request_timeout
+        self.max_write_buffer = max_write_buffer
+        self.write_paused = False
+        self.closed = False
+        self.close_error = None
+
+    def set_decoder(self, decode_response):
+        """Route AgentResponse frames with ``decode_response(payload) -> (cid, response)``."""
+        self._decode = decode_response
+
+    @property
+    def in_flight(self):
+        return len(self._waiters)
+
+    @property
+    def write_buffer_size(self):
+        return PyByteArray_GET_SIZE(self._wbuf)
+
+    @property
+    def write_queue_full(self):
+        return self.write_paused and PyByteArray_GET_SIZE(self._wbuf) >= self.max_write_buffer
+
+    def waiting_ids(self):
+        """Correlation ids with a live waiter."""
+        return [cid for cid, fut in self._waiters.items() if not fut.done()]
+
+    # -- asyncio protocol callbacks --------------------------------------------------------
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        cdef list frames
+        cdef tuple frame
+        cdef object msg_type, payload, decode, fut, cid, response
+        cdef dict waiters = self._waiters
+        self._wrote_direct = False
+        self.bytes_received += len(data)
+        try:
+            frames = self._decoder.feed(data)
+        except _errors.AgentProtocolError as exc:
+            self._fatal(exc)
+            return
+        decode = self._decode
+        for frame in frames:
+            msg_type = frame[0]
+            payload = frame[1]
+            self.frames_received += 1
+            if msg_type is _pr_AGENT_RESPONSE and decode is not None:
+                try:
+                    cid, response = decode(payload)
+                except Exception:
+                    self.decode_errors += 1
+                    self._on_frame(msg_type, payload)
+                    continue
+                fut = waiters.pop(cid, None)
+                if fut is None or fut.done():
+                    self.unmatched_responses += 1
+                    continue
+                fut.set_result(response)
+                self.responses_received += 1
+            else:
+                self._on_frame(msg_type, payload)
+                if self.closed:
+                    return
+        if self._decoder._error is not None:
+            try:
+                self._decoder.feed(b"")
+            except _errors.AgentProtocolError as exc:
+                self._fatal(exc)
+
+    def eof_received(self):
+        self._shutdown(_errors.ConnectionClosed("agent closed the connection"))
+        return None
+
+    def connection_lost(self, exc):
+        if exc is None:
+            err = _errors.ConnectionClosed("agent closed the connection")
+        else:
+            err = _errors.ConnectionClosed(str(exc) or type(exc).__name__)
+        self._shutdown(err)
+        self.transport = None
+        cb = self._on_lost
+        self._on_lost = None
+        if cb is not None:
+            cb(self.close_error)
+
+    def pause_writing(self):
+        self.write_paused = True
+
+    def resume_writing(self):
+        self.write_paused = False
+        if PyByteArray_GET_SIZE(self._wbuf) and not self._flush_scheduled:
+            self._do_flush()
+        waiters = self._drain_waiters
+        self._drain_waiters = []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    # -- requests --------------------------------------------------------------------------
+
+    cpdef object request(self, int msg_type, object payload, str correlation_id, object timeout=None):
+        """Send an event frame and return the future its AgentResponse will resolve."""
+        cdef object fut, old, handle
+        cdef double t
+        if self.closed:
+            raise clone_error(self.close_error or _errors.ConnectionClosed())
+        if self.write_paused and PyByteArray_GET_SIZE(self._wbuf) >= self.max_write_buffer:
+            raise _errors.Unavailable("write buffer full: the agent is not reading")
+        self._append_frame(msg_type, payload)
+        fut = self._create_future()
+        old = self._waiters.get(correlation_id)
+        self._waiters[correlation_id] = fut
+        if old is not None and not old.done():
+            old.set_exception(_errors.ConnectionClosed(
+                "replaced by a newer request with the same correlation id"))
+        self.requests_sent += 1
+        if timeout is None or timeout == self.request_timeout:
+            tq = self._tq
+            while tq and (<tuple>tq[0])[2].done():
+                tq.popleft()
+            tq.append((_pr_monotonic() + self.request_timeout, correlation_id, fut))
+            if self._timer is None:
+                self._arm()
+            elif len(tq) > 2 * len(self._waiters) + 1024:
+                self._tq = _pr_deque([e for e in tq if not (<tuple>e)[2].done()])
+        else:
+            t = timeout
+            if t > 0:
+                handle = self._call_later(t, self._expire_cb, correlation_id, fut, t)
+                fut.add_done_callback(_PrTimerCanceller(handle))
+        return fut
+
+    cpdef write_frame(self, int msg_type, object payload):
+        """Queue a non-request frame (cancel, ping, config update response...)."""
+        if self.closed:
+            raise clone_error(self.close_error or _errors.ConnectionClosed())
+        self._append_frame(msg_type, payload)
+
+    def discard(self, str correlation_id, fut=None):
+        """Forget the waiter for ``correlation_id`` (only if it is ``fut``, when given)."""
+        cur = self._waiters.get(correlation_id)
+        if cur is None or (fut is not None and cur is not fut):
+            return False
+        del self._waiters[correlation_id]
+        return True
+
+    def fail_waiter(self, str correlation_id, exc):
+        """Fail one live waiter with ``exc``; True if there was one."""
+        fut = self._waiters.pop(correlation_id, None)
+        if fut is None or fut.done():
+            return False
+        fut.set_exception(exc)
+        return True
+
+    def wait_writable(self):
+        """A future resolved when the write buffer drains (None if writable now)."""
+        if self.closed:
+            raise clone_error(self.close_error or _errors.ConnectionClosed())
+        if not self.write_paused:
+            return None
+        fut = self._create_future()
+        self._drain_waiters.append(fut)
+        return fut
+
+    def close(self, error=None):
+        """Fail every waiter (``error`` or ConnectionClosed), flush and close the transport."""
+        if not self.closed:
+            self._shutdown(error or _errors.ConnectionClosed("connection closed by the proxy"))
+            if error is None:
+                self.close_error = None
+        transport = self.transport
+        if transport is not None:
+            if PyByteArray_GET_SIZE(self._wbuf) and not self.write_paused:
+                self._do_flush()
+            transport.close()
+
+    def abort(self, error=None):
+        """Like :meth:`close` but drops unsent data."""
+        if not self.closed:
+            self._shutdown(error or _errors.ConnectionClosed("connection aborted by the proxy"))
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- internals -------------------------------------------------------------------------
+
+    cdef int _append_frame(self, int msg_type, object payload) except -1:
+        """Queue one frame, written at once when the line is idle.
+
+        A frame is written directly unless one was already written directly since the last
+        read or flush; later frames are coalesced and written by one flush callback
+        (call_soon), so under load the frames of one loop iteration share one write and at
+        low concurrency there is neither an extra loop hop nor a callback.
+        """
+        cdef Py_buffer view
+        cdef Py_ssize_t n, old
+        cdef unsigned char *dst
+        cdef bint direct
+        cdef bytes frame
+        if msg_type < 0 or msg_type > 255 or _TYPE_TABLE[msg_type] is None:
+            raise _errors.InvalidMessage(f"Unknown message type: 0x{msg_type & 0xff:02x}")
+        transport = self.transport
+        direct = (not self._wrote_direct and not self._flush_scheduled and not self.write_paused
+                  and transport is not None and PyByteArray_GET_SIZE(self._wbuf) == 0)
+        PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
+        try:
+            n = view.len
+            if n > _MAX_MESSAGE_SIZE:
+                raise _errors.MessageTooLarge(n, _MAX_MESSAGE_SIZE)
+            if direct:
+                frame = PyBytes_FromStringAndSize(NULL, n + _HEADER)
+                dst = <unsigned char *>PyBytes_AS_STRING(frame)
+            else:
+                old = PyByteArray_GET_SIZE(self._wbuf)
+                PyByteArray_Resize(self._wbuf, old + n + _HEADER)
+                dst = <unsigned char *>PyByteArray_AS_STRING(self._wbuf) + old
+            dst[0] = <unsigned char>(((n + 1) >> 24) & 0xff)
+            dst[1] = <unsigned char>(((n + 1) >> 16) & 0xff)
+            dst[2] = <unsigned char>(((n + 1) >> 8) & 0xff)
+            dst[3] = <unsigned char>((n + 1) & 0xff)
+            dst[4] = <unsigned char>msg_type
+            if n:
+                memcpy(dst + _HEADER, view.buf, n)
+        finally:
+            PyBuffer_Release(&view)
+        self.frames_sent += 1
+        if direct:
+            self._wrote_direct = True
+            if not transport.is_closing():
+                self.bytes_sent += n + _HEADER
+                self.writes += 1
+                transport.write(frame)
+        elif not self._flush_scheduled and not self.write_paused:
+            self._flush_scheduled = True
+            self._call_soon(self._flush_cb)
+        return 0
+
+    def _flush(self):
+        self._flush_scheduled = False
+        self._wrote_direct = False
+        self._do_flush()
+
+    cdef int _do_flush(self) except -1:
+        cdef bytearray data
+        if self.write_paused or not PyByteArray_GET_SIZE(self._wbuf):
+            return 0
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return 0
+        data = self._wbuf
+        self._wbuf = bytearray()
+        self.bytes_sent += PyByteArray_GET_SIZE(data)
+        self.writes += 1
+        transport.write(data)
+        return 0
+
+    cdef int _arm(self) except -1:
+        cdef double delay
+        if self._tq and not self.closed:
+            delay = (<tuple>self._tq[0])[0] - _pr_monotonic()
+            self._timer = self._call_later(delay if delay > 0 else 0.0, self._timer_cb)
+        return 0
+
+    def _on_timer(self):
+        cdef double now, deadline
+        cdef tuple entry
+        self._timer = None
+        now = _pr_monotonic() + _pr_TIMER_SLACK
+        tq = self._tq
+        while tq:
+            entry = <tuple>tq[0]
+            fut = entry[2]
+            if fut.done():
+                tq.popleft()
+                continue
+            deadline = entry[0]
+            if deadline <= now:
+                tq.popleft()
+                self._expire(entry[1], fut, self.request_timeout)
+            else:
+                break
+        self._arm()
+
+    def _expire_cb(self, cid, fut, double timeout):
+        self._expire(cid, fut, timeout)
+
+    cdef int _expire(self, object cid, object fut, double timeout) except -1:
+        if fut.done():
+            return 0
+        if self._waiters.get(cid) is fut:
+            del self._waiters[cid]
+        self.timeouts += 1
+        fut.set_exception(_errors.Timeout(timeout))
+        return 0
+
+    cdef int _fatal(self, object error) except -1:
+        self._shutdown(error)
+        if self.transport is not None:
+            self.transport.abort()
+        return 0
+
+    cdef int _shutdown(self, object error) except -1:
+        if self.closed:
+            return 0
+        self.closed = True
+        self.close_error = error
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._tq.clear()
+        waiters = self._waiters
+        self._waiters = {}
+        for fut in waiters.values():
+            if not fut.done():
+                fut.set_exception(clone_error(error))
+        drains = self._drain_waiters
+        self._drain_waiters = []
+        for d in drains:
+            if not d.done():
+                d.set_exception(clone_error(error))
+        return 0
+
+
+@cython.final
+cdef class _PrTimerCanceller:
+    """Done-callback cancelling a per-request timer (requests with a non-default timeout)."""
+    cdef object handle
+
+    def __cinit__(self, handle):
+        self.handle = handle
+
+    def __call__(self, fut):
+        self.handle.cancel()

@@ -1,0 +1,739 @@
+"""The proxy side of one agent connection (v2 over UDS or TCP, or legacy v1).
+
+:class:`AgentConnection` owns a socket to one agent. The per-frame work (decoding, routing
+replies to waiters by correlation id, timeouts, write coalescing, counters) happens in the
+core's :class:`AgentProtocolCore`; this module does the handshake, the control messages and
+the lifecycle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import socket
+import time
+from typing import Any, cast
+
+import orjson
+
+from . import codec as _codec
+from ._impl import core
+from ._version import __version__
+from .enums import CancelReason, FlowAction, HealthState, MessageType
+from .errors import (
+    AgentProtocolError,
+    ConnectionClosed,
+    ConnectionFailed,
+    InvalidMessage,
+    MessageTooLarge,
+    Timeout,
+    VersionMismatch,
+    WrongConnectionType,
+)
+from .messages import (
+    AgentCapabilities,
+    AgentResponse,
+    Block,
+    ConfigUpdateRequest,
+    ConfigUpdateResponse,
+    ConfigureEvent,
+    FlowControlSignal,
+    HandshakeRequest,
+    HealthStatus,
+    MetricsReport,
+    RequestHeadersEvent,
+)
+
+__all__ = [
+    "V1_MAX_MESSAGE_SIZE",
+    "AgentConnection",
+    "ConnectionListener",
+    "parse_endpoint",
+]
+
+log = logging.getLogger("agentpool.connection")
+
+V1_MAX_MESSAGE_SIZE = 10 * 1024 * 1024
+
+_V1_EVENT_NAMES: dict[int, str] = {
+    MessageType.REQUEST_HEADERS: "request_headers",
+    MessageType.REQUEST_BODY_CHUNK: "request_body_chunk",
+    MessageType.RESPONSE_HEADERS: "response_headers",
+    MessageType.RESPONSE_BODY_CHUNK: "response_body_chunk",
+    MessageType.REQUEST_COMPLETE: "request_complete",
+    MessageType.WEBSOCKET_FRAME: "web_socket_frame",
+    MessageType.GUARDRAIL_INSPECT: "guardrail_inspect",
+    MessageType.CONFIGURE: "configure",
+}
+
+
+class ConnectionListener:
+    """Callbacks for what an agent pushes; all optional, sync, called on the loop.
+
+    Subclass and override what you need (or pass any object with some of these methods).
+    Exceptions raised by a callback are logged and never reach the connection.
+    """
+
+    def on_health(self, conn: AgentConnection, status: HealthStatus) -> None:
+        """The agent reported its health (``conn.health_state`` is already updated)."""
+
+    def on_flow_control(self, conn: AgentConnection, paused: bool) -> None:
+        """The agent paused or resumed this connection (``conn.is_paused`` updated)."""
+
+    def on_metrics(self, conn: AgentConnection, report: MetricsReport) -> None:
+        """The agent sent a metrics report."""
+
+    def on_config_update(
+        self, conn: AgentConnection, request: ConfigUpdateRequest
+    ) -> ConfigUpdateResponse | None:
+        """The agent asks for a config change; a returned response is sent back to it."""
+        return None
+
+    def on_closed(self, conn: AgentConnection, exc: BaseException | None) -> None:
+        """The connection is gone (``exc`` None after a local close)."""
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, str | None, int]:
+    """Split an endpoint into ``(kind, host_or_path, port)``.
+
+    ``unix:/p``, ``/abs/path`` and ``x.sock`` are Unix sockets (``("unix", path, 0)``);
+    ``tcp://host:port`` and ``host:port`` are TCP (``("tcp", host, port)``).
+    """
+    ep = endpoint.strip()
+    if ep.startswith("unix:"):
+        path = ep[5:]
+        if path.startswith("//"):
+            path = path[2:]
+        if not path:
+            raise ConnectionFailed(f"invalid endpoint {endpoint!r}: empty socket path")
+        return "unix", path, 0
+    if ep.startswith("/") or ep.endswith(".sock"):
+        return "unix", ep, 0
+    if ep.startswith("tcp://"):
+        ep = ep[6:]
+    host, sep, port_s = ep.rpartition(":")
+    if not sep or not host or not port_s.isdigit() or not 0 < int(port_s) < 65536:
+        raise ConnectionFailed(f"invalid endpoint {endpoint!r}: expected unix:/path or host:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return "tcp", host, int(port_s)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class AgentConnection:
+    """One live connection to an agent: requests multiplexed by correlation id.
+
+    Create with :meth:`open` (connect + handshake) or :meth:`from_socket` (an already
+    registered reverse connection). Thread-unsafe; use from its event loop only.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        agent_id: str,
+        encoding: str = "json",
+        protocol: str = "v2",
+        request_timeout: float = 30.0,
+        listener: Any = None,
+    ) -> None:
+        if protocol not in ("v2", "v1"):
+            raise ValueError(f"unknown protocol {protocol!r} (expected 'v2' or 'v1')")
+        if encoding not in ("json", "msgpack"):
+            raise ValueError(f"unknown encoding {encoding!r} (expected 'json' or 'msgpack')")
+        self.agent_id = agent_id
+        self.endpoint = endpoint
+        self.protocol = protocol
+        self.requested_encoding = encoding
+        self.encoding = "json"
+        self.request_timeout = float(request_timeout)
+        self.listener = listener
+        self.capabilities: AgentCapabilities | None = None
+        self.protocol_version = 2 if protocol == "v2" else 1
+        self.health_state = HealthState.UNSPECIFIED
+        self.last_health: HealthStatus | None = None
+        self.is_paused = False
+        self.last_rtt: float | None = None
+        self.created_at = time.monotonic()
+        self._loop = asyncio.get_running_loop()
+        self._codec: _codec.Codec = _codec.get_codec("json")
+        self._encode_event = self._codec.encode_event
+        self._connected = False
+        self._closed_fut: asyncio.Future[None] = self._loop.create_future()
+        self._hs_waiter: asyncio.Future[None] | None = None
+        self._hs_offered: list[str] = []
+        self._ping_seq = itertools.count()
+        self._pings: dict[int, tuple[asyncio.Future[float], float]] = {}
+        self._core: Any = None
+        self._v1: _V1Protocol | None = None
+        if protocol == "v2":
+            self._core = core.AgentProtocolCore(
+                self._loop, self._on_frame, self._on_lost, request_timeout=self.request_timeout
+            )
+
+    # -- construction --------------------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls,
+        endpoint: str,
+        *,
+        agent_id: str,
+        encoding: str = "json",
+        protocol: str = "v2",
+        connect_timeout: float = 5.0,
+        request_timeout: float = 30.0,
+        proxy_id: str = "zentinel-proxy",
+        proxy_version: str = __version__,
+        config: Any = None,
+        listener: Any = None,
+    ) -> AgentConnection:
+        """Connect to ``endpoint`` and handshake, all within ``connect_timeout`` seconds.
+
+        Raises ConnectionFailed (unreachable, refused handshake, encoding not offered),
+        Timeout (connect + handshake too slow), ConnectionClosed (closed during the handshake),
+        InvalidMessage / MessageTooLarge (the agent sent something that is not a handshake).
+        """
+        conn = cls(
+            endpoint,
+            agent_id=agent_id,
+            encoding=encoding,
+            protocol=protocol,
+            request_timeout=request_timeout,
+            listener=listener,
+        )
+        try:
+            await asyncio.wait_for(
+                conn._connect(proxy_id, proxy_version, config), timeout=connect_timeout
+            )
+        except asyncio.TimeoutError as exc:
+            conn._abort()
+            if isinstance(exc, Timeout):
+                raise
+            raise Timeout(connect_timeout) from None
+        except BaseException:
+            conn._abort()
+            raise
+        return conn
+
+    @classmethod
+    async def from_socket(
+        cls,
+        sock: socket.socket,
+        *,
+        agent_id: str,
+        capabilities: AgentCapabilities,
+        encoding: str = "json",
+        request_timeout: float = 30.0,
+        initial_data: bytes = b"",
+        listener: Any = None,
+        endpoint: str | None = None,
+    ) -> AgentConnection:
+        """Adopt an accepted, already registered socket (reverse connections; no handshake)."""
+        if endpoint is None:
+            try:
+                peer = sock.getpeername()
+            except OSError:
+                peer = ""
+            endpoint = f"reverse:{peer}" if peer else "reverse"
+        conn = cls(
+            endpoint,
+            agent_id=agent_id,
+            encoding=encoding,
+            request_timeout=request_timeout,
+            listener=listener,
+        )
+        conn._set_codec(encoding)
+        conn.capabilities = capabilities
+        sock.setblocking(False)
+        if sock.family == socket.AF_UNIX:
+            await conn._loop.create_unix_connection(lambda: conn._core, sock=sock)
+        else:
+            await conn._loop.create_connection(lambda: conn._core, sock=sock)
+        conn._connected = True
+        if initial_data:
+            conn._core.data_received(initial_data)
+        return conn
+
+    async def _connect(self, proxy_id: str, proxy_version: str, config: Any) -> None:
+        kind, host, port = parse_endpoint(self.endpoint)
+        factory: Any
+        if self.protocol == "v2":
+            factory = self._core
+        else:
+            factory = self._v1 = _V1Protocol(self)
+        try:
+            if kind == "unix":
+                assert host is not None
+                await self._loop.create_unix_connection(lambda: factory, host)
+            else:
+                await self._loop.create_connection(lambda: factory, host or "127.0.0.1", port)
+        except OSError as exc:
+            raise ConnectionFailed(f"{self.endpoint}: {exc.strerror or exc}") from exc
+        if self.protocol == "v1":
+            self._connected = True
+            return
+        offered = ["msgpack", "json"] if self.requested_encoding == "msgpack" else ["json"]
+        self._hs_offered = offered
+        self._hs_waiter = self._loop.create_future()
+        request = HandshakeRequest(
+            supported_versions=[2],
+            proxy_id=proxy_id,
+            proxy_version=proxy_version,
+            config=config,
+            supported_encodings=offered,
+        )
+        self._core.write_frame(
+            MessageType.HANDSHAKE_REQUEST, _codec.encode_handshake_request(request)
+        )
+        try:
+            await self._hs_waiter
+        finally:
+            self._hs_waiter = None
+        self._connected = True
+
+    def _finish_handshake(self, msg_type: MessageType, payload: bytes) -> None:
+        if msg_type != MessageType.HANDSHAKE_RESPONSE:
+            raise InvalidMessage(f"Expected HandshakeResponse, got {msg_type.name}")
+        response = _codec.decode_handshake_response(payload)
+        if not response.success:
+            raise ConnectionFailed(response.error or "Unknown handshake error")
+        chosen = str(getattr(response.encoding, "value", response.encoding))
+        if chosen not in self._hs_offered:
+            raise ConnectionFailed(
+                f"agent chose encoding {chosen!r}, which was not offered "
+                f"({', '.join(self._hs_offered)})"
+            )
+        self._set_codec(chosen)
+        self.capabilities = response.capabilities
+        self.protocol_version = response.protocol_version
+
+    def _set_codec(self, encoding: str) -> None:
+        self._codec = _codec.get_codec(encoding)
+        self.encoding = self._codec.name
+        self._encode_event = self._codec.encode_event
+        if self._core is not None:
+            self._core.set_decoder(self._codec.decode_response)
+
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def is_connected(self) -> bool:
+        """True after the handshake until the connection closes (EOF, error or close())."""
+        if not self._connected:
+            return False
+        if self._core is not None:
+            return not self._core.closed
+        return self._v1 is not None and not self._v1.closed
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed_fut.done() or (self._core is not None and self._core.closed)
+
+    @property
+    def in_flight(self) -> int:
+        """Outstanding requests on this connection."""
+        if self._core is not None:
+            return int(self._core.in_flight)
+        return self._v1.in_flight if self._v1 is not None else 0
+
+    @property
+    def protocol_core(self) -> Any:
+        """The core protocol object (counters: requests_sent, responses_received, ...)."""
+        return self._core
+
+    def supports_event(self, event_type: Any) -> bool:
+        return self.capabilities is None or self.capabilities.supports_event(event_type)
+
+    # -- requests --------------------------------------------------------------------------
+
+    def send(
+        self, event: Any, correlation_id: str, timeout: float | None = None
+    ) -> asyncio.Future[AgentResponse]:
+        """Send ``event`` and return the future of its reply (the pool's hot path).
+
+        Same errors as :meth:`request`; encoding errors and a closed connection raise here.
+        Cancelling the returned future abandons the request.
+        """
+        if self._core is not None:
+            return self._core.request(  # type: ignore[no-any-return]
+                event.MESSAGE_TYPE,
+                self._encode_event(event, correlation_id),
+                correlation_id,
+                timeout,
+            )
+        return asyncio.ensure_future(self._request_v1(event, correlation_id, timeout))
+
+    async def request(
+        self, event: Any, correlation_id: str, timeout: float | None = None
+    ) -> AgentResponse:
+        """Send any event and wait for the agent's AgentResponse.
+
+        ``timeout`` defaults to ``request_timeout``. Raises Timeout, ConnectionClosed (EOF,
+        close(), cancel()), InvalidMessage/MessageTooLarge (the agent broke the framing),
+        Unavailable (write buffer full while the agent is not reading).
+        """
+        if self._core is None:
+            return await self._request_v1(event, correlation_id, timeout)
+        c = self._core
+        if c.write_queue_full:
+            drained = c.wait_writable()
+            if drained is not None:
+                t = self.request_timeout if timeout is None else timeout
+                try:
+                    await asyncio.wait_for(drained, t)
+                except asyncio.TimeoutError:
+                    raise Timeout(t) from None
+        fut = self.send(event, correlation_id, timeout)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            c.discard(correlation_id, fut)
+            raise
+
+    async def configure(
+        self,
+        config: Any,
+        config_version: str | None = None,
+        *,
+        correlation_id: str | None = None,
+        timeout: float | None = None,
+    ) -> bool:
+        """Send a Configure event; True if the agent accepted it (Allow)."""
+        cid = correlation_id or f"cfg-{next(self._ping_seq)}-{_now_ms()}"
+        event = ConfigureEvent(config=config, config_version=config_version, correlation_id=cid)
+        resp = await self.request(event, cid, timeout)
+        return resp.decision.__class__.__name__ == "Allow"
+
+    async def cancel(self, correlation_id: str, reason: CancelReason = CancelReason.MANUAL) -> bool:
+        """Send Cancel for ``correlation_id`` and fail its local waiter (ConnectionClosed).
+
+        Returns True if a request was waiting.
+        """
+        if self._core is None:
+            return self._cancel_v1(correlation_id)
+        c = self._core
+        if c.closed:
+            return False
+        c.write_frame(
+            MessageType.CANCEL, _codec.encode_cancel(correlation_id, int(reason), _now_ms())
+        )
+        return bool(
+            c.fail_waiter(correlation_id, ConnectionClosed(f"request {correlation_id} cancelled"))
+        )
+
+    async def cancel_all(self, reason: CancelReason = CancelReason.MANUAL) -> int:
+        """Cancel every outstanding request (one Cancel frame each); returns how many."""
+        if self._core is None:
+            return 1 if self._v1 is not None and self._cancel_v1(None) else 0
+        count = 0
+        for cid in self._core.waiting_ids():
+            if await self.cancel(cid, reason):
+                count += 1
+        return count
+
+    async def ping(self, timeout: float | None = None) -> float:
+        """Round-trip a Ping; returns (and stores in ``last_rtt``) the RTT in seconds."""
+        if self._core is None:
+            raise WrongConnectionType("ping is not supported by v1 agents")
+        seq = next(self._ping_seq)
+        fut: asyncio.Future[float] = self._loop.create_future()
+        t0 = time.perf_counter()
+        self._pings[seq] = (fut, t0)
+        try:
+            self._core.write_frame(MessageType.PING, _codec.encode_ping(seq, _now_ms()))
+            t = self.request_timeout if timeout is None else timeout
+            try:
+                rtt = await asyncio.wait_for(fut, t)
+            except asyncio.TimeoutError:
+                raise Timeout(t) from None
+        finally:
+            self._pings.pop(seq, None)
+        self.last_rtt = rtt
+        return rtt
+
+    # -- closing ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Fail every waiter with ConnectionClosed and close the socket; idempotent."""
+        if self._core is not None:
+            self._core.close()
+            if self._core.transport is None:
+                self._on_lost(None)
+        elif self._v1 is not None:
+            self._v1.close()
+        else:
+            self._on_lost(None)
+
+    def _abort(self) -> None:
+        if self._core is not None:
+            self._core.abort()
+            if self._core.transport is None:
+                self._on_lost(self._core.close_error)
+        elif self._v1 is not None:
+            self._v1.close()
+
+    async def wait_closed(self) -> None:
+        """Wait until the socket is closed (after close(), EOF or an error)."""
+        await asyncio.shield(self._closed_fut)
+
+    # -- callbacks from the core -------------------------------------------------------------
+
+    def _notify(self, name: str, *args: Any) -> Any:
+        fn = getattr(self.listener, name, None)
+        if fn is None:
+            return None
+        try:
+            return fn(self, *args)
+        except Exception:
+            log.exception("listener %s.%s failed", type(self.listener).__name__, name)
+            return None
+
+    def _on_frame(self, msg_type: MessageType, payload: bytes) -> None:
+        try:
+            self._handle_frame(msg_type, payload)
+        except AgentProtocolError as exc:
+            log.warning("agent %s: bad frame 0x%02x ignored: %s", self.agent_id, msg_type, exc)
+        except Exception:
+            log.exception("agent %s: error handling frame 0x%02x", self.agent_id, msg_type)
+
+    def _handle_frame(self, msg_type: MessageType, payload: bytes) -> None:
+        hs = self._hs_waiter
+        if hs is not None:
+            if hs.done():
+                return
+            try:
+                self._finish_handshake(msg_type, payload)
+            except AgentProtocolError as exc:
+                hs.set_exception(exc)
+                self._core.abort(ConnectionClosed("handshake failed"))
+            else:
+                hs.set_result(None)
+            return
+        if msg_type == MessageType.PONG:
+            self._on_pong(payload)
+        elif msg_type == MessageType.HEALTH_STATUS:
+            status = self._codec.decode_control(msg_type, payload)
+            if isinstance(status, HealthStatus):
+                if status.state != HealthState.UNSPECIFIED:
+                    self.health_state = HealthState(status.state)
+                self.last_health = status
+                self._notify("on_health", status)
+        elif msg_type == MessageType.FLOW_CONTROL:
+            sig = self._codec.decode_control(msg_type, payload)
+            if isinstance(sig, FlowControlSignal):
+                paused = sig.action == FlowAction.PAUSE
+                if paused != self.is_paused:
+                    self.is_paused = paused
+                    self._notify("on_flow_control", paused)
+        elif msg_type == MessageType.METRICS_REPORT:
+            report = self._codec.decode_control(msg_type, payload)
+            if isinstance(report, MetricsReport):
+                self._notify("on_metrics", report)
+        elif msg_type == MessageType.CONFIG_UPDATE_REQUEST:
+            req = self._codec.decode_control(msg_type, payload)
+            if isinstance(req, ConfigUpdateRequest):
+                resp = self._notify("on_config_update", req)
+                if isinstance(resp, ConfigUpdateResponse) and not self._core.closed:
+                    self._core.write_frame(
+                        MessageType.CONFIG_UPDATE_REQUEST, self._codec.encode_control(resp)
+                    )
+        elif msg_type == MessageType.AGENT_RESPONSE:
+            try:
+                self._codec.decode_response(payload)
+                detail = "no codec negotiated yet"
+            except Exception as exc:
+                detail = str(exc)
+            log.warning("agent %s: undecodable AgentResponse dropped: %s", self.agent_id, detail)
+        else:
+            log.debug("agent %s: ignoring frame 0x%02x", self.agent_id, int(msg_type))
+
+    def _on_pong(self, payload: bytes) -> None:
+        try:
+            seq = _codec.decode_ping(payload).sequence
+        except AgentProtocolError:
+            log.debug("agent %s: unparseable pong", self.agent_id)
+            return
+        entry = self._pings.pop(seq, None)
+        if entry is not None and not entry[0].done():
+            entry[0].set_result(time.perf_counter() - entry[1])
+
+    def _on_lost(self, exc: BaseException | None) -> None:
+        if self._closed_fut.done():
+            return
+        self._closed_fut.set_result(None)
+        if self._connected:
+            self.health_state = HealthState.UNHEALTHY
+        hs = self._hs_waiter
+        if hs is not None and not hs.done():
+            hs.set_exception(
+                core.clone_error(exc)
+                if exc is not None
+                else ConnectionClosed("connection closed during the handshake")
+            )
+        for fut, _t0 in self._pings.values():
+            if not fut.done():
+                fut.set_exception(ConnectionClosed("connection lost"))
+        self._pings.clear()
+        if self._connected:
+            self._notify("on_closed", exc)
+
+    # -- legacy v1 ---------------------------------------------------------------------------
+
+    def _v1_encode(self, event: Any, correlation_id: str) -> bytes:
+        msg_type = int(event.MESSAGE_TYPE)
+        name = _V1_EVENT_NAMES[msg_type]
+        if isinstance(event, ConfigureEvent):
+            payload: Any = {"agent_id": self.agent_id, "config": event.config}
+        else:
+            payload = orjson.loads(_codec.get_codec("json").encode_event(event, correlation_id))
+            if isinstance(event, RequestHeadersEvent):
+                payload.pop("correlation_id", None)
+        doc = orjson.dumps({"version": 1, "event_type": name, "payload": payload})
+        if len(doc) > V1_MAX_MESSAGE_SIZE:
+            raise MessageTooLarge(len(doc), V1_MAX_MESSAGE_SIZE)
+        return len(doc).to_bytes(4, "big") + doc
+
+    async def _request_v1(
+        self, event: Any, correlation_id: str, timeout: float | None
+    ) -> AgentResponse:
+        v1 = self._v1
+        if v1 is None or v1.closed:
+            raise ConnectionClosed()
+        frame = self._v1_encode(event, correlation_id)
+        t = self.request_timeout if timeout is None else timeout
+        try:
+            doc = await asyncio.wait_for(v1.exchange(frame, correlation_id), t)
+        except asyncio.TimeoutError as exc:
+            if isinstance(exc, Timeout):
+                raise
+            # The late reply would be taken for the next request's: drop the connection.
+            v1.close(ConnectionClosed("v1 request timed out"))
+            raise Timeout(t) from None
+        return _parse_v1_response(doc)
+
+    def _cancel_v1(self, correlation_id: str | None) -> bool:
+        v1 = self._v1
+        if v1 is None or v1.closed or v1.current_cid is None:
+            return False
+        if correlation_id is not None and v1.current_cid != correlation_id:
+            return False
+        v1.close(ConnectionClosed(f"request {v1.current_cid} cancelled"))
+        return True
+
+
+def _parse_v1_response(doc: bytes) -> AgentResponse:
+    """A v1 reply: an AgentResponse (version 1 or 2) or an SDK-style ``{"success": ...}``."""
+    try:
+        obj = orjson.loads(doc)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidMessage(f"v1 reply is not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise InvalidMessage("v1 reply is not a JSON object")
+    if "decision" not in obj and "success" in obj:
+        if obj.get("success") is True:
+            return AgentResponse.allow()
+        return AgentResponse(
+            decision=Block(status=500, body=str(obj.get("error") or "Configuration rejected"))
+        )
+    version = obj.get("version")
+    if version is None:
+        raise InvalidMessage("missing field `version`", field="version")
+    if version not in (1, 2):
+        raise VersionMismatch(1, version if isinstance(version, int) else -1)
+    return _codec.get_codec("json").decode_response(doc)[1]
+
+
+class _V1Protocol(asyncio.Protocol):
+    """Legacy v1 client side: length + JSON, one exchange at a time (FIFO)."""
+
+    def __init__(self, conn: AgentConnection) -> None:
+        self.conn = conn
+        self.transport: asyncio.Transport | None = None
+        self._buf = bytearray()
+        self._lock = asyncio.Lock()
+        self._waiter: asyncio.Future[bytes] | None = None
+        self.current_cid: str | None = None
+        self.closed = False
+        self.close_error: BaseException | None = None
+        self._queued = 0
+
+    @property
+    def in_flight(self) -> int:
+        return self._queued
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._buf += data
+        while len(self._buf) >= 4:
+            n = int.from_bytes(self._buf[:4], "big")
+            if n > V1_MAX_MESSAGE_SIZE:
+                self.close(MessageTooLarge(n, V1_MAX_MESSAGE_SIZE), abort=True)
+                return
+            if len(self._buf) < 4 + n:
+                return
+            doc = bytes(self._buf[4 : 4 + n])
+            del self._buf[: 4 + n]
+            w = self._waiter
+            if w is None or w.done():
+                log.warning("agent %s: unexpected v1 reply dropped", self.conn.agent_id)
+                continue
+            w.set_result(doc)
+
+    def eof_received(self) -> bool | None:
+        self._fail(ConnectionClosed("agent closed the connection"))
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(ConnectionClosed("agent closed the connection" if exc is None else str(exc)))
+        self.transport = None
+        self.conn._on_lost(self.close_error)
+
+    def _fail(self, error: BaseException) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.close_error = error
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_exception(core.clone_error(error))
+
+    def close(self, error: BaseException | None = None, *, abort: bool = False) -> None:
+        self._fail(error or ConnectionClosed("connection closed by the proxy"))
+        if error is None:
+            self.close_error = None
+        if self.transport is not None:
+            if abort:
+                self.transport.abort()
+            else:
+                self.transport.close()
+        else:
+            self.conn._on_lost(self.close_error)
+
+    async def exchange(self, frame: bytes, cid: str) -> bytes:
+        self._queued += 1
+        try:
+            async with self._lock:
+                if self.closed or self.transport is None:
+                    raise core.clone_error(self.close_error or ConnectionClosed())
+                loop = asyncio.get_running_loop()
+                self._waiter = loop.create_future()
+                self.current_cid = cid
+                self.transport.write(frame)
+                try:
+                    return await self._waiter
+                except asyncio.CancelledError:
+                    # The reply still comes and would be taken for the next request's.
+                    self.close(ConnectionClosed(f"v1 request {cid} abandoned"))
+                    raise
+                finally:
+                    self._waiter = None
+                    self.current_cid = None
+        finally:
+            self._queued -= 1
