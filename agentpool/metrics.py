@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -292,9 +293,19 @@ class MetricsCollector:
                 list(self._histograms.values()),
             )
 
-    def export_prometheus(self) -> str:
-        """All series in upstream's Prometheus text format (POOL.md §11.3)."""
+    def export_prometheus(self, reserved_prefix: str | None = None) -> str:
+        """All series in upstream's Prometheus text format (POOL.md §11.3).
+
+        Series that cannot be exposed (a metric or label name Prometheus rejects, a reserved
+        ``__`` label, a histogram carrying its own ``le``, or a name under ``reserved_prefix``)
+        are left out, so one misbehaving agent cannot make the whole text unparsable.
+        """
         snap = self.snapshot()
+        snap = MetricsSnapshot(
+            _exportable(snap.counters, False, reserved_prefix),
+            _exportable(snap.gauges, False, reserved_prefix),
+            _exportable(snap.histograms, True, reserved_prefix),
+        )
         out: list[str] = []
         for name, series in _group_by_name(snap.counters):
             _header(out, name, series[0].help, "counter")
@@ -318,6 +329,29 @@ class MetricsCollector:
 
     def __repr__(self) -> str:
         return f"MetricsCollector(series={self.series_count()}, dropped={self._dropped})"
+
+
+_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
+
+
+def _exportable(series: Iterable[Any], histogram: bool, reserved_prefix: str | None) -> list[Any]:
+    """The series whose metric and label names a Prometheus scrape accepts."""
+    kept = []
+    for s in series:
+        if not _METRIC_NAME.match(s.name) or (
+            reserved_prefix and s.name.startswith(reserved_prefix)
+        ):
+            log.debug("not exporting agent metric %r: invalid or reserved name", s.name)
+            continue
+        if any(
+            not _LABEL_NAME.match(k) or k.startswith("__") or (histogram and k == "le")
+            for k, _ in s.labels
+        ):
+            log.debug("not exporting agent metric %r: invalid label name", s.name)
+            continue
+        kept.append(s)
+    return kept
 
 
 def _group_by_name(series: Iterable[Any]) -> list[tuple[str, list[Any]]]:
@@ -483,9 +517,9 @@ class AgentPoolCollector:
         from prometheus_client.core import Metric
 
         kinds: tuple[tuple[str, Sequence[Any]], ...] = (
-            ("counter", snap.counters),
-            ("gauge", snap.gauges),
-            ("histogram", snap.histograms),
+            ("counter", _exportable(snap.counters, False, None)),
+            ("gauge", _exportable(snap.gauges, False, None)),
+            ("histogram", _exportable(snap.histograms, True, None)),
         )
         for kind, series_list in kinds:
             for name, series in _group_by_name(series_list):
