@@ -10,7 +10,7 @@ from ._selection_py import *  # noqa: F403
 
 COMPILED = False
 
-__all__ = [  # noqa: PLE0604
+__all__ = [
     "COMPILED",
     "MAX_MESSAGE_SIZE",
     "FrameDecoder",

@@ -43,7 +43,9 @@ class FrameDecoder:
     def failed(self) -> bool:
         return self._error is not None
 
-    def _parse(self, data: bytes | bytearray, start: int, out: list[tuple[MessageType, bytes]]) -> int:
+    def _parse(
+        self, data: bytes | bytearray, start: int, out: list[tuple[MessageType, bytes]]
+    ) -> int:
         pos = start
         size = len(data)
         max_size = self._max_size

@@ -41,7 +41,7 @@ class MessageType(enum.IntEnum):
 
 
 class EventType(enum.IntEnum):
-    """Event codes advertised in ``capabilities.supported_events`` (agents write 8 for configure)."""
+    """Event codes in ``capabilities.supported_events`` (agents write 8 for configure)."""
 
     CONFIGURE = 8
     REQUEST_HEADERS = 1

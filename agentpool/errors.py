@@ -25,22 +25,22 @@ __all__ = [
 ]
 
 
+_DURATION_UNITS = ((1_000_000_000, 9, "s"), (1_000_000, 6, "ms"), (1_000, 3, "µs"))
+
+
 def format_duration(seconds: float) -> str:
     """Render a duration the way Rust's ``Duration`` Debug does (``30s``, ``100ms``, ``1.5s``)."""
     if seconds < 0:
         seconds = 0.0
     nanos = round(seconds * 1_000_000_000)
-    if nanos >= 1_000_000_000:
-        whole, frac, unit_digits, suffix = divmod(nanos, 1_000_000_000) + (9, "s")
-    elif nanos >= 1_000_000:
-        whole, frac, unit_digits, suffix = divmod(nanos, 1_000_000) + (6, "ms")
-    elif nanos >= 1_000:
-        whole, frac, unit_digits, suffix = divmod(nanos, 1_000) + (3, "µs")
-    else:
+    unit = next((u for u in _DURATION_UNITS if nanos >= u[0]), None)
+    if unit is None:
         return f"{nanos}ns"
+    size, width, suffix = unit
+    whole, frac = divmod(nanos, size)
     if frac == 0:
         return f"{whole}{suffix}"
-    digits = str(frac).rjust(unit_digits, "0").rstrip("0")
+    digits = str(frac).rjust(width, "0").rstrip("0")
     return f"{whole}.{digits}{suffix}"
 
 
@@ -76,7 +76,7 @@ class VersionMismatch(AgentProtocolError):
 class MessageTooLarge(AgentProtocolError):
     """A frame's length exceeds the limit."""
 
-    def __init__(self, size: int, max: int) -> None:  # noqa: A002 - upstream field name
+    def __init__(self, size: int, max: int) -> None:
         super().__init__(f"Message too large: {size} bytes (max: {max})")
         self.size = size
         self.max = max

@@ -29,4 +29,5 @@ def pytest_report_header(config: pytest.Config) -> str:
     import agentpool
 
     kind = "compiled" if agentpool.HAS_EXTENSIONS else "pure-Python"
-    return f"agentpool {agentpool.__version__} from {os.path.dirname(agentpool.__file__)} ({kind} core)"
+    where = os.path.dirname(agentpool.__file__)
+    return f"agentpool {agentpool.__version__} from {where} ({kind} core)"

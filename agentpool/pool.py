@@ -1,0 +1,1276 @@
+"""The agent pool: Zentinel's ``AgentPool`` for asyncio (POOL.md §3–§8, DECISIONS.md).
+
+An :class:`AgentPool` keeps ``connections_per_agent`` connections to each agent, picks one per
+event with the compiled selection core, routes body chunks by correlation affinity and
+long-lived streams by sticky session, applies flow control and a per-agent circuit breaker,
+and repairs itself in :meth:`AgentPool.run_maintenance` (replacing dead connections and
+reconnecting with capped backoff, forever). Method names are upstream's, in snake_case.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, cast
+
+from ._impl import core
+from .circuit import CircuitBreaker, CircuitState
+from .config import AgentPoolConfig
+from .connection import AgentConnection
+from .control import ConfigPusher, ConfigUpdateHandler
+from .enums import CancelReason, FlowControlMode, HealthState
+from .errors import (
+    AgentProtocolError,
+    CircuitBreakerOpen,
+    ConnectionClosed,
+    ConnectionFailed,
+    FlowControlPaused,
+    InvalidMessage,
+    Serialization,
+    Timeout,
+    Unavailable,
+)
+from .messages import (
+    AgentCapabilities,
+    AgentResponse,
+    Allow,
+    Block,
+    ConfigUpdateRequest,
+    ConfigUpdateResponse,
+    ConfigUpdateType,
+    ConfigureEvent,
+    GuardrailInspectEvent,
+    HealthStatus,
+    MetricsReport,
+    RequestBodyChunkEvent,
+    RequestHeadersEvent,
+    ResponseBodyChunkEvent,
+    ResponseHeadersEvent,
+    now_ms,
+)
+from .metrics import MetricsCollector
+
+__all__ = ["AgentPool", "AgentPoolStats", "is_uds_endpoint"]
+
+log = logging.getLogger(__name__)
+
+_monotonic = time.monotonic
+
+# What a send does, as bit flags (POOL.md §3.3 table).
+_TRACK = 1  # protocol metrics: requests/responses/in-flight/errors
+_DURATION = 2  # record request_duration
+_FLOW = 4  # flow-control check
+_STORE_AFFINITY = 8
+_USE_AFFINITY = 16
+_NEW_REQUEST = 32  # refused while the pool shuts down
+_NO_BREAKER = 64  # control-plane traffic neither gated by nor feeding the circuit breaker
+
+_KIND_HEADERS = _TRACK | _DURATION | _FLOW | _STORE_AFFINITY | _NEW_REQUEST
+_KIND_BODY = _FLOW | _USE_AFFINITY
+_KIND_RESPONSE_HEADERS = 0
+_KIND_RESPONSE_BODY = _FLOW | _USE_AFFINITY
+_KIND_GUARDRAIL = _TRACK | _FLOW | _NEW_REQUEST
+_KIND_CONFIGURE = _NO_BREAKER
+
+_UNHEALTHY_REPORTS = (HealthState.UNHEALTHY, HealthState.DRAINING)
+# serialization time (encode + frame into the write buffer) is sampled on 1 send in 64
+_SERIALIZATION_SAMPLE = 63
+_CLOSE_WAIT = 1.0
+
+
+def is_uds_endpoint(endpoint: str) -> bool:
+    """Whether ``endpoint`` names a Unix socket (``unix:`` prefix, absolute path, ``*.sock``)."""
+    return endpoint.startswith(("unix:", "/")) or endpoint.endswith(".sock")
+
+
+@dataclass(slots=True)
+class AgentPoolStats:
+    """Per-agent statistics, fields as upstream (POOL.md §12.1)."""
+
+    agent_id: str
+    active_connections: int
+    healthy_connections: int
+    total_in_flight: int
+    total_requests: int
+    total_errors: int
+    error_rate: float
+    is_healthy: bool
+
+
+class _AgentEntry:
+    """One agent: its connections (a core ConnectionSet), affinities and recovery state."""
+
+    __slots__ = (
+        "affinity",
+        "agent_id",
+        "breaker",
+        "breaker_clean",
+        "capabilities",
+        "conns",
+        "endpoint",
+        "next_reconnect_at",
+        "protocol",
+        "reconnect_attempts",
+        "reconnecting",
+        "reported_ok",
+        "retired_errors",
+        "retired_requests",
+        "reverse",
+        "was_healthy",
+    )
+
+    def __init__(
+        self,
+        agent_id: str,
+        endpoint: str,
+        *,
+        protocol: str,
+        reverse: bool,
+        max_affinities: int,
+        breaker: CircuitBreaker | None,
+    ) -> None:
+        self.agent_id = agent_id
+        self.endpoint = endpoint
+        self.protocol = protocol
+        self.reverse = reverse
+        self.conns = core.ConnectionSet(agent_id)
+        self.affinity = core.AffinityMap(max_affinities)
+        self.capabilities: AgentCapabilities | None = None
+        self.breaker = breaker
+        # True while the breaker is closed with no failures: the hot path then skips it.
+        self.breaker_clean = True
+        self.reconnect_attempts = 0
+        self.next_reconnect_at = 0.0
+        self.reconnecting = False
+        self.reported_ok = True
+        self.retired_requests = 0
+        self.retired_errors = 0
+        self.was_healthy = True
+
+    def live_count(self) -> int:
+        return sum(1 for st in self.conns if not st.closed)
+
+    def is_healthy(self) -> bool:
+        return self.reported_ok and self.conns.healthy_count() > 0
+
+
+class _Listener:
+    """Routes connection callbacks (health, flow control, metrics, config, close) to the pool."""
+
+    __slots__ = ("_pool",)
+
+    def __init__(self, pool: AgentPool) -> None:
+        self._pool = pool
+
+    def on_health(self, conn: AgentConnection, status: HealthStatus) -> None:
+        self._pool._on_health(conn, status)
+
+    def on_flow_control(self, conn: AgentConnection, paused: bool) -> None:
+        self._pool._on_flow_control(conn, paused)
+
+    def on_metrics(self, conn: AgentConnection, report: MetricsReport) -> None:
+        self._pool._collector.record(report)
+
+    def on_config_update(
+        self, conn: AgentConnection, request: ConfigUpdateRequest
+    ) -> ConfigUpdateResponse | None:
+        return self._pool._update_handler.handle(request)
+
+    def on_closed(self, conn: AgentConnection, exc: BaseException | None) -> None:
+        self._pool._on_closed(conn, exc)
+
+
+def _conn(st: Any) -> AgentConnection:
+    return cast(AgentConnection, st.conn)
+
+
+def _wire_value(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _wire_value(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_wire_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _wire_value(v) for k, v in value.items()}
+    return value
+
+
+def config_update_payload(request: ConfigUpdateRequest) -> dict[str, Any]:
+    """The ``config`` value of a push's Configure event: the update as serde writes it."""
+    update = request.update_type
+    body = {"type": update.TYPE}
+    body.update(_wire_value(update))
+    return {
+        "update_type": body,
+        "request_id": request.request_id,
+        "timestamp_ms": request.timestamp_ms,
+    }
+
+
+class AgentPool:
+    """Connections to external processing agents, with load balancing, affinity and recovery.
+
+    Use it as ``async with AgentPool(config) as pool:`` (or ``await pool.start()`` /
+    ``await pool.shutdown()``) so the maintenance task runs every ``health_check_interval``.
+    All ``send_*`` methods return the agent's :class:`~agentpool.messages.AgentResponse`.
+    """
+
+    def __init__(self, config: AgentPoolConfig | None = None) -> None:
+        self._config = config if config is not None else AgentPoolConfig()
+        cfg = self._config
+        self._agents: dict[str, _AgentEntry] = {}
+        self._conn_index: dict[AgentConnection, tuple[_AgentEntry, Any]] = {}
+        self._sessions = core.SessionMap()
+        self._metrics = core.ProtocolMetrics()
+        self._collector = MetricsCollector(cfg.metrics)
+        self._pusher = ConfigPusher(cfg.config_push)
+        self._update_handler = ConfigUpdateHandler()
+        self._listener = _Listener(self)
+        self._strategy = int(cfg.load_balance_strategy)
+        self._limit = cfg.max_concurrent_per_connection
+        self._flow_mode = cfg.flow_control_mode
+        self._sticky_timeout = cfg.sticky_session_timeout
+        self._slot_waiters: dict[Any, deque[asyncio.Future[None]]] = {}
+        self._resume_events: dict[Any, asyncio.Event] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._pushes_in_flight: set[str] = set()
+        self._maintenance_task: asyncio.Task[None] | None = None
+        self._maintenance_lock: asyncio.Lock | None = None
+        self._affinity_warned = False
+        self._closing = False
+        self._shutdown_done: asyncio.Future[None] | None = None
+        self._drained: asyncio.Event | None = None
+        self._total_requests = 0
+        self._total_errors = 0
+
+    # ------------------------------------------------------------------ accessors
+
+    @property
+    def config(self) -> AgentPoolConfig:
+        """The pool's configuration."""
+        return self._config
+
+    @property
+    def protocol_metrics(self) -> Any:
+        """Proxy-side :class:`ProtocolMetrics` (gauges refreshed on access)."""
+        self._refresh_gauges()
+        return self._metrics
+
+    @property
+    def metrics_collector(self) -> MetricsCollector:
+        """Agent-reported metrics (MetricsReport frames)."""
+        return self._collector
+
+    @property
+    def config_pusher(self) -> ConfigPusher:
+        """Config push bookkeeping (the pool does the wire part)."""
+        return self._pusher
+
+    @property
+    def config_update_handler(self) -> ConfigUpdateHandler:
+        """Handler answering agent-initiated config update requests."""
+        return self._update_handler
+
+    @config_update_handler.setter
+    def config_update_handler(self, handler: ConfigUpdateHandler) -> None:
+        self._update_handler = handler
+
+    @property
+    def connection_listener(self) -> _Listener:
+        """The listener to pass to connections built outside the pool (reverse connections)."""
+        return self._listener
+
+    @property
+    def total_requests(self) -> int:
+        """Sends attempted through this pool (all kinds)."""
+        return self._total_requests
+
+    @property
+    def total_errors(self) -> int:
+        """Sends that failed in the transport (all kinds)."""
+        return self._total_errors
+
+    def export_prometheus(self) -> str:
+        """Protocol metrics (prefix ``agent_protocol``) followed by agent-reported metrics."""
+        self._refresh_gauges()
+        return self._metrics.to_prometheus("agent_protocol") + self._collector.export_prometheus(
+            reserved_prefix="agent_protocol_"
+        )
+
+    def agent_ids(self) -> list[str]:
+        """Ids of the registered agents."""
+        return list(self._agents)
+
+    def agent_capabilities(self, agent_id: str) -> AgentCapabilities | None:
+        """Capabilities from the agent's handshake (refreshed on reconnect), or None."""
+        entry = self._agents.get(agent_id)
+        return None if entry is None else entry.capabilities
+
+    def is_agent_healthy(self, agent_id: str) -> bool:
+        """True when the agent has a healthy connection and has not reported itself unhealthy."""
+        entry = self._agents.get(agent_id)
+        return entry is not None and entry.is_healthy()
+
+    def correlation_affinity_count(self) -> int:
+        """Current correlation affinity entries (all agents)."""
+        return sum(len(e.affinity) for e in list(self._agents.values()))
+
+    def sticky_session_count(self) -> int:
+        """Current sticky sessions (expired ones count until swept)."""
+        return len(self._sessions)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> AgentPool:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.shutdown()
+
+    async def start(self) -> None:
+        """Start the background maintenance task (idempotent)."""
+        if self._closing:
+            raise Unavailable("pool is shut down")
+        if self._maintenance_task is None or self._maintenance_task.done():
+            self._maintenance_task = asyncio.get_running_loop().create_task(
+                self._maintenance_loop(), name="agentpool-maintenance"
+            )
+
+    async def _maintenance_loop(self) -> None:
+        interval = self._config.health_check_interval
+        while True:
+            try:
+                await self.run_maintenance()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("agent pool maintenance pass failed")
+            await asyncio.sleep(interval)
+
+    async def shutdown(self) -> None:
+        """Drain in-flight requests (up to ``drain_timeout``), cancel the rest, close everything.
+
+        New request headers and guardrail calls are refused with ``Unavailable`` while draining;
+        chunks of requests already in progress still go through.
+        """
+        if self._shutdown_done is not None:
+            await asyncio.shield(self._shutdown_done)
+            return
+        self._shutdown_done = asyncio.get_running_loop().create_future()
+        try:
+            await self._shutdown()
+        finally:
+            self._shutdown_done.set_result(None)
+
+    async def _shutdown(self) -> None:
+        self._closing = True
+        if self._in_flight_total() > 0:
+            self._drained = asyncio.Event()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), self._config.drain_timeout)
+            self._drained = None
+        remaining = self._in_flight_total()
+        if remaining:
+            log.warning("drain timeout reached with %d requests still in flight", remaining)
+        task = self._maintenance_task
+        self._maintenance_task = None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        entries = list(self._agents.values())
+        cancels = [
+            _conn(st).cancel_all(CancelReason.PROXY_SHUTDOWN)
+            for entry in entries
+            for st in entry.conns
+            if not st.closed
+        ]
+        if cancels:
+            for result in await asyncio.gather(*cancels, return_exceptions=True):
+                if isinstance(result, BaseException):
+                    log.debug("cancel_all during shutdown failed: %s", result)
+        for entry in entries:
+            self._pusher.unregister_agent(entry.agent_id)
+            if self._agents.get(entry.agent_id) is entry:
+                del self._agents[entry.agent_id]
+        await asyncio.gather(*(self._close_entry(e) for e in entries))
+        for t in list(self._tasks):
+            t.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._refresh_gauges()
+
+    def _in_flight_total(self) -> int:
+        return sum(st.in_flight for e in self._agents.values() for st in e.conns)
+
+    # ------------------------------------------------------------------ membership
+
+    async def add_agent(self, agent_id: str, endpoint: str, *, protocol: str = "v2") -> None:
+        """Open ``connections_per_agent`` connections to ``endpoint`` concurrently.
+
+        An agent that cannot be reached is still registered (unhealthy) and reconnected by
+        maintenance, as upstream 0.6.41 does. An existing agent of that id is replaced and its
+        connections closed. ``protocol="v1"`` drives a legacy v1 agent.
+        """
+        if self._closing:
+            raise Unavailable("pool is shut down")
+        if not agent_id:
+            raise InvalidMessage("agent id must not be empty", field="agent_id")
+        if protocol not in ("v1", "v2"):
+            raise InvalidMessage(f"unknown protocol {protocol!r}", field="protocol")
+        cfg = self._config
+        entry = _AgentEntry(
+            agent_id,
+            endpoint,
+            protocol=protocol,
+            reverse=False,
+            max_affinities=cfg.max_correlation_affinities,
+            breaker=self._new_breaker(),
+        )
+        opened: list[AgentConnection] = []
+        for result in await self._open_many(entry, cfg.connections_per_agent):
+            if isinstance(result, AgentConnection):
+                opened.append(result)
+            else:
+                log.warning("failed to connect to agent %s at %s: %s", agent_id, endpoint, result)
+        if self._closing:
+            for conn in opened:
+                conn.close()
+            raise Unavailable("pool is shut down")
+        old = self._agents.get(agent_id)
+        self._agents[agent_id] = entry
+        for conn in opened:
+            self._attach(entry, conn)
+        if opened:
+            self._set_capabilities(entry, opened[0].capabilities)
+            log.info("agent %s added with %d connection(s)", agent_id, len(opened))
+        else:
+            self._pusher.unregister_agent(agent_id)
+            entry.reconnect_attempts = 1
+            entry.next_reconnect_at = _monotonic() + cfg.reconnect_delay(1)
+            entry.was_healthy = False
+            log.warning(
+                "agent %s unreachable at %s; registered unhealthy, will retry", agent_id, endpoint
+            )
+        if old is not None:
+            await self._close_entry(old)
+        self._refresh_gauges()
+
+    async def remove_agent(self, agent_id: str) -> None:
+        """Unregister the agent, close its connections and drop its affinities and sessions."""
+        self._pusher.unregister_agent(agent_id)
+        entry = self._agents.pop(agent_id, None)
+        if entry is None:
+            raise InvalidMessage(f"Agent {agent_id} not found")
+        await self._close_entry(entry)
+        self._refresh_gauges()
+
+    async def add_reverse_connection(
+        self, agent_id: str, connection: AgentConnection, capabilities: AgentCapabilities
+    ) -> None:
+        """Add a connection an agent opened to us (reverse listener, after registration).
+
+        The connection should have been built with :attr:`connection_listener`. Reverse agents
+        are never reconnected; their dead connections are dropped and the agent is removed
+        when its last connection closes.
+        """
+        if self._closing:
+            connection.close()
+            raise Unavailable("pool is shut down")
+        if not connection.is_connected:
+            raise ConnectionClosed("reverse connection closed before it joined the pool")
+        if getattr(connection, "listener", self._listener) is None:
+            connection.listener = self._listener
+        entry = self._agents.get(agent_id)
+        if entry is not None:
+            limit = self._config.connections_per_agent
+            if entry.live_count() >= limit:
+                raise ConnectionFailed(
+                    f"Agent {agent_id} already has maximum connections ({limit})"
+                )
+            self._attach(entry, connection)
+            if entry.capabilities is None:
+                self._set_capabilities(entry, capabilities)
+        else:
+            entry = _AgentEntry(
+                agent_id,
+                f"reverse://{agent_id}",
+                protocol="v2",
+                reverse=True,
+                max_affinities=self._config.max_correlation_affinities,
+                breaker=self._new_breaker(),
+            )
+            self._agents[agent_id] = entry
+            self._attach(entry, connection)
+            self._set_capabilities(entry, capabilities)
+        task = asyncio.get_running_loop().create_task(self._watch_reverse(connection))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        self._refresh_gauges()
+
+    async def _watch_reverse(self, conn: AgentConnection) -> None:
+        """Drop a reverse connection when it closes, even if it was built without our listener."""
+        with contextlib.suppress(Exception):
+            await conn.wait_closed()
+        self._on_closed(conn, None)
+
+    def _new_breaker(self) -> CircuitBreaker | None:
+        cb = self._config.circuit_breaker
+        return None if cb is None else CircuitBreaker(cb)
+
+    async def _open_many(
+        self, entry: _AgentEntry, count: int
+    ) -> list[AgentConnection | BaseException]:
+        """Open ``count`` connections concurrently; a cancelled caller leaks none of them."""
+        tasks = [asyncio.ensure_future(self._open(entry)) for _ in range(count)]
+        try:
+            return await asyncio.gather(*tasks, return_exceptions=True)
+        except asyncio.CancelledError:
+            for task in tasks:
+                if not task.done():
+                    task.cancel()
+                elif not task.cancelled() and task.exception() is None:
+                    task.result().close()
+            raise
+
+    async def _open(self, entry: _AgentEntry) -> AgentConnection:
+        cfg = self._config
+        return await asyncio.wait_for(
+            AgentConnection.open(
+                entry.endpoint,
+                agent_id=entry.agent_id,
+                encoding=cfg.encoding,
+                protocol=entry.protocol,
+                connect_timeout=cfg.connect_timeout,
+                request_timeout=cfg.request_timeout,
+                proxy_id=cfg.proxy_id,
+                proxy_version=cfg.proxy_version,
+                config=cfg.handshake_config,
+                listener=self._listener,
+            ),
+            cfg.connect_timeout + 1.0,
+        )
+
+    def _attach(self, entry: _AgentEntry, conn: AgentConnection) -> Any:
+        st = core.ConnState(conn)
+        entry.conns.add(st)
+        self._conn_index[conn] = (entry, st)
+        if not conn.is_connected:
+            st.closed = True
+            st.healthy = False
+        else:
+            st.paused = bool(conn.is_paused)
+            st.healthy = entry.reported_ok
+        return st
+
+    def _set_capabilities(self, entry: _AgentEntry, caps: AgentCapabilities | None) -> None:
+        if caps is None:
+            return
+        old = entry.capabilities
+        entry.capabilities = caps
+        if (
+            old is None
+            or old.features.config_push != caps.features.config_push
+            or old.name != caps.name
+        ):
+            self._pusher.register_agent(entry.agent_id, caps.name, caps.features.config_push)
+
+    def _retire(self, entry: _AgentEntry, st: Any) -> None:
+        """Forget a connection: out of its set, index, affinities and sessions."""
+        st.closed = True
+        st.healthy = False
+        if entry.conns.remove(st):
+            entry.retired_requests += st.request_count
+            entry.retired_errors += st.error_count
+        self._conn_index.pop(st.conn, None)
+        entry.affinity.drop_state(st)
+        self._sessions.drop_state(st)
+        self._wake_all(st)
+
+    async def _close_entry(self, entry: _AgentEntry) -> None:
+        conns = []
+        for st in list(entry.conns):
+            conn = _conn(st)
+            self._sessions.drop_state(st)
+            self._conn_index.pop(conn, None)
+            st.closed = True
+            st.healthy = False
+            self._wake_all(st)
+            conns.append(conn)
+            conn.close()
+        entry.affinity = core.AffinityMap(self._config.max_correlation_affinities)
+        await self._wait_closed(conns)
+
+    @staticmethod
+    async def _wait_closed(conns: list[AgentConnection]) -> None:
+        if not conns:
+            return
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(
+                asyncio.gather(*(c.wait_closed() for c in conns), return_exceptions=True),
+                _CLOSE_WAIT,
+            )
+
+    # ------------------------------------------------------------------ listener callbacks
+
+    def _on_closed(self, conn: AgentConnection, exc: BaseException | None) -> None:
+        item = self._conn_index.get(conn)
+        if item is None:
+            return
+        entry, st = item
+        if st.closed:
+            return
+        if exc is not None:
+            log.warning("connection to agent %s closed: %s", entry.agent_id, exc)
+        else:
+            log.info("connection to agent %s closed", entry.agent_id)
+        st.closed = True
+        st.healthy = False
+        entry.affinity.drop_state(st)
+        self._sessions.drop_state(st)
+        self._wake_all(st)
+        if entry.reverse:
+            self._retire(entry, st)
+            if len(entry.conns) == 0 and self._agents.get(entry.agent_id) is entry:
+                del self._agents[entry.agent_id]
+                self._pusher.unregister_agent(entry.agent_id)
+                log.info("reverse agent %s disconnected; removed from the pool", entry.agent_id)
+        self._refresh_gauges()
+
+    def _on_flow_control(self, conn: AgentConnection, paused: bool) -> None:
+        item = self._conn_index.get(conn)
+        if item is None:
+            return
+        st = item[1]
+        if st.paused == paused:
+            return
+        st.paused = paused
+        if paused:
+            self._metrics.record_flow_pause()
+        else:
+            self._metrics.record_flow_resume()
+            event = self._resume_events.pop(st, None)
+            if event is not None:
+                event.set()
+        self._metrics.set_paused_connections(self._count_paused())
+
+    def _on_health(self, conn: AgentConnection, status: HealthStatus) -> None:
+        item = self._conn_index.get(conn)
+        if item is None or status.state == HealthState.UNSPECIFIED:
+            return
+        entry = item[0]
+        ok = status.state not in _UNHEALTHY_REPORTS
+        if ok == entry.reported_ok:
+            return
+        entry.reported_ok = ok
+        if ok:
+            log.info("agent %s reports healthy again", entry.agent_id)
+        else:
+            log.warning(
+                "agent %s reports %s: %s", entry.agent_id, status.state.name, status.message or ""
+            )
+        for st in entry.conns:
+            st.healthy = ok and self._conn_usable(st)
+        self._metrics.set_healthy_connections(self._count_healthy())
+
+    @staticmethod
+    def _conn_usable(st: Any) -> bool:
+        return bool(not st.closed and st.conn.is_connected and st.consecutive_errors < 3)
+
+    def _wake_all(self, st: Any) -> None:
+        waiters = self._slot_waiters.pop(st, None)
+        if waiters:
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
+        event = self._resume_events.pop(st, None)
+        if event is not None:
+            event.set()
+
+    # ------------------------------------------------------------------ sending
+
+    async def send_request_headers(
+        self, agent_id: str, correlation_id: str, event: RequestHeadersEvent
+    ) -> AgentResponse:
+        """Send request headers; stores the correlation affinity for the body chunks."""
+        return await self._send(agent_id, correlation_id, event, _KIND_HEADERS, None, None)
+
+    async def send_request_body_chunk(
+        self, agent_id: str, correlation_id: str, event: RequestBodyChunkEvent
+    ) -> AgentResponse:
+        """Send a request body chunk on the connection that got the headers (affinity)."""
+        return await self._send(agent_id, correlation_id, event, _KIND_BODY, None, None)
+
+    async def send_response_headers(
+        self, agent_id: str, correlation_id: str, event: ResponseHeadersEvent
+    ) -> AgentResponse:
+        """Send response headers (no flow-control check, as upstream)."""
+        return await self._send(agent_id, correlation_id, event, _KIND_RESPONSE_HEADERS, None, None)
+
+    async def send_response_body_chunk(
+        self, agent_id: str, correlation_id: str, event: ResponseBodyChunkEvent
+    ) -> AgentResponse:
+        """Send a response body chunk, routed by correlation affinity too (DECISIONS 10)."""
+        return await self._send(agent_id, correlation_id, event, _KIND_RESPONSE_BODY, None, None)
+
+    async def send_guardrail_inspect(
+        self, agent_id: str, correlation_id: str, event: GuardrailInspectEvent
+    ) -> AgentResponse:
+        """Send a guardrail inspection event."""
+        return await self._send(agent_id, correlation_id, event, _KIND_GUARDRAIL, None, None)
+
+    async def send_request_headers_with_sticky_session(
+        self,
+        session_id: str,
+        agent_id: str,
+        correlation_id: str,
+        event: RequestHeadersEvent,
+    ) -> tuple[AgentResponse, bool]:
+        """Send request headers on the session's connection; ``(response, used_sticky)``.
+
+        Falls back to normal selection (``used_sticky=False``) when the session is unknown,
+        expired, bound to another agent or its connection is gone; no session is created.
+        """
+        st = self._sessions.lookup(session_id, _monotonic(), self._sticky_timeout)
+        if st is not None and (st.closed or self._sessions.agent(session_id) != agent_id):
+            st = None
+        response = await self._send(agent_id, correlation_id, event, _KIND_HEADERS, st, None)
+        return response, st is not None
+
+    async def _send(
+        self,
+        agent_id: str,
+        correlation_id: str,
+        event: Any,
+        kind: int,
+        pinned: Any,
+        timeout: float | None,
+    ) -> AgentResponse:
+        self._total_requests += 1
+        entry = self._agents.get(agent_id)
+        if entry is None:
+            raise InvalidMessage(f"Agent {agent_id} not found")
+        if self._closing and kind & _NEW_REQUEST:
+            raise Unavailable("pool is shutting down")
+        breaker = None if kind & _NO_BREAKER else entry.breaker
+        if breaker is not None and not entry.breaker_clean and not breaker.is_closed():
+            raise CircuitBreakerOpen(agent_id)
+        pm = self._metrics
+        tracked = kind & _TRACK
+        if tracked:
+            pm.inc_requests()
+            pm.inc_in_flight()
+        started = _monotonic()
+        outcome_recorded = False
+        try:
+            st = pinned
+            if st is None and kind & _USE_AFFINITY:
+                st = entry.affinity.get(correlation_id, started)
+            if st is None:
+                st = entry.conns.select(self._strategy)
+                if st.paused and kind & _FLOW:
+                    st = self._unpaused_alternative(entry, st)
+            if st.paused and kind & _FLOW:
+                if not await self._flow_gate(entry, st):
+                    return AgentResponse(fail_open=True)
+                if st.closed:
+                    st = entry.conns.select(self._strategy)
+            while st.in_flight >= self._limit:
+                await self._acquire_slot(st)
+                if st.closed:  # closed while we waited: the event never left, pick another
+                    st = entry.conns.select(self._strategy)
+            st.begin(started)
+            try:
+                if kind & _STORE_AFFINITY and not entry.affinity.store(correlation_id, st, started):
+                    self._affinity_rejected()
+                conn = st.conn
+                try:
+                    if tracked and not self._total_requests & _SERIALIZATION_SAMPLE:
+                        t0 = _monotonic()
+                        fut = conn.send(event, correlation_id, timeout)
+                        pm.record_serialization_time(_monotonic() - t0)
+                    else:
+                        fut = conn.send(event, correlation_id, timeout)
+                except Unavailable:
+                    # write buffer full: request() waits for the agent to drain it
+                    response: AgentResponse = await conn.request(event, correlation_id, timeout)
+                else:
+                    try:
+                        response = await fut
+                    except asyncio.CancelledError:
+                        proto = conn.protocol_core
+                        if proto is not None:
+                            proto.discard(correlation_id, fut)
+                        raise
+            except asyncio.CancelledError:
+                st.finish(True)
+                raise
+            except BaseException as exc:
+                st.finish(False)
+                self._total_errors += 1
+                if breaker is not None and isinstance(exc, AgentProtocolError):
+                    breaker.record_failure()
+                    entry.breaker_clean = False
+                    outcome_recorded = True
+                if tracked:
+                    if isinstance(exc, Timeout):
+                        pm.inc_timeouts()
+                    elif isinstance(exc, (ConnectionClosed, ConnectionFailed)):
+                        pm.inc_connection_errors()
+                    elif isinstance(exc, Serialization):
+                        pm.inc_serialization_errors()
+                raise
+            else:
+                st.finish(True)
+            finally:
+                if self._slot_waiters:
+                    self._wake_slot(st)
+                if kind & _DURATION:
+                    pm.record_request_duration(_monotonic() - started)
+            if tracked:
+                pm.inc_responses()
+            outcome_recorded = True
+            if breaker is not None and not entry.breaker_clean:
+                breaker.record_success()
+                entry.breaker_clean = (
+                    breaker.state is CircuitState.CLOSED and breaker.failure_count == 0
+                )
+            return response
+        finally:
+            if tracked:
+                pm.dec_in_flight()
+            if self._drained is not None and self._in_flight_total() == 0:
+                self._drained.set()
+            if (
+                not outcome_recorded
+                and breaker is not None
+                and not entry.breaker_clean
+                and breaker.state is CircuitState.HALF_OPEN
+            ):
+                breaker.record_failure()
+
+    def _unpaused_alternative(self, entry: _AgentEntry, chosen: Any) -> Any:
+        for st in entry.conns:
+            if st.healthy and not st.closed and not st.paused:
+                return st
+        return chosen
+
+    async def _flow_gate(self, entry: _AgentEntry, st: Any) -> bool:
+        """Apply the flow-control mode to a paused connection; False means fail open."""
+        mode = self._flow_mode
+        if mode == FlowControlMode.WAIT_AND_RETRY:
+            deadline = _monotonic() + self._config.flow_control_wait_timeout
+            while st.paused and not st.closed:
+                remaining = deadline - _monotonic()
+                if remaining <= 0:
+                    break
+                event = self._resume_events.get(st)
+                if event is None:
+                    event = self._resume_events[st] = asyncio.Event()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(event.wait(), remaining)
+            if not st.paused or st.closed:
+                return True
+        self._metrics.record_flow_rejection()
+        if mode == FlowControlMode.FAIL_OPEN:
+            return False
+        raise FlowControlPaused(entry.agent_id)
+
+    async def _acquire_slot(self, st: Any) -> None:
+        """Wait until the connection is below ``max_concurrent_per_connection``."""
+        loop = asyncio.get_running_loop()
+        while st.in_flight >= self._limit and not st.closed:
+            waiters = self._slot_waiters.get(st)
+            if waiters is None:
+                waiters = self._slot_waiters[st] = deque()
+            fut: asyncio.Future[None] = loop.create_future()
+            waiters.append(fut)
+            try:
+                await fut
+            except asyncio.CancelledError:
+                if fut.done() and not fut.cancelled():
+                    self._wake_slot(st)
+                else:
+                    with contextlib.suppress(ValueError):
+                        waiters.remove(fut)
+                raise
+
+    def _wake_slot(self, st: Any) -> None:
+        waiters = self._slot_waiters.get(st)
+        if waiters is None:
+            return
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                break
+        if not waiters:
+            del self._slot_waiters[st]
+
+    def _affinity_rejected(self) -> None:
+        self._metrics.inc_affinity_rejections()
+        if not self._affinity_warned:
+            self._affinity_warned = True
+            log.warning(
+                "correlation affinity map at capacity (%d per agent); body chunks of new "
+                "requests fall back to normal selection (zentinel_agent_affinity_rejections_total)",
+                self._config.max_correlation_affinities,
+            )
+
+    async def cancel_request(
+        self, agent_id: str, correlation_id: str, reason: CancelReason = CancelReason.MANUAL
+    ) -> None:
+        """Send a Cancel for ``correlation_id`` on every connection of the agent.
+
+        The caller awaiting that request fails at once with ``ConnectionClosed``.
+        """
+        entry = self._agents.get(agent_id)
+        if entry is None:
+            raise InvalidMessage(f"Agent {agent_id} not found")
+        calls = [_conn(st).cancel(correlation_id, reason) for st in entry.conns if not st.closed]
+        for result in await asyncio.gather(*calls, return_exceptions=True):
+            if isinstance(result, asyncio.CancelledError):
+                raise result
+            if isinstance(result, BaseException):
+                log.debug("cancel of %s on agent %s failed: %s", correlation_id, agent_id, result)
+
+    # ------------------------------------------------------------------ affinity and sessions
+
+    def clear_correlation_affinity(self, correlation_id: str) -> None:
+        """Forget the request's affinity (call it when the request ends).
+
+        The ``correlation_affinities`` gauge is refreshed lazily (``protocol_metrics``,
+        ``export_prometheus()``, maintenance), keeping this call cheap.
+        """
+        for entry in self._agents.values():
+            entry.affinity.remove(correlation_id)
+
+    def cleanup_expired_affinities(self) -> int:
+        """Remove affinities idle longer than ``correlation_affinity_ttl``; returns the count."""
+        now = _monotonic()
+        ttl = self._config.correlation_affinity_ttl
+        removed = sum(e.affinity.sweep(now, ttl) for e in list(self._agents.values()))
+        if removed:
+            self._metrics.inc_affinity_evictions(removed)
+        count = self.correlation_affinity_count()
+        self._metrics.set_correlation_affinities(count)
+        if self._affinity_warned and count < self._config.max_correlation_affinities:
+            self._affinity_warned = False
+        return int(removed)
+
+    def create_sticky_session(self, session_id: str, agent_id: str) -> None:
+        """Bind ``session_id`` to a connection of ``agent_id`` chosen by normal selection."""
+        entry = self._agents.get(agent_id)
+        if entry is None:
+            raise InvalidMessage(f"Agent {agent_id} not found")
+        st = entry.conns.select(self._strategy)
+        self._sessions.create(session_id, st, agent_id, _monotonic())
+
+    def refresh_sticky_session(self, session_id: str) -> bool:
+        """True if the session is valid; refreshes its idle timer (expired ones are removed)."""
+        return self._sessions.lookup(session_id, _monotonic(), self._sticky_timeout) is not None
+
+    def has_sticky_session(self, session_id: str) -> bool:
+        """Whether a valid session exists; a pure query (DECISIONS 11)."""
+        return bool(self._sessions.has(session_id, _monotonic(), self._sticky_timeout))
+
+    def clear_sticky_session(self, session_id: str) -> None:
+        """Remove the session if present."""
+        self._sessions.remove(session_id)
+
+    def sticky_session_agent(self, session_id: str) -> str | None:
+        """Agent id the session is bound to (no expiry check)."""
+        agent: str | None = self._sessions.agent(session_id)
+        return agent
+
+    def cleanup_expired_sessions(self) -> int:
+        """Remove expired sticky sessions; 0 when sessions never expire."""
+        if self._sticky_timeout is None:
+            return 0
+        return int(self._sessions.sweep(_monotonic(), self._sticky_timeout))
+
+    # ------------------------------------------------------------------ config push
+
+    def push_config_to_agent(self, agent_id: str, update_type: ConfigUpdateType) -> str | None:
+        """Push a config update to a push-capable agent as a Configure event; the push id.
+
+        The agent's Allow acknowledges the push, Block rejects it; unanswered pushes are
+        retried and expired by maintenance. None when the agent is unknown or cannot take pushes.
+        """
+        push_id: str | None = self._pusher.push_to_agent(agent_id, update_type)
+        if push_id is not None:
+            request = ConfigUpdateRequest(update_type, push_id, now_ms())
+            self._spawn_push(agent_id, request)
+        return push_id
+
+    def push_config_to_all(self, update_type: ConfigUpdateType) -> list[str]:
+        """Push to every push-capable agent; the push ids."""
+        ids: list[str] = []
+        for agent_id in list(self._agents):
+            push_id = self.push_config_to_agent(agent_id, update_type)
+            if push_id is not None:
+                ids.append(push_id)
+        return ids
+
+    def acknowledge_config_push(
+        self, push_id: str, accepted: bool, error: str | None = None
+    ) -> None:
+        """Record an acknowledgement that arrived out of band."""
+        self._pusher.acknowledge(push_id, accepted, error)
+
+    def _spawn_push(self, agent_id: str, request: ConfigUpdateRequest) -> None:
+        if request.request_id in self._pushes_in_flight or self._closing:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._pushes_in_flight.add(request.request_id)
+        task = loop.create_task(self._deliver_push(agent_id, request))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _deliver_push(self, agent_id: str, request: ConfigUpdateRequest) -> None:
+        """One attempt: a Configure event whose reply acknowledges (Allow) or rejects (Block).
+
+        An attempt waits at most ``retry_interval`` (bounded by ``ack_timeout``); unanswered
+        pushes stay ``Sent`` for maintenance to retry or expire.
+        """
+        push_id = request.request_id
+        event = ConfigureEvent(
+            config=config_update_payload(request), config_version=push_id, correlation_id=push_id
+        )
+        policy = self._config.config_push
+        attempt_timeout = policy.ack_timeout
+        if 0 < policy.retry_interval < attempt_timeout:
+            attempt_timeout = policy.retry_interval
+        try:
+            response = await self._send(
+                agent_id, push_id, event, _KIND_CONFIGURE, None, max(attempt_timeout, 0.001)
+            )
+        except AgentProtocolError as exc:
+            log.info("config push %s to agent %s not delivered: %s", push_id, agent_id, exc)
+            return
+        finally:
+            self._pushes_in_flight.discard(push_id)
+        decision = response.decision
+        if isinstance(decision, Allow):
+            self._pusher.acknowledge(push_id, True, None)
+        elif isinstance(decision, Block):
+            self._pusher.acknowledge(push_id, False, decision.body or "Configuration rejected")
+        else:
+            self._pusher.acknowledge(
+                push_id, False, f"unexpected decision {type(decision).__name__}"
+            )
+
+    # ------------------------------------------------------------------ maintenance
+
+    async def run_maintenance(self) -> None:
+        """One maintenance pass (the background task runs it every ``health_check_interval``).
+
+        Sweeps sessions, affinities and agent metrics; recomputes connection health; pings
+        connections marked unhealthy by errors and (``keepalive``) idle ones, replacing those
+        that do not answer; replaces dead connections and reconnects with backoff; retries and
+        expires config pushes; refreshes the connection gauges.
+        """
+        if self._maintenance_lock is None:
+            self._maintenance_lock = asyncio.Lock()
+        async with self._maintenance_lock:
+            self.cleanup_expired_sessions()
+            self.cleanup_expired_affinities()
+            self._collector.expire_old_metrics()
+            entries = list(self._agents.values())
+            if entries:
+                results = await asyncio.gather(
+                    *(self._maintain_agent(e) for e in entries), return_exceptions=True
+                )
+                for entry, result in zip(entries, results):
+                    if isinstance(result, asyncio.CancelledError):
+                        raise result
+                    if isinstance(result, BaseException):
+                        log.error("maintenance of agent %s failed: %r", entry.agent_id, result)
+            for agent_id, request in self._pusher.get_retryable():
+                self._spawn_push(agent_id, request)
+            self._pusher.expire_old()
+            self._refresh_gauges()
+
+    async def _maintain_agent(self, entry: _AgentEntry) -> None:
+        dead: list[Any] = []
+        probes: list[Any] = []
+        cfg = self._config
+        idle_before = _monotonic() - cfg.health_check_interval
+        breaker = entry.breaker
+        keepalive = (
+            cfg.keepalive
+            and entry.protocol == "v2"
+            and (breaker is None or breaker.state is CircuitState.CLOSED)
+        )
+        for st in list(entry.conns):
+            if st.closed or not _conn(st).is_connected:
+                dead.append(st)
+            elif st.consecutive_errors >= 3:
+                probes.append(st)
+            else:
+                st.healthy = entry.reported_ok
+                if keepalive and st.in_flight == 0 and st.last_used <= idle_before:
+                    probes.append(st)
+        if probes:
+            timeout = cfg.ping_timeout
+            results = await asyncio.gather(
+                *(st.conn.ping(timeout) for st in probes), return_exceptions=True
+            )
+            for st, result in zip(probes, results):
+                if isinstance(result, BaseException):
+                    log.warning(
+                        "connection to agent %s failed its ping (%s); replacing it",
+                        entry.agent_id,
+                        result,
+                    )
+                    st.conn.close()
+                    dead.append(st)
+                else:
+                    st.healthy = entry.reported_ok and not st.closed
+        for st in dead:
+            self._retire(entry, st)
+        if self._agents.get(entry.agent_id) is not entry:
+            return
+        if entry.reverse:
+            if len(entry.conns) == 0:
+                del self._agents[entry.agent_id]
+                self._pusher.unregister_agent(entry.agent_id)
+            return
+        healthy = entry.is_healthy()
+        if healthy != entry.was_healthy:
+            entry.was_healthy = healthy
+            if healthy:
+                log.info("agent %s recovered", entry.agent_id)
+            else:
+                log.warning("agent %s marked unhealthy", entry.agent_id)
+        missing = self._config.connections_per_agent - len(entry.conns)
+        if missing > 0 and not entry.reconnecting and _monotonic() >= entry.next_reconnect_at:
+            await self._reconnect(entry, missing)
+
+    async def _reconnect(self, entry: _AgentEntry, missing: int) -> None:
+        entry.reconnecting = True
+        had_live = entry.live_count() > 0
+        try:
+            results = await self._open_many(entry, missing)
+        finally:
+            entry.reconnecting = False
+        opened = [r for r in results if isinstance(r, AgentConnection)]
+        errors = [r for r in results if not isinstance(r, AgentConnection)]
+        if self._agents.get(entry.agent_id) is not entry or self._closing:
+            for conn in opened:
+                conn.close()
+            return
+        if opened and not had_live:
+            entry.reported_ok = True  # a fresh agent process: forget the old health report
+        for conn in opened:
+            self._attach(entry, conn)
+        if opened:
+            entry.reconnect_attempts = 0
+            entry.next_reconnect_at = 0.0
+            self._set_capabilities(entry, opened[0].capabilities)
+            if not had_live and entry.breaker is not None:
+                entry.breaker.reset()
+                entry.breaker_clean = True
+            log.info("reconnected %d connection(s) to agent %s", len(opened), entry.agent_id)
+            if entry.is_healthy() and not entry.was_healthy:
+                entry.was_healthy = True
+                log.info("agent %s recovered", entry.agent_id)
+        else:
+            entry.reconnect_attempts += 1
+            delay = self._config.reconnect_delay(entry.reconnect_attempts)
+            entry.next_reconnect_at = _monotonic() + delay
+            log.warning(
+                "reconnect to agent %s failed (attempt %d, next in %.1fs): %s",
+                entry.agent_id,
+                entry.reconnect_attempts,
+                delay,
+                errors[0] if errors else "unknown error",
+            )
+
+    # ------------------------------------------------------------------ stats
+
+    def _refresh_gauges(self) -> None:
+        pm = self._metrics
+        with contextlib.suppress(RuntimeError):  # a scrape thread raced a membership change
+            pm.set_healthy_connections(self._count_healthy())
+            pm.set_paused_connections(self._count_paused())
+            pm.set_correlation_affinities(self.correlation_affinity_count())
+            pm.set_buffer_utilization(self._buffer_utilization())
+
+    def _buffer_utilization(self) -> int:
+        """Fullest connection write buffer, as a percentage of its limit."""
+        worst = 0.0
+        for st in self._all_states():
+            proto: Any = None if st.closed else _conn(st).protocol_core
+            limit = getattr(proto, "max_write_buffer", 0)
+            if limit:
+                worst = max(worst, 100.0 * proto.write_buffer_size / limit)
+        return min(100, round(worst))
+
+    def _all_states(self) -> Iterable[Any]:
+        for entry in list(self._agents.values()):
+            yield from list(entry.conns)
+
+    def _count_healthy(self) -> int:
+        return sum(1 for st in self._all_states() if st.healthy and not st.closed)
+
+    def _count_paused(self) -> int:
+        return sum(1 for st in self._all_states() if st.paused and not st.closed)
+
+    @staticmethod
+    def _entry_stats(entry: _AgentEntry) -> AgentPoolStats:
+        states = list(entry.conns)
+        requests = entry.retired_requests + sum(st.request_count for st in states)
+        errors = entry.retired_errors + sum(st.error_count for st in states)
+        return AgentPoolStats(
+            agent_id=entry.agent_id,
+            active_connections=sum(1 for st in states if not st.closed),
+            healthy_connections=sum(1 for st in states if st.healthy and not st.closed),
+            total_in_flight=sum(st.in_flight for st in states),
+            total_requests=requests,
+            total_errors=errors,
+            error_rate=errors / requests if requests else 0.0,
+            is_healthy=entry.is_healthy(),
+        )
+
+    def agent_stats_sync(self) -> list[AgentPoolStats]:
+        """Per-agent stats, synchronously (for collectors; safe from another thread)."""
+        for _ in range(5):
+            try:
+                return [self._entry_stats(e) for e in list(self._agents.values())]
+            except RuntimeError:
+                continue
+        return []
+
+    async def stats(self) -> list[AgentPoolStats]:
+        """One :class:`AgentPoolStats` per agent."""
+        return self.agent_stats_sync()
+
+    async def agent_stats(self, agent_id: str) -> AgentPoolStats | None:
+        """Stats of one agent, or None if unknown."""
+        entry = self._agents.get(agent_id)
+        return None if entry is None else self._entry_stats(entry)
+
+    def __repr__(self) -> str:
+        return (
+            f"AgentPool(agents={len(self._agents)}, "
+            f"strategy={self._config.load_balance_strategy.name}, closing={self._closing})"
+        )
