@@ -37,6 +37,9 @@ cdef class AgentProtocolCore:
 
     cdef int _append_frame(self, int msg_type, object payload) except -1
     cdef int _do_flush(self) except -1
+    cdef bint _paused_over_bound(self) except -1
+    cdef int _wake_writers(self) except -1
+    cdef int _close_transport(self) except -1
     cdef int _arm(self) except -1
     cdef int _expire(self, object cid, object fut, double timeout) except -1
     cdef int _fatal(self, object error) except -1

@@ -10,6 +10,9 @@ import collections as _pr_collections
 cdef object _pr_AGENT_RESPONSE = _MessageType.AGENT_RESPONSE
 cdef object _pr_deque = _pr_collections.deque
 cdef double _pr_TIMER_SLACK = 0.0005
+# After close(), how long the transport may take to hand its last bytes to the kernel before
+# it is aborted (an agent that stopped reading would otherwise keep it open forever).
+cdef double _pr_CLOSE_GRACE = 0.25
 
 
 cdef inline double _pr_monotonic() noexcept:
@@ -38,9 +41,12 @@ cdef class AgentProtocolCore:
     Decodes frames, routes AgentResponse frames to the waiter future registered under their
     correlation id, hands every other frame to ``on_frame(msg_type, payload)``, expires
     requests after their timeout, coalesces the frames written during one loop iteration into
-    a single ``transport.write`` and buffers (boundedly) while the transport is paused.
-    ``on_lost(exc)`` is called once when the transport is gone, with the error that closed it
-    (None after a local ``close()``).
+    a single ``transport.write`` and bounds what it queues: once ``max_write_buffer`` bytes
+    wait in its own buffer (plus the transport's while writes are paused) ``request`` fails
+    with Unavailable. ``close()`` never waits on an agent that stopped reading: queued data
+    is dropped (the waiters are already failed) and the transport aborted.
+    ``on_lost(exc)`` is called once when the transport is gone, with the error that closed
+    it (None after a local ``close()``).
     """
 
     def __init__(self, loop, on_frame, on_lost, *, double request_timeout=30.0,
@@ -86,7 +92,8 @@ cdef class AgentProtocolCore:
 
     @property
     def write_queue_full(self):
-        return self.write_paused and PyByteArray_GET_SIZE(self._wbuf) >= self.max_write_buffer
+        return (PyByteArray_GET_SIZE(self._wbuf) >= self.max_write_buffer
+                or (self.write_paused and self._paused_over_bound()))
 
     def waiting_ids(self):
         """Correlation ids with a live waiter."""
@@ -139,6 +146,7 @@ cdef class AgentProtocolCore:
 
     def eof_received(self):
         self._shutdown(_errors.ConnectionClosed("agent closed the connection"))
+        self._close_transport()
         return None
 
     def connection_lost(self, exc):
@@ -148,6 +156,7 @@ cdef class AgentProtocolCore:
             err = _errors.ConnectionClosed(str(exc) or type(exc).__name__)
         self._shutdown(err)
         self.transport = None
+        self._wbuf = bytearray()
         cb = self._on_lost
         self._on_lost = None
         if cb is not None:
@@ -160,11 +169,8 @@ cdef class AgentProtocolCore:
         self.write_paused = False
         if PyByteArray_GET_SIZE(self._wbuf) and not self._flush_scheduled:
             self._do_flush()
-        waiters = self._drain_waiters
-        self._drain_waiters = []
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
+        if self._drain_waiters and not self.write_paused:
+            self._wake_writers()
 
     # -- requests --------------------------------------------------------------------------
 
@@ -174,7 +180,8 @@ cdef class AgentProtocolCore:
         cdef double t
         if self.closed:
             raise clone_error(self.close_error or _errors.ConnectionClosed())
-        if self.write_paused and PyByteArray_GET_SIZE(self._wbuf) >= self.max_write_buffer:
+        if (PyByteArray_GET_SIZE(self._wbuf) >= self.max_write_buffer
+                or (self.write_paused and self._paused_over_bound())):
             raise _errors.Unavailable("write buffer full: the agent is not reading")
         self._append_frame(msg_type, payload)
         fut = self._create_future()
@@ -223,31 +230,40 @@ cdef class AgentProtocolCore:
         return True
 
     def wait_writable(self):
-        """A future resolved when the write buffer drains (None if writable now)."""
+        """A future resolved when the write queue has room again (None if it has now).
+
+        It resolves on the next flush that leaves the transport writable, or on
+        ``resume_writing``; the caller should check again (others may have filled it).
+        """
         if self.closed:
             raise clone_error(self.close_error or _errors.ConnectionClosed())
-        if not self.write_paused:
+        if not self.write_queue_full:
             return None
+        if not self.write_paused and not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._call_soon(self._flush_cb)
         fut = self._create_future()
         self._drain_waiters.append(fut)
         return fut
 
     def close(self, error=None):
-        """Fail every waiter (``error`` or ConnectionClosed), flush and close the transport."""
+        """Fail every waiter (``error`` or ConnectionClosed) and close the transport.
+
+        Queued frames are flushed while the agent keeps reading; if it does not (writes
+        paused, or the transport still holds data after the grace period) the transport is
+        aborted, so the connection is always gone promptly.
+        """
         if not self.closed:
             self._shutdown(error or _errors.ConnectionClosed("connection closed by the proxy"))
             if error is None:
                 self.close_error = None
-        transport = self.transport
-        if transport is not None:
-            if PyByteArray_GET_SIZE(self._wbuf) and not self.write_paused:
-                self._do_flush()
-            transport.close()
+        self._close_transport()
 
     def abort(self, error=None):
         """Like :meth:`close` but drops unsent data."""
         if not self.closed:
             self._shutdown(error or _errors.ConnectionClosed("connection aborted by the proxy"))
+        self._wbuf = bytearray()
         if self.transport is not None:
             self.transport.abort()
 
@@ -321,7 +337,46 @@ cdef class AgentProtocolCore:
         self.bytes_sent += PyByteArray_GET_SIZE(data)
         self.writes += 1
         transport.write(data)
+        if self._drain_waiters and not self.write_paused:
+            self._wake_writers()
         return 0
+
+    cdef bint _paused_over_bound(self) except -1:
+        """Own queue plus the transport's buffer at or over the bound (writes paused)."""
+        transport = self.transport
+        if transport is None:
+            return False
+        return (PyByteArray_GET_SIZE(self._wbuf) + <Py_ssize_t>transport.get_write_buffer_size()
+                >= self.max_write_buffer)
+
+    cdef int _wake_writers(self) except -1:
+        waiters = self._drain_waiters
+        self._drain_waiters = []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+        return 0
+
+    cdef int _close_transport(self) except -1:
+        """Close the transport without ever waiting on an agent that does not read."""
+        transport = self.transport
+        if transport is None:
+            return 0
+        if PyByteArray_GET_SIZE(self._wbuf) and not self.write_paused:
+            self._do_flush()
+        self._wbuf = bytearray()
+        if self.write_paused:
+            transport.abort()
+            return 0
+        pending = transport.get_write_buffer_size()
+        transport.close()
+        if pending:
+            self._call_later(_pr_CLOSE_GRACE, self._grace_abort, transport)
+        return 0
+
+    def _grace_abort(self, transport):
+        if self.transport is transport:
+            transport.abort()
 
     cdef int _arm(self) except -1:
         cdef double delay
@@ -364,6 +419,7 @@ cdef class AgentProtocolCore:
 
     cdef int _fatal(self, object error) except -1:
         self._shutdown(error)
+        self._wbuf = bytearray()
         if self.transport is not None:
             self.transport.abort()
         return 0

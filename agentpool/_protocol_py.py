@@ -17,6 +17,9 @@ __all__ = ["AgentProtocolCore", "clone_error"]
 _AGENT_RESPONSE = MessageType.AGENT_RESPONSE
 _VALID_TYPES = frozenset(int(t) for t in MessageType)
 _TIMER_SLACK = 0.0005
+# After close(), how long the transport may take to hand its last bytes to the kernel before
+# it is aborted (an agent that stopped reading would otherwise keep it open forever).
+_CLOSE_GRACE = 0.25
 
 ErrorFactory = Callable[[], BaseException]
 
@@ -53,9 +56,12 @@ class AgentProtocolCore:
     Decodes frames, routes AgentResponse frames to the waiter future registered under their
     correlation id, hands every other frame to ``on_frame(msg_type, payload)``, expires
     requests after their timeout, coalesces the frames written during one loop iteration into
-    a single ``transport.write`` and buffers (boundedly) while the transport is paused.
-    ``on_lost(exc)`` is called once when the transport is gone, with the error that closed it
-    (None after a local ``close()``).
+    a single ``transport.write`` and bounds what it queues: once ``max_write_buffer`` bytes
+    wait in its own buffer (plus the transport's while writes are paused) ``request`` fails
+    with Unavailable. ``close()`` never waits on an agent that stopped reading: queued data
+    is dropped (the waiters are already failed) and the transport aborted.
+    ``on_lost(exc)`` is called once when the transport is gone, with the error that closed
+    it (None after a local ``close()``).
     """
 
     transport: asyncio.Transport | None
@@ -133,7 +139,9 @@ class AgentProtocolCore:
 
     @property
     def write_queue_full(self) -> bool:
-        return self.write_paused and len(self._wbuf) >= self.max_write_buffer
+        return len(self._wbuf) >= self.max_write_buffer or (
+            self.write_paused and self._paused_over_bound()
+        )
 
     def waiting_ids(self) -> list[str]:
         """Correlation ids with a live waiter."""
@@ -181,6 +189,7 @@ class AgentProtocolCore:
 
     def eof_received(self) -> bool | None:
         self._shutdown(_errors.ConnectionClosed("agent closed the connection"))
+        self._close_transport()
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -190,6 +199,7 @@ class AgentProtocolCore:
             err = _errors.ConnectionClosed(str(exc) or type(exc).__name__)
         self._shutdown(err)
         self.transport = None
+        self._wbuf = bytearray()
         cb = self._on_lost
         self._on_lost = None
         if cb is not None:
@@ -202,10 +212,8 @@ class AgentProtocolCore:
         self.write_paused = False
         if self._wbuf and not self._flush_scheduled:
             self._flush()
-        waiters, self._drain_waiters = self._drain_waiters, []
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
+        if self._drain_waiters and not self.write_paused:
+            self._wake_writers()
 
     # -- requests --------------------------------------------------------------------------
 
@@ -215,7 +223,9 @@ class AgentProtocolCore:
         """Send an event frame and return the future its AgentResponse will resolve."""
         if self.closed:
             raise clone_error(self.close_error or _errors.ConnectionClosed())
-        if self.write_paused and len(self._wbuf) >= self.max_write_buffer:
+        if len(self._wbuf) >= self.max_write_buffer or (
+            self.write_paused and self._paused_over_bound()
+        ):
             raise _errors.Unavailable("write buffer full: the agent is not reading")
         self._append_frame(msg_type, payload)
         fut: asyncio.Future[Any] = self._create_future()
@@ -263,31 +273,40 @@ class AgentProtocolCore:
         return True
 
     def wait_writable(self) -> asyncio.Future[None] | None:
-        """A future resolved when the write buffer drains (None if writable now)."""
+        """A future resolved when the write queue has room again (None if it has now).
+
+        It resolves on the next flush that leaves the transport writable, or on
+        ``resume_writing``; the caller should check again (others may have filled it).
+        """
         if self.closed:
             raise clone_error(self.close_error or _errors.ConnectionClosed())
-        if not self.write_paused:
+        if not self.write_queue_full:
             return None
+        if not self.write_paused and not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
         fut: asyncio.Future[None] = self._create_future()
         self._drain_waiters.append(fut)
         return fut
 
     def close(self, error: BaseException | None = None) -> None:
-        """Fail every waiter (``error`` or ConnectionClosed), flush and close the transport."""
+        """Fail every waiter (``error`` or ConnectionClosed) and close the transport.
+
+        Queued frames are flushed while the agent keeps reading; if it does not (writes
+        paused, or the transport still holds data after the grace period) the transport is
+        aborted, so the connection is always gone promptly.
+        """
         if not self.closed:
             self._shutdown(error or _errors.ConnectionClosed("connection closed by the proxy"))
             if error is None:
                 self.close_error = None
-        transport = self.transport
-        if transport is not None:
-            if self._wbuf and not self.write_paused:
-                self._flush()
-            transport.close()
+        self._close_transport()
 
     def abort(self, error: BaseException | None = None) -> None:
         """Like :meth:`close` but drops unsent data."""
         if not self.closed:
             self._shutdown(error or _errors.ConnectionClosed("connection aborted by the proxy"))
+        self._wbuf = bytearray()
         if self.transport is not None:
             self.transport.abort()
 
@@ -341,6 +360,41 @@ class AgentProtocolCore:
         self.bytes_sent += len(data)
         self.writes += 1
         transport.write(data)
+        if self._drain_waiters and not self.write_paused:
+            self._wake_writers()
+
+    def _paused_over_bound(self) -> bool:
+        """Own queue plus the transport's buffer at or over the bound (writes paused)."""
+        transport = self.transport
+        if transport is None:
+            return False
+        return len(self._wbuf) + transport.get_write_buffer_size() >= self.max_write_buffer
+
+    def _wake_writers(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    def _close_transport(self) -> None:
+        """Close the transport without ever waiting on an agent that does not read."""
+        transport = self.transport
+        if transport is None:
+            return
+        if self._wbuf and not self.write_paused:
+            self._flush()
+        self._wbuf = bytearray()
+        if self.write_paused:
+            transport.abort()
+            return
+        pending = transport.get_write_buffer_size()
+        transport.close()
+        if pending:
+            self._loop.call_later(_CLOSE_GRACE, self._grace_abort, transport)
+
+    def _grace_abort(self, transport: asyncio.Transport) -> None:
+        if self.transport is transport:
+            transport.abort()
 
     def _arm(self) -> None:
         if self._tq and not self.closed:
@@ -376,6 +430,7 @@ class AgentProtocolCore:
 
     def _fatal(self, exc: BaseException) -> None:
         self._shutdown(exc)
+        self._wbuf = bytearray()
         if self.transport is not None:
             self.transport.abort()
 

@@ -15,6 +15,7 @@ import socket
 import time
 from typing import Any, cast
 
+import msgpack
 import orjson
 
 from . import codec as _codec
@@ -373,27 +374,33 @@ class AgentConnection:
     ) -> AgentResponse:
         """Send any event and wait for the agent's AgentResponse.
 
-        ``timeout`` defaults to ``request_timeout``. Raises Timeout, ConnectionClosed (EOF,
-        close(), cancel()), InvalidMessage/MessageTooLarge (the agent broke the framing),
-        Unavailable (write buffer full while the agent is not reading).
+        ``timeout`` defaults to ``request_timeout``. While the write queue is full (the agent
+        is not reading fast enough) it waits for room, within the same timeout. Raises
+        Timeout, ConnectionClosed (EOF, close(), cancel()), InvalidMessage (the agent broke
+        the framing, or its reply to this request does not decode), MessageTooLarge.
         """
         if self._core is None:
             return await self._request_v1(event, correlation_id, timeout)
         c = self._core
         if c.write_queue_full:
-            drained = c.wait_writable()
-            if drained is not None:
-                t = self.request_timeout if timeout is None else timeout
-                try:
-                    await asyncio.wait_for(drained, t)
-                except asyncio.TimeoutError:
-                    raise Timeout(t) from None
+            await self._wait_writable(c, self.request_timeout if timeout is None else timeout)
         fut = self.send(event, correlation_id, timeout)
         try:
             return await fut
         except asyncio.CancelledError:
             c.discard(correlation_id, fut)
             raise
+
+    async def _wait_writable(self, c: Any, t: float) -> None:
+        deadline = self._loop.time() + t
+        while (drained := c.wait_writable()) is not None:
+            remaining = deadline - self._loop.time()
+            try:
+                if remaining <= 0:
+                    raise asyncio.TimeoutError
+                await asyncio.wait_for(drained, remaining)
+            except asyncio.TimeoutError:
+                raise Timeout(t) from None
 
     async def configure(
         self,
@@ -543,14 +550,29 @@ class AgentConnection:
                         MessageType.CONFIG_UPDATE_REQUEST, self._codec.encode_control(resp)
                     )
         elif msg_type == MessageType.AGENT_RESPONSE:
-            try:
-                self._codec.decode_response(payload)
-                detail = "no codec negotiated yet"
-            except Exception as exc:
-                detail = str(exc)
-            log.warning("agent %s: undecodable AgentResponse dropped: %s", self.agent_id, detail)
+            self._bad_response(payload)
         else:
             log.debug("agent %s: ignoring frame 0x%02x", self.agent_id, int(msg_type))
+
+    def _bad_response(self, payload: bytes) -> None:
+        """An AgentResponse the core could not decode: fail its waiter with the reason."""
+        error: AgentProtocolError
+        try:
+            self._codec.decode_response(payload)
+        except AgentProtocolError as exc:
+            error = exc
+        except Exception as exc:
+            error = InvalidMessage(f"{type(exc).__name__}: {exc}")
+        else:
+            log.warning("agent %s: AgentResponse before a codec was negotiated", self.agent_id)
+            return
+        cid = _response_correlation_id(self.encoding, payload)
+        if cid and self._core.fail_waiter(cid, error):
+            log.warning(
+                "agent %s: undecodable AgentResponse for %r: %s", self.agent_id, cid, error
+            )
+        else:
+            log.warning("agent %s: undecodable AgentResponse dropped: %s", self.agent_id, error)
 
     def _on_pong(self, payload: bytes) -> None:
         try:
@@ -624,6 +646,26 @@ class AgentConnection:
             return False
         v1.close(ConnectionClosed(f"request {v1.current_cid} cancelled"))
         return True
+
+
+def _response_correlation_id(encoding: str, payload: bytes) -> str:
+    """Best-effort ``audit.custom.correlation_id`` of an AgentResponse payload; never raises.
+
+    Maps (JSON, MessagePack) and MessagePack positional arrays (audit at index 5, custom at
+    index 4 of audit) are searched; "" when there is none.
+    """
+    try:
+        obj: Any = (
+            msgpack.unpackb(payload, raw=False) if encoding == "msgpack" else orjson.loads(payload)
+        )
+        audit: Any = obj.get("audit") if isinstance(obj, dict) else obj[5]
+        custom: Any = audit.get("custom") if isinstance(audit, dict) else audit[4]
+        cid = custom.get("correlation_id")
+        if isinstance(cid, bytes):
+            cid = cid.decode("utf-8")
+        return cid if isinstance(cid, str) else ""
+    except Exception:
+        return ""
 
 
 def _parse_v1_response(doc: bytes) -> AgentResponse:

@@ -99,6 +99,10 @@ _V1_EVENT_TYPES: dict[str, MessageType] = {
 }
 
 V1_MAX_MESSAGE_SIZE = 10 * 1024 * 1024
+DEFAULT_MAX_WRITE_BUFFER = 16 * 1024 * 1024
+# After close(), how long the transport may take to hand its last bytes to the kernel before
+# it is aborted (a proxy that stopped reading would otherwise keep it open forever).
+_CLOSE_GRACE = 0.25
 
 
 def _now_ms() -> int:
@@ -230,29 +234,84 @@ async def handle_event(agent: Agent, msg_type: int, event: Any, cid: str = "") -
 
 
 class _Flusher:
-    """Write coalescing shared by both session kinds: frames of one loop turn, one write."""
+    """Write coalescing and backpressure shared by both session kinds.
+
+    The frames of one loop turn go out in one write. While the proxy does not read (the
+    transport paused writing) the session stops reading from it and holds its replies back;
+    a proxy whose unread replies exceed the server's ``max_write_buffer`` is dropped, and
+    closing never waits on a proxy that does not read.
+    """
 
     transport: asyncio.Transport | None
+    server: AgentServer
+    peer: Any
     _out: list[bytes]
+    _out_size: int
     _flush_scheduled: bool
+    _write_paused: bool
     _loop: asyncio.AbstractEventLoop
 
     def _write(self, data: bytes) -> None:
-        if self.transport is None or self.transport.is_closing():
+        transport = self.transport
+        if transport is None or transport.is_closing():
             return
         self._out.append(data)
-        if not self._flush_scheduled:
+        self._out_size += len(data)
+        if self._write_paused:
+            unsent = self._out_size + transport.get_write_buffer_size()
+            if unsent > self.server.max_write_buffer:
+                log.warning(
+                    "proxy %s is not reading (%d bytes unsent); dropping the connection",
+                    self.peer,
+                    unsent,
+                )
+                self._out = []
+                self._out_size = 0
+                transport.abort()
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
         out = self._out
-        if not out:
+        if not out or self._write_paused:
             return
         self._out = []
+        self._out_size = 0
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+        self._flush()
+
+    def _close_transport(self) -> None:
+        """Close after flushing what is queued, aborting if the proxy does not read it."""
+        self._flush()
+        transport = self.transport
+        if transport is None:
+            return
+        if self._write_paused:
+            self._out = []
+            self._out_size = 0
+            transport.abort()
+            return
+        pending = transport.get_write_buffer_size()
+        transport.close()
+        if pending:
+            self._loop.call_later(_CLOSE_GRACE, self._grace_abort, transport)
+
+    def _grace_abort(self, transport: asyncio.Transport) -> None:
+        if self.transport is transport:
+            transport.abort()
 
 
 class AgentSession(_Flusher, asyncio.Protocol):
@@ -265,7 +324,9 @@ class AgentSession(_Flusher, asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._decoder = core.FrameDecoder()
         self._out: list[bytes] = []
+        self._out_size = 0
         self._flush_scheduled = False
+        self._write_paused = False
         self.handshaken = False
         self.codec: _codec.Codec = _codec.get_codec("json")
         self.encoding = "json"
@@ -297,10 +358,8 @@ class AgentSession(_Flusher, asyncio.Protocol):
         self.closed.set()
 
     def close(self) -> None:
-        """Close this connection (pending writes are flushed first)."""
-        self._flush()
-        if self.transport is not None:
-            self.transport.close()
+        """Close this connection (pending writes are flushed first, if the proxy reads)."""
+        self._close_transport()
 
     def abort(self) -> None:
         if self.transport is not None:
@@ -509,10 +568,13 @@ class V1Session(_Flusher, asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._buf = bytearray()
         self._out: list[bytes] = []
+        self._out_size = 0
         self._flush_scheduled = False
+        self._write_paused = False
         self._queue: asyncio.Queue[bytes] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
         self.closed = asyncio.Event()
+        self.peer: Any = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -527,9 +589,7 @@ class V1Session(_Flusher, asyncio.Protocol):
         self.closed.set()
 
     def close(self) -> None:
-        self._flush()
-        if self.transport is not None:
-            self.transport.close()
+        self._close_transport()
 
     def data_received(self, data: bytes) -> None:
         self._buf += data
@@ -605,6 +665,8 @@ class AgentServer:
 
     ``encodings`` lists what the agent supports; it picks the first of the proxy's offered
     encodings found there (JSON when nothing matches), as Rust agents do.
+    ``max_write_buffer`` bounds the replies held for a proxy that does not read them; a
+    connection over it is dropped.
     """
 
     def __init__(
@@ -618,6 +680,7 @@ class AgentServer:
         protocol: str = "v2",
         v1_reply_version: int = 2,
         v1_sdk_replies: bool = False,
+        max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER,
     ) -> None:
         if (path is None) == (host is None and port is None):
             raise ValueError("give either path (Unix socket) or host/port (TCP)")
@@ -631,6 +694,7 @@ class AgentServer:
         self.protocol = protocol
         self.v1_reply_version = v1_reply_version
         self.v1_sdk_replies = v1_sdk_replies
+        self.max_write_buffer = max_write_buffer
         self._server: asyncio.AbstractServer | None = None
         self._sessions: set[Any] = set()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -30,6 +31,7 @@ from agentpool.errors import (
     InvalidMessage,
     MessageTooLarge,
     Timeout,
+    Unavailable,
 )
 from agentpool.messages import (
     AgentCapabilities,
@@ -573,27 +575,54 @@ async def test_silent_agent_hits_connect_timeout() -> None:
         assert time.monotonic() - t0 < 2.0
 
 
-async def test_undecodable_response_is_dropped_and_request_times_out() -> None:
+@pytest.mark.parametrize("encoding", ["json", "msgpack"])
+async def test_undecodable_response_fails_its_waiter_at_once(encoding: str) -> None:
+    """A reply whose correlation id is readable but which does not decode fails that request
+    with the decode error right away; one without a readable id is counted and dropped."""
+    import msgpack
+
+    def dump(obj: Any) -> bytes:
+        return bytes(msgpack.packb(obj)) if encoding == "msgpack" else json.dumps(obj).encode()
+
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_frame(reader)
-        writer.write(handshake_reply())
-        await read_frame(reader)
-        writer.write(core.encode_frame(MessageType.AGENT_RESPONSE, b'{"decision":"allow"}'))
-        writer.write(
-            core.encode_frame(
-                MessageType.AGENT_RESPONSE,
-                get_codec("json").encode_response(AgentResponse.allow(), "someone-else"),
-            )
-        )
-        await asyncio.sleep(2)
+        writer.write(handshake_reply(encoding))
+        codec = get_codec(encoding)
+        while True:
+            _, payload = await read_frame(reader)
+            cid = codec.event_correlation_id(payload)
+            custom = {"custom": {"correlation_id": cid}}
+            if cid == "u1":  # no id anywhere, then a valid reply for someone else
+                writer.write(core.encode_frame(MessageType.AGENT_RESPONSE, dump({"x": 1})))
+                other = codec.encode_response(AgentResponse.allow(), "someone-else")
+                writer.write(core.encode_frame(MessageType.AGENT_RESPONSE, other))
+            elif cid == "nover":
+                body = dump({"decision": "allow", "audit": custom})
+                writer.write(core.encode_frame(MessageType.AGENT_RESPONSE, body))
+            elif cid == "baddec":
+                body = dump({"version": 2, "decision": {"nope": 1}, "audit": custom})
+                writer.write(core.encode_frame(MessageType.AGENT_RESPONSE, body))
+            else:
+                body = codec.encode_response(AgentResponse.block(401), cid)
+                writer.write(core.encode_frame(MessageType.AGENT_RESPONSE, body))
 
     async with fake_agent(script) as ep:
-        async with connect(ep) as conn:
+        async with connect(ep, encoding=encoding, request_timeout=30.0) as conn:
+            assert conn.encoding == encoding
             with pytest.raises(Timeout):
                 await bounded(conn.request(event("u1"), "u1", timeout=0.3))
+            t0 = time.monotonic()
+            with pytest.raises(InvalidMessage) as info:
+                await bounded(conn.request(event("nover"), "nover"), 5.0)
+            assert info.value.field == "version" and "missing field `version`" in str(info.value)
+            with pytest.raises(InvalidMessage):
+                await bounded(conn.request(event("baddec"), "baddec"), 5.0)
+            assert time.monotonic() - t0 < 5.0  # not the 30 s request timeout
             pc = conn.protocol_core
-            assert pc.decode_errors == 1 and pc.unmatched_responses == 1
-            assert conn.is_connected
+            assert pc.decode_errors == 3 and pc.unmatched_responses == 1
+            assert conn.is_connected and conn.in_flight == 0
+            resp = await bounded(conn.request(event("ok"), "ok"))
+            assert isinstance(resp.decision, Block) and resp.decision.status == 401
 
 
 async def test_close_fails_waiters_and_is_idempotent(control_agent: AgentProc) -> None:
@@ -613,7 +642,7 @@ async def test_close_fails_waiters_and_is_idempotent(control_agent: AgentProc) -
 
 
 async def test_backpressure_bounded_write_buffer() -> None:
-    """An agent that stops reading: writes pause, the buffer stays bounded, no hang."""
+    """An agent that stops reading: writes pause, the queue stays bounded, sends fail typed."""
     release = asyncio.Event()
 
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -621,19 +650,101 @@ async def test_backpressure_bounded_write_buffer() -> None:
         writer.write(handshake_reply())
         await release.wait()
 
+    limit = 256 * 1024
     big = {"x-big": ["v" * 60_000]}
     async with fake_agent(script) as ep:
         async with connect(ep, request_timeout=2.0) as conn:
-            conn.protocol_core.max_write_buffer = 256 * 1024
+            pc = conn.protocol_core
+            pc.max_write_buffer = limit
             futs = []
-            with pytest.raises(Exception) as info:
-                for i in range(2000):
+            for i in range(2000):
+                try:
                     futs.append(conn.send(event(f"bp{i}", headers=big), f"bp{i}"))
-                    if i % 8 == 0:
-                        await asyncio.sleep(0)
-            assert "write buffer full" in str(info.value)
-            assert conn.protocol_core.write_paused
-            assert conn.protocol_core.write_buffer_size < 2 * 256 * 1024 + 70_000
+                except Unavailable as exc:
+                    assert "write buffer full" in str(exc)
+                    if pc.write_paused:
+                        break
+                await asyncio.sleep(0)
+            else:
+                raise AssertionError("writes never paused")
+            assert pc.write_queue_full
+            queued = pc.write_buffer_size + pc.transport.get_write_buffer_size()
+            assert queued < 2 * limit + 70_000
+            assert len(futs) < 200  # the kernel's socket buffers plus our bound, not 2000
             release.set()
             for f in futs:
                 f.cancel()
+
+
+async def test_burst_beyond_max_write_buffer_fails_fast_and_request_waits_for_room(
+    control_agent: AgentProc,
+) -> None:
+    """Sends issued in one loop iteration are bounded too: send() raises Unavailable once
+    max_write_buffer bytes are queued; request() waits for room and then goes through."""
+    limit = 64 * 1024
+    big = {"x-big": ["v" * 16_000]}
+    async with connect(control_agent.endpoint) as conn:
+        pc = conn.protocol_core
+        pc.max_write_buffer = limit
+        futs = []
+        with pytest.raises(Unavailable, match="write buffer full"):
+            for i in range(1000):  # no await: everything lands in one loop iteration
+                futs.append(conn.send(event(f"b{i}", headers=big), f"b{i}"))
+        assert len(futs) <= limit // 16_000 + 2
+        assert pc.write_buffer_size < limit + 17_000
+        assert not pc.write_paused
+        replies = await bounded(asyncio.gather(*futs))
+        assert [r.routing_metadata["cid"] for r in replies] == [f"b{i}" for i in range(len(futs))]
+        cids = [f"w{i}" for i in range(60)]
+        replies = await bounded(
+            asyncio.gather(*(conn.request(event(c, headers=big), c) for c in cids))
+        )
+        assert [r.routing_metadata["cid"] for r in replies] == cids
+        assert pc.write_buffer_size == 0
+
+
+@pytest.mark.parametrize("mode", ["paused", "unpaused"])
+async def test_close_does_not_wait_for_an_agent_that_stopped_reading(mode: str) -> None:
+    """close() with unsent data for an agent that never reads: the transport is aborted (at
+    once when writes are paused, after a short grace otherwise) and wait_closed() returns."""
+    closed, done = asyncio.Event(), asyncio.Event()
+    got: list[bytes] = []
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_frame(reader)
+        writer.write(handshake_reply())
+        with contextlib.suppress(asyncio.TimeoutError):  # no reading while the proxy closes
+            await asyncio.wait_for(closed.wait(), 5.0)
+        with contextlib.suppress(ConnectionError):
+            while chunk := await reader.read(1 << 20):
+                got.append(chunk)
+        done.set()
+
+    async with fake_agent(script) as ep:
+        conn = await bounded(AgentConnection.open(ep, agent_id="x", request_timeout=30.0))
+        pc = conn.protocol_core
+        transport = pc.transport
+        if mode == "unpaused":
+            transport.set_write_buffer_limits(high=1 << 30)
+        big = {"x-big": ["v" * 200_000]}
+        futs = []
+        for i in range(40):
+            try:
+                futs.append(conn.send(event(f"s{i}", headers=big), f"s{i}"))
+            except Unavailable:
+                pass
+            await asyncio.sleep(0)
+            if mode == "paused" and pc.write_paused:
+                break
+        assert pc.write_paused == (mode == "paused")
+        assert transport.get_write_buffer_size() > 0
+        t0 = time.monotonic()
+        conn.close()
+        await bounded(conn.wait_closed(), 2.0)
+        assert time.monotonic() - t0 < 1.0
+        closed.set()
+        assert not conn.is_connected and pc.transport is None and pc.write_buffer_size == 0
+        for f in futs:
+            with pytest.raises(ConnectionClosed):
+                await bounded(f, 1.0)
+        await bounded(done.wait(), 5.0)  # the agent sees the connection end

@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import os
 import shutil
-from collections.abc import AsyncIterator
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -426,3 +428,85 @@ async def test_cli_reverse_agent_registers_with_pool() -> None:
         await asyncio.wait_for(listener.wait_closed(), 5)
         await asyncio.wait_for(pool.shutdown(), 5)
         shutil.rmtree(d, ignore_errors=True)
+
+
+# -- a proxy that stops reading -----------------------------------------------------------------
+
+
+async def stalled_proxy(
+    server: AgentServer, requests: int
+) -> tuple[socket.socket, asyncio.Task[None]]:
+    """A raw proxy socket that handshakes, then sends slow requests and never reads a reply."""
+    assert server.path is not None
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, server.path)
+    req = HandshakeRequest(supported_encodings=["json"])
+    await loop.sock_sendall(
+        sock, core.encode_frame(MessageType.HANDSHAKE_REQUEST, encode_handshake_request(req))
+    )
+    head = await asyncio.wait_for(loop.sock_recv(sock, 5), T)
+    n = int.from_bytes(head[:4], "big") - 1
+    while n:
+        n -= len(await asyncio.wait_for(loop.sock_recv(sock, n), T))
+    codec = get_codec("json")
+    uri = "/" + "u" * 8000  # RecordingAgent echoes the uri: ~8 KiB replies
+
+    async def flood() -> None:
+        with contextlib.suppress(OSError):  # the agent may drop us
+            for i in range(requests):
+                payload = codec.encode_event(headers_event(f"f{i}", uri=uri, delay=0.02), f"f{i}")
+                frame = core.encode_frame(MessageType.REQUEST_HEADERS, payload)
+                await loop.sock_sendall(sock, frame)
+
+    return sock, asyncio.ensure_future(flood())
+
+
+async def wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        assert asyncio.get_running_loop().time() < deadline, "condition never became true"
+        await asyncio.sleep(0.01)
+
+
+async def test_proxy_that_stops_reading_is_bounded_and_close_does_not_hang() -> None:
+    """The agent stops reading from a proxy that does not read its replies, holds a bounded
+    backlog, and closing the server tears the connection down instead of draining it."""
+    async with serve(RecordingAgent()) as server:
+        assert server.max_write_buffer == 16 * 1024 * 1024
+        sock, flood = await stalled_proxy(server, 1000)  # ~8 MiB of replies
+        try:
+            await wait_until(lambda: len(server._sessions) == 1)
+            (session,) = server._sessions
+            await wait_until(lambda: session._write_paused)
+            await asyncio.sleep(0.3)  # the handlers in flight when it paused reply meanwhile
+            transport = session.transport
+            assert transport is not None and not transport.is_closing()
+            assert not transport.is_reading()
+            backlog = session._out_size + transport.get_write_buffer_size()
+            assert 0 < backlog <= server.max_write_buffer
+            t0 = time.monotonic()
+            await asyncio.wait_for(server.close(), 2.0)
+            await asyncio.wait_for(session.closed.wait(), 2.0)
+            assert time.monotonic() - t0 < 1.0
+        finally:
+            flood.cancel()
+            sock.close()
+
+
+async def test_proxy_over_the_write_bound_is_dropped() -> None:
+    async with serve(RecordingAgent()) as server:
+        server.max_write_buffer = 32 * 1024
+        sock, flood = await stalled_proxy(server, 100_000)
+        try:
+            await wait_until(lambda: len(server._sessions) == 1)
+            (session,) = server._sessions
+            await asyncio.wait_for(session.closed.wait(), 5.0)
+            assert session.transport is None and session._out == []
+            async with proxy(server.endpoint) as conn:  # the server is still fine
+                assert (await conn.request(headers_event("ok"), "ok")).is_allow
+        finally:
+            flood.cancel()
+            sock.close()
