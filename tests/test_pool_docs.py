@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -22,15 +21,11 @@ def _example() -> str:
 def test_proxy_handler_example_runs(tmp_path: Path) -> None:
     script = tmp_path / "handler.py"
     script.write_text(_example())
-    env = dict(os.environ)
-    root = str(DOC.parent.parent)
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
         [sys.executable, str(script)],
         capture_output=True,
         text=True,
         timeout=60,
-        env=env,
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
