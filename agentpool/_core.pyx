@@ -8,4 +8,5 @@ include "_framing.pxi"
 include "_selection.pxi"
 include "_metrics.pxi"
 include "_protocol.pxi"
+include "_codec.pxi"
 COMPILED = True

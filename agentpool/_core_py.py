@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from . import _framing_py, _metrics_py, _protocol_py, _selection_py
+from . import _codec_py, _framing_py, _metrics_py, _protocol_py, _selection_py
+from ._codec_py import *  # noqa: F403
 from ._framing_py import MAX_MESSAGE_SIZE, FrameDecoder, encode_frame
 from ._metrics_py import *  # noqa: F403
 from ._protocol_py import *  # noqa: F403
@@ -15,6 +16,7 @@ __all__ = [
     "MAX_MESSAGE_SIZE",
     "FrameDecoder",
     "encode_frame",
+    *_codec_py.__all__,
     *_metrics_py.__all__,
     *_protocol_py.__all__,
     *_selection_py.__all__,

@@ -18,7 +18,6 @@ import base64
 import binascii
 import json
 import math
-import re
 import struct
 import sys
 from collections.abc import Callable, Sequence
@@ -27,6 +26,7 @@ from typing import Any, Final, NoReturn
 import msgpack
 import orjson
 
+from ._impl import core
 from .enums import CancelReason, EventType, FlowAction, HealthState, MessageType
 from .errors import AgentProtocolError, InvalidMessage, Serialization
 from .messages import (
@@ -578,6 +578,70 @@ def _ws_decision(v: Any, path: str = "websocket_decision") -> WebSocketDecision:
     _unknown_variant(tag, "one of `allow`, `drop`, `close`", path)
 
 
+_new = object.__new__
+_RESPONSE_SLOTS: Final = (
+    "version",
+    "decision",
+    "request_headers",
+    "response_headers",
+    "routing_metadata",
+    "audit",
+    "needs_more",
+    "request_body_mutation",
+    "response_body_mutation",
+    "websocket_decision",
+    "fail_open",
+)
+_AUDIT_SLOTS: Final = ("tags", "rule_ids", "confidence", "reason_codes", "custom")
+if AgentResponse.__slots__ != _RESPONSE_SLOTS or AuditMetadata.__slots__ != _AUDIT_SLOTS:
+    raise RuntimeError("codec fast constructors are out of date with agentpool.messages")
+
+
+def _mk_audit(
+    tags: list[str],
+    rule_ids: list[str],
+    confidence: float | None,
+    reason_codes: list[str],
+    custom: dict[str, Any],
+) -> AuditMetadata:
+    """``AuditMetadata(...)`` without the dataclass ``__init__`` call (decode hot path)."""
+    a = _new(AuditMetadata)
+    a.tags = tags
+    a.rule_ids = rule_ids
+    a.confidence = confidence
+    a.reason_codes = reason_codes
+    a.custom = custom
+    return a
+
+
+def _mk_response(
+    version: int,
+    decision: Decision,
+    request_headers: list[HeaderOp],
+    response_headers: list[HeaderOp],
+    routing_metadata: dict[str, str],
+    audit: AuditMetadata,
+    needs_more: bool,
+    request_body_mutation: BodyMutation | None,
+    response_body_mutation: BodyMutation | None,
+    websocket_decision: WebSocketDecision | None,
+) -> AgentResponse:
+    """``AgentResponse(...)`` without the dataclass ``__init__`` call (decode hot path)."""
+    r = _new(AgentResponse)
+    r.version = version
+    r.decision = decision
+    r.request_headers = request_headers
+    r.response_headers = response_headers
+    r.routing_metadata = routing_metadata
+    r.audit = audit
+    r.needs_more = needs_more
+    r.request_body_mutation = request_body_mutation
+    r.response_body_mutation = response_body_mutation
+    r.websocket_decision = websocket_decision
+    r.fail_open = False
+    return r
+
+
 def _build_response(
     version: int,
     decision: Decision,
@@ -590,7 +654,7 @@ def _build_response(
     response_body_mutation: BodyMutation | None,
     websocket_decision: WebSocketDecision | None,
 ) -> AgentResponse:
-    return AgentResponse(
+    return _mk_response(
         version,
         decision,
         request_headers,
@@ -815,7 +879,7 @@ def _response_from_map(d: dict[str, Any]) -> tuple[str, AgentResponse, int]:
 
     cid = ""
     if audit_v is _MISSING:
-        audit = AuditMetadata()
+        audit = _mk_audit([], [], None, [], {})
     elif audit_v.__class__ is dict:
         n_audit = len(audit_v)
         nk += n_audit
@@ -852,7 +916,7 @@ def _response_from_map(d: dict[str, Any]) -> tuple[str, AgentResponse, int]:
         if custom:
             nk += _nkeys(custom)
             cid = _response_cid(custom)
-        audit = AuditMetadata(tags, rule_ids, conf, reasons, custom)
+        audit = _mk_audit(tags, rule_ids, conf, reasons, custom)
     else:
         audit = _AUDIT.decode(audit_v, "audit")
         nk += _nkeys(audit_v)
@@ -871,7 +935,7 @@ def _response_from_map(d: dict[str, Any]) -> tuple[str, AgentResponse, int]:
         nk += _nkeys(wsd)
         wsd = _ws_decision(wsd)
 
-    resp = AgentResponse(version, decision, rqh, rsh, rm, audit, needs_more, rqm, rsm, wsd)
+    resp = _mk_response(version, decision, rqh, rsh, rm, audit, needs_more, rqm, rsm, wsd)
     return cid, resp, nk
 
 
@@ -1016,24 +1080,6 @@ def _response_obj(r: AgentResponse, correlation_id: str) -> dict[str, Any]:
     }
 
 
-_CID_SAFE: Final = re.compile(rb"[\x20\x21\x23-\x5b\x5d-\x7e]*")
-
-
-def _allow_response(cid: str) -> AgentResponse:
-    return AgentResponse(
-        2,
-        _ALLOW,
-        [],
-        [],
-        {},
-        AuditMetadata([], [], None, [], {"correlation_id": cid}),
-        False,
-        None,
-        None,
-        None,
-    )
-
-
 def _split_template(sample: bytes, cid: bytes) -> tuple[bytes, bytes]:
     head, sep, tail = sample.partition(cid)
     assert sep and cid not in tail
@@ -1046,9 +1092,6 @@ _TEMPLATE_CID = "\x00cid\x00"
 _JSON_ALLOW_HEAD, _JSON_ALLOW_TAIL = _split_template(
     orjson.dumps(_response_obj(AgentResponse(), _TEMPLATE_CID)), b"\\u0000cid\\u0000"
 )
-_JSON_ALLOW_HEAD_LEN: Final = len(_JSON_ALLOW_HEAD)
-_JSON_ALLOW_TAIL_LEN: Final = len(_JSON_ALLOW_TAIL)
-_JSON_ALLOW_MIN: Final = _JSON_ALLOW_HEAD_LEN + _JSON_ALLOW_TAIL_LEN
 # MessagePack: our named map, and upstream 0.6.20's positional array; the cid's str header
 # (a fixstr for ids under 32 bytes) is the byte right before it.
 _MSGPACK_ALLOW_TEMPLATES: Final = tuple(
@@ -1071,20 +1114,16 @@ _MSGPACK_ALLOW_TEMPLATES: Final = tuple(
 )
 
 
-def _msgpack_allow_fast(payload: bytes) -> AgentResponse | None:
-    for head, tail in _MSGPACK_ALLOW_TEMPLATES:
-        if payload.startswith(head) and payload.endswith(tail):
-            n = len(head)
-            if len(payload) <= n:
-                return None
-            h = payload[n]
-            if h & 0xE0 == 0xA0 and len(payload) == n + 1 + (h & 0x1F) + len(tail):
-                try:
-                    return _allow_response(payload[n + 1 : n + 1 + (h & 0x1F)].decode("utf-8"))
-                except UnicodeDecodeError:
-                    return None
-            return None
-    return None
+_RESPONSES: Final = core.ResponseFactory(
+    AgentResponse,
+    AuditMetadata,
+    _ALLOW,
+    (_JSON_ALLOW_HEAD, _JSON_ALLOW_TAIL),
+    _MSGPACK_ALLOW_TEMPLATES,
+)
+_json_allow_fast = _RESPONSES.match_json
+_msgpack_allow_fast = _RESPONSES.match_msgpack
+_headers_json = core.HeadersEventEncoder(RequestHeadersEvent, RequestMetadata, _dumps, _SORT).encode
 
 
 # --------------------------------------------------------------------------------------------
@@ -2085,7 +2124,11 @@ class _JsonCodec(Codec):
     def encode_event(self, event: Event, correlation_id: str) -> bytes:
         try:
             if event.__class__ is RequestHeadersEvent:
-                # The proxy's hottest encode: one dict build, orjson sorts every level.
+                # The proxy's hottest encode: written by the core; else one dict build that
+                # orjson sorts at every level.
+                out = _headers_json(event, correlation_id)
+                if out is not None:
+                    return out
                 m = event.metadata  # type: ignore[union-attr]
                 md = {
                     "client_ip": m.client_ip,
@@ -2109,6 +2152,40 @@ class _JsonCodec(Codec):
                         "metadata": md,
                         "method": event.method,  # type: ignore[union-attr]
                         "uri": event.uri,  # type: ignore[union-attr]
+                    },
+                    option=_SORT,
+                )
+            cls = event.__class__
+            if cls is RequestBodyChunkEvent:
+                return _dumps(
+                    {
+                        "bytes_received": event.bytes_received,  # type: ignore[union-attr]
+                        "chunk_index": event.chunk_index,  # type: ignore[union-attr]
+                        "correlation_id": correlation_id,
+                        "data": _b2a(event.data, newline=False).decode("ascii"),  # type: ignore[union-attr]
+                        "is_last": event.is_last,  # type: ignore[union-attr]
+                        "total_size": event.total_size,  # type: ignore[union-attr]
+                    },
+                    option=_SORT,
+                )
+            if cls is ResponseBodyChunkEvent:
+                return _dumps(
+                    {
+                        "bytes_sent": event.bytes_sent,  # type: ignore[union-attr]
+                        "chunk_index": event.chunk_index,  # type: ignore[union-attr]
+                        "correlation_id": correlation_id,
+                        "data": _b2a(event.data, newline=False).decode("ascii"),  # type: ignore[union-attr]
+                        "is_last": event.is_last,  # type: ignore[union-attr]
+                        "total_size": event.total_size,  # type: ignore[union-attr]
+                    },
+                    option=_SORT,
+                )
+            if cls is ResponseHeadersEvent:
+                return _dumps(
+                    {
+                        "correlation_id": correlation_id,
+                        "headers": event.headers,  # type: ignore[union-attr]
+                        "status": event.status,  # type: ignore[union-attr]
                     },
                     option=_SORT,
                 )
@@ -2159,28 +2236,10 @@ class _JsonCodec(Codec):
             raise _serialization(exc) from None
 
     def decode_response(self, payload: bytes) -> tuple[str, AgentResponse]:
-        if (
-            payload.__class__ is bytes
-            and payload.startswith(_JSON_ALLOW_HEAD)
-            and payload.endswith(_JSON_ALLOW_TAIL)
-            and len(payload) >= _JSON_ALLOW_MIN
-        ):
-            # The canonical Allow reply: take the id out of the bytes, no parsing.
-            raw = payload[_JSON_ALLOW_HEAD_LEN : len(payload) - _JSON_ALLOW_TAIL_LEN]
-            if raw.isalnum() or _CID_SAFE.fullmatch(raw):
-                cid = raw.decode("ascii")
-                return cid, AgentResponse(
-                    2,
-                    _ALLOW,
-                    [],
-                    [],
-                    {},
-                    AuditMetadata([], [], None, [], {"correlation_id": cid}),
-                    False,
-                    None,
-                    None,
-                    None,
-                )
+        # The canonical Allow reply: the id is taken out of the bytes, no parsing.
+        fast = _json_allow_fast(payload)
+        if fast is not None:
+            return fast
         try:
             d = _loads(payload)
         except _JSONDecodeError as exc:
@@ -2232,10 +2291,9 @@ class _MsgpackCodec(Codec):
             raise _serialization(exc) from None
 
     def decode_response(self, payload: bytes) -> tuple[str, AgentResponse]:
-        if payload.__class__ is bytes:
-            fast = _msgpack_allow_fast(payload)
-            if fast is not None:
-                return fast.audit.custom["correlation_id"], fast
+        fast = _msgpack_allow_fast(payload)
+        if fast is not None:
+            return fast
         obj = _unpack(payload)
         try:
             if obj.__class__ is dict:

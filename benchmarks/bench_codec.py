@@ -10,6 +10,8 @@ Each group puts the codec next to its baseline measured in the same run:
   headers, full metadata) vs a bare ``orjson.dumps(OPT_SORT_KEYS)`` of the equivalent
   (pre-built) dict vs stdlib ``json.dumps(sort_keys=True)`` of that dict.
 * ``encode-msgpack``: ``MSGPACK_CODEC.encode_event`` vs a bare ``msgpack.packb`` of the dict.
+* ``encode-body-json``: ``JSON_CODEC.encode_event`` of a 4 KiB request body chunk (base64) vs a
+  bare ``orjson.dumps(OPT_SORT_KEYS)`` of the equivalent dict (base64 done beforehand).
 * ``decode-event``: the agent side, ``decode_event`` in both encodings vs bare parsing.
 * ``decode-response``: the proxy hot path, ``decode_response`` of an Allow (the canonical
   bytes every Rust agent sends), a Block, and a reply with header ops, vs bare ``orjson.loads``.
@@ -32,6 +34,7 @@ from agentpool.messages import (
     AuditMetadata,
     Block,
     HeaderOp,
+    RequestBodyChunkEvent,
     RequestHeadersEvent,
     RequestMetadata,
 )
@@ -118,6 +121,20 @@ def test_encode_event_msgpack_codec(benchmark: Any) -> None:
 @pytest.mark.benchmark(group="encode-msgpack")
 def test_encode_event_msgpack_bare(benchmark: Any) -> None:
     benchmark(msgpack.packb, EVENT_DICT, use_bin_type=True)
+
+
+BODY_CHUNK = RequestBodyChunkEvent(CID, bytes(range(256)) * 16, False, 65536, 3, 16384)
+BODY_CHUNK_DICT: dict[str, Any] = orjson.loads(JSON_CODEC.encode_event(BODY_CHUNK, CID))
+
+
+@pytest.mark.benchmark(group="encode-body-json")
+def test_encode_body_chunk_json_codec(benchmark: Any) -> None:
+    benchmark(JSON_CODEC.encode_event, BODY_CHUNK, CID)
+
+
+@pytest.mark.benchmark(group="encode-body-json")
+def test_encode_body_chunk_json_bare_orjson(benchmark: Any) -> None:
+    benchmark(orjson.dumps, BODY_CHUNK_DICT, option=orjson.OPT_SORT_KEYS)
 
 
 JSON_EVENT = JSON_CODEC.encode_event(EVENT, CID)

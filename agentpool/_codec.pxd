@@ -1,0 +1,26 @@
+# cdef declarations of the codec helpers (_codec.pxi).
+cimport cython
+
+
+@cython.final
+cdef class ResponseFactory:
+    cdef type _resp_cls
+    cdef type _audit_cls
+    cdef object _allow
+    cdef bytes _head
+    cdef bytes _tail
+    cdef tuple _msgpack
+    cdef Py_ssize_t _r_off[11]
+    cdef Py_ssize_t _a_off[5]
+    cpdef object allow(self, str cid)
+
+
+@cython.final
+cdef class HeadersEventEncoder:
+    cdef type _event_cls
+    cdef type _md_cls
+    cdef object _dumps
+    cdef object _option
+    cdef Py_ssize_t _e_off[4]
+    cdef Py_ssize_t _m_off[12]
+    cpdef object encode(self, object event, object correlation_id)

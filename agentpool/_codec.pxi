@@ -1,0 +1,529 @@
+# Compiled helpers of agentpool.codec: fresh AgentResponse objects without dataclass __init__,
+# and a direct JSON writer for RequestHeaders events.
+# Twin: agentpool/_codec_py.py.
+
+cimport cython
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.object cimport PyObject, PyTypeObject
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from cpython.ref cimport Py_INCREF
+from libc.stdint cimport uint64_t
+from libc.string cimport memcmp, memcpy
+
+import types as _cd_types
+
+cdef extern from "structmember.h":
+    ctypedef struct PyMemberDef:
+        const char* name
+        int type
+        Py_ssize_t offset
+        int flags
+    int T_OBJECT_EX
+    int READONLY
+
+cdef extern from *:
+    uint64_t _cd_bswap64 "__builtin_bswap64"(uint64_t x) nogil
+
+cdef extern from "Python.h":
+    ctypedef struct PyMemberDescrObject:
+        PyMemberDef* d_member
+    object PyUnicode_DecodeASCII(const char* s, Py_ssize_t size, const char* errors)
+    object PyUnicode_DecodeUTF8(const char* s, Py_ssize_t size, const char* errors)
+    bint _cd_is_compact_ascii "PyUnicode_IS_COMPACT_ASCII"(PyObject* o)
+    unsigned char* _cd_ascii_data "PyUnicode_1BYTE_DATA"(PyObject* o)
+    Py_ssize_t _cd_ulen "PyUnicode_GET_LENGTH"(PyObject* o)
+    bint _cd_str_exact "PyUnicode_CheckExact"(PyObject* o)
+    bint _cd_int_exact "PyLong_CheckExact"(PyObject* o)
+    bint _cd_list_exact "PyList_CheckExact"(PyObject* o)
+    bint _cd_dict_exact "PyDict_CheckExact"(PyObject* o)
+    long long _cd_as_ll "PyLong_AsLongLongAndOverflow"(PyObject* o, int* overflow) except? -1
+    Py_ssize_t _cd_list_size "PyList_GET_SIZE"(PyObject* o)
+    PyObject* _cd_list_item "PyList_GET_ITEM"(PyObject* o, Py_ssize_t i)
+    int _cd_dict_next "PyDict_Next"(PyObject* d, Py_ssize_t* pos, PyObject** k, PyObject** v)
+    Py_ssize_t _cd_dict_size "PyDict_GET_SIZE"(PyObject* d)
+    object _cd_bytes_from "PyBytes_FromStringAndSize"(const char* s, Py_ssize_t n)
+
+_cd_RESPONSE_SLOTS = (
+    "version",
+    "decision",
+    "request_headers",
+    "response_headers",
+    "routing_metadata",
+    "audit",
+    "needs_more",
+    "request_body_mutation",
+    "response_body_mutation",
+    "websocket_decision",
+    "fail_open",
+)
+_cd_AUDIT_SLOTS = ("tags", "rule_ids", "confidence", "reason_codes", "custom")
+
+cdef tuple _cd_EMPTY = ()
+
+
+cdef Py_ssize_t _cd_slot_offset(type cls, str name) except -1:
+    """Byte offset of the writable object slot ``name`` declared by ``cls`` itself."""
+    descr = cls.__dict__.get(name)
+    if type(descr) is not _cd_types.MemberDescriptorType:
+        raise TypeError(f"{cls.__name__}.{name} is not a slot")
+    cdef PyMemberDef* m = (<PyMemberDescrObject*>descr).d_member
+    if m.type != T_OBJECT_EX or (m.flags & READONLY) or m.offset < <Py_ssize_t>sizeof(PyObject) \
+            or m.offset + <Py_ssize_t>sizeof(PyObject*) > (<PyTypeObject*>cls).tp_basicsize:
+        raise TypeError(f"{cls.__name__}.{name} is not a writable object slot")
+    return m.offset
+
+
+cdef inline void _cd_put(object obj, Py_ssize_t off, object value):
+    # Only for freshly allocated objects: the slot is still NULL, nothing to release.
+    Py_INCREF(value)
+    (<PyObject**>((<char*><PyObject*>obj) + off))[0] = <PyObject*>value
+
+
+@cython.final
+cdef class ResponseFactory:
+    """Builds fresh AgentResponse + AuditMetadata objects for the proxy's decode hot path.
+
+    The objects are allocated and their slots written directly (no dataclass ``__init__``);
+    the classes' slot layout is checked once, here. ``match_json`` recognises the canonical
+    JSON Allow reply (template head + correlation id + tail) and ``match_msgpack`` the
+    MessagePack ones (head + fixstr id + tail) without parsing them.
+    """
+
+    def __init__(
+        self,
+        type response_cls,
+        type audit_cls,
+        object allow,
+        tuple json_template,
+        tuple msgpack_templates,
+    ):
+        if response_cls.__slots__ != _cd_RESPONSE_SLOTS or audit_cls.__slots__ != _cd_AUDIT_SLOTS:
+            raise TypeError("ResponseFactory: unexpected AgentResponse/AuditMetadata slots")
+        self._resp_cls = response_cls
+        self._audit_cls = audit_cls
+        self._allow = allow
+        head, tail = json_template
+        self._head = bytes(head)
+        self._tail = bytes(tail)
+        self._msgpack = tuple((bytes(h), bytes(t)) for h, t in msgpack_templates)
+        cdef Py_ssize_t i
+        for i in range(11):
+            self._r_off[i] = _cd_slot_offset(response_cls, _cd_RESPONSE_SLOTS[i])
+        for i in range(5):
+            self._a_off[i] = _cd_slot_offset(audit_cls, _cd_AUDIT_SLOTS[i])
+
+    cpdef object allow(self, str cid):
+        """A fresh plain Allow whose ``audit.custom`` routes it to ``cid``."""
+        cdef Py_ssize_t* o = self._a_off
+        cdef object a = (<PyTypeObject*>self._audit_cls).tp_new(
+            self._audit_cls, <PyObject*>_cd_EMPTY, NULL
+        )
+        _cd_put(a, o[0], [])
+        _cd_put(a, o[1], [])
+        _cd_put(a, o[2], None)
+        _cd_put(a, o[3], [])
+        _cd_put(a, o[4], {"correlation_id": cid})
+        o = self._r_off
+        cdef object r = (<PyTypeObject*>self._resp_cls).tp_new(
+            self._resp_cls, <PyObject*>_cd_EMPTY, NULL
+        )
+        _cd_put(r, o[0], 2)
+        _cd_put(r, o[1], self._allow)
+        _cd_put(r, o[2], [])
+        _cd_put(r, o[3], [])
+        _cd_put(r, o[4], {})
+        _cd_put(r, o[5], a)
+        _cd_put(r, o[6], False)
+        _cd_put(r, o[7], None)
+        _cd_put(r, o[8], None)
+        _cd_put(r, o[9], None)
+        _cd_put(r, o[10], False)
+        return r
+
+    def match_json(self, object payload):
+        """``(cid, Allow)`` for the canonical JSON Allow with a plain-ASCII id, else None."""
+        if type(payload) is not bytes:
+            return None
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(payload)
+        cdef Py_ssize_t hl = PyBytes_GET_SIZE(self._head)
+        cdef Py_ssize_t tl = PyBytes_GET_SIZE(self._tail)
+        if n < hl + tl:
+            return None
+        cdef const char* s = PyBytes_AS_STRING(payload)
+        if memcmp(s, PyBytes_AS_STRING(self._head), hl) != 0:
+            return None
+        if memcmp(s + n - tl, PyBytes_AS_STRING(self._tail), tl) != 0:
+            return None
+        cdef Py_ssize_t i
+        cdef unsigned char c
+        for i in range(hl, n - tl):
+            c = <unsigned char>s[i]
+            if c < 0x20 or c > 0x7E or c == 0x22 or c == 0x5C:
+                return None
+        cid = PyUnicode_DecodeASCII(s + hl, n - tl - hl, NULL)
+        return cid, self.allow(cid)
+
+    def match_msgpack(self, object payload):
+        """``(cid, Allow)`` for a canonical MessagePack Allow (id < 32 bytes), else None."""
+        if type(payload) is not bytes:
+            return None
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(payload)
+        cdef const char* s = PyBytes_AS_STRING(payload)
+        cdef Py_ssize_t hl, tl, idl
+        cdef unsigned char h
+        for head, tail in self._msgpack:
+            hl = PyBytes_GET_SIZE(head)
+            tl = PyBytes_GET_SIZE(tail)
+            if n < hl or n < tl:
+                continue
+            if memcmp(s, PyBytes_AS_STRING(head), hl) != 0:
+                continue
+            if memcmp(s + n - tl, PyBytes_AS_STRING(tail), tl) != 0:
+                continue
+            if n <= hl:
+                return None
+            h = <unsigned char>s[hl]
+            idl = h & 0x1F
+            if h & 0xE0 != 0xA0 or n != hl + 1 + idl + tl:
+                return None
+            try:
+                cid = PyUnicode_DecodeUTF8(s + hl + 1, idl, NULL)
+            except UnicodeDecodeError:
+                return None
+            return cid, self.allow(cid)
+        return None
+
+
+_cd_EVENT_SLOTS = ("metadata", "method", "uri", "headers")
+_cd_METADATA_SLOTS = (
+    "correlation_id",
+    "request_id",
+    "client_ip",
+    "client_port",
+    "server_name",
+    "protocol",
+    "tls_version",
+    "tls_cipher",
+    "route_id",
+    "upstream_id",
+    "timestamp",
+    "traceparent",
+)
+
+
+cdef inline PyObject* _cd_get(object obj, Py_ssize_t off):
+    return (<PyObject**>((<char*><PyObject*>obj) + off))[0]
+
+
+@cython.final
+cdef class HeadersEventEncoder:
+    """Encodes a RequestHeadersEvent to upstream's JSON, byte-identical to ``dumps`` of the map
+    with sorted keys at every level.
+
+    The slots of the event and its metadata are read directly (layout checked once, here).
+    The common shape (plain ASCII strings, ints, None, headers as lists of strings) is written
+    directly; anything else is built as maps and serialized with ``dumps(obj, None, option)``.
+    ``encode`` returns None for what it does not handle at all (another class, an unset slot);
+    the caller then takes the generic path.
+    """
+
+    def __init__(self, type event_cls, type metadata_cls, object dumps, object option):
+        if event_cls.__slots__ != _cd_EVENT_SLOTS or metadata_cls.__slots__ != _cd_METADATA_SLOTS:
+            raise TypeError("HeadersEventEncoder: unexpected RequestHeadersEvent/RequestMetadata slots")
+        self._event_cls = event_cls
+        self._md_cls = metadata_cls
+        self._dumps = dumps
+        self._option = option
+        cdef Py_ssize_t i
+        for i in range(4):
+            self._e_off[i] = _cd_slot_offset(event_cls, _cd_EVENT_SLOTS[i])
+        for i in range(12):
+            self._m_off[i] = _cd_slot_offset(metadata_cls, _cd_METADATA_SLOTS[i])
+
+    cpdef object encode(self, object event, object correlation_id):
+        """The JSON payload of ``event`` routed to ``correlation_id``, or None (not handled)."""
+        if type(event) is not self._event_cls:
+            return None
+        cdef Py_ssize_t i
+        cdef PyObject* ev[4]
+        for i in range(4):
+            ev[i] = _cd_get(event, self._e_off[i])
+            if ev[i] == NULL:
+                return None
+        cdef object m = <object>ev[0]
+        if type(m) is not self._md_cls:
+            return None
+        cdef PyObject* mv[12]
+        for i in range(12):
+            mv[i] = _cd_get(m, self._m_off[i])
+            if mv[i] == NULL:
+                return None
+        cdef object fast = _cd_headers_json(correlation_id, ev, mv)
+        if fast is not None:
+            return fast
+        cdef dict md = {
+            "client_ip": <object>mv[2],
+            "client_port": <object>mv[3],
+            "correlation_id": correlation_id,
+            "protocol": <object>mv[5],
+            "request_id": <object>mv[1],
+            "route_id": <object>mv[8],
+            "server_name": <object>mv[4],
+            "timestamp": <object>mv[10],
+            "tls_cipher": <object>mv[7],
+            "tls_version": <object>mv[6],
+            "upstream_id": <object>mv[9],
+        }
+        if <object>mv[11] is not None:
+            md["traceparent"] = <object>mv[11]
+        cdef dict d = {
+            "correlation_id": correlation_id,
+            "headers": <object>ev[3],
+            "metadata": md,
+            "method": <object>ev[1],
+            "uri": <object>ev[2],
+        }
+        return self._dumps(d, None, self._option)
+
+
+# Direct JSON writer for the common RequestHeaders shape, byte-identical to
+# orjson.dumps(..., option=OPT_SORT_KEYS): only printable-ASCII strings without '"' or '\\',
+# exact ints, None, and headers as a dict of exact lists of such strings (at most
+# _CD_MAX_HEADERS names). Anything else makes it give up (returns None) so the caller
+# serializes the same maps with orjson.
+
+cdef enum:
+    _CD_MAX_HEADERS = 128
+
+cdef struct _CdBuf:
+    char* data
+    Py_ssize_t size
+    Py_ssize_t cap
+
+
+cdef inline int _cd_reserve(_CdBuf* b, Py_ssize_t extra) except -1:
+    if b.size + extra <= b.cap:
+        return 0
+    return _cd_grow(b, extra)
+
+
+cdef int _cd_grow(_CdBuf* b, Py_ssize_t extra) except -1:
+    cdef Py_ssize_t cap
+    cdef char* data
+    cap = b.cap * 2
+    while cap < b.size + extra:
+        cap *= 2
+    data = <char*>PyMem_Realloc(b.data, cap)
+    if data == NULL:
+        raise MemoryError()
+    b.data = data
+    b.cap = cap
+    return 0
+
+
+cdef inline int _cd_raw(_CdBuf* b, const char* s, Py_ssize_t n) except -1:
+    _cd_reserve(b, n)
+    memcpy(b.data + b.size, s, n)
+    b.size += n
+    return 0
+
+
+cdef inline uint64_t _cd_swar(uint64_t w) noexcept nogil:
+    """High bit set in some byte iff a byte of ``w`` (all < 0x80) is < 0x20, '"', '\\' or DEL."""
+    cdef uint64_t ones = 0x0101010101010101ULL
+    cdef uint64_t q = w ^ (ones * 0x22)
+    cdef uint64_t b = w ^ (ones * 0x5C)
+    cdef uint64_t d = w ^ (ones * 0x7F)
+    return ((w - ones * 0x20) & ~w) | ((q - ones) & ~q) | ((b - ones) & ~b) | ((d - ones) & ~d)
+
+
+cdef inline bint _cd_clean(PyObject* o):
+    """True for an exact str whose JSON form is its ASCII text in quotes."""
+    cdef Py_ssize_t i, n
+    cdef unsigned char* s
+    cdef unsigned char c
+    cdef uint64_t w, acc
+    if not _cd_str_exact(o) or not _cd_is_compact_ascii(o):
+        return False
+    s = _cd_ascii_data(o)
+    n = _cd_ulen(o)
+    i = 0
+    acc = 0
+    while i + 8 <= n:
+        memcpy(&w, s + i, 8)
+        acc |= _cd_swar(w)
+        i += 8
+    if acc & 0x8080808080808080ULL:
+        return False
+    while i < n:
+        c = s[i]
+        if c < 0x20 or c == 0x22 or c == 0x5C or c == 0x7F:
+            return False
+        i += 1
+    return True
+
+
+cdef inline int _cd_str(_CdBuf* b, PyObject* o) except -1:
+    """Append a string already checked by _cd_clean, quoted."""
+    cdef Py_ssize_t n = _cd_ulen(o)
+    _cd_reserve(b, n + 2)
+    b.data[b.size] = 34
+    memcpy(b.data + b.size + 1, _cd_ascii_data(o), n)
+    b.data[b.size + 1 + n] = 34
+    b.size += n + 2
+    return 0
+
+
+cdef int _cd_value(_CdBuf* b, PyObject* o) except -1:
+    """Append a scalar; 1 when written, 0 when the shape is not handled."""
+    cdef int overflow = 0
+    cdef long long v
+    cdef char tmp[24]
+    cdef int i = 24
+    cdef unsigned long long u
+    if o == <PyObject*>None:
+        _cd_raw(b, "null", 4)
+        return 1
+    if _cd_clean(o):
+        _cd_str(b, o)
+        return 1
+    if _cd_int_exact(o):
+        v = _cd_as_ll(o, &overflow)
+        if overflow:
+            return 0
+        u = (0ULL - <unsigned long long>v) if v < 0 else <unsigned long long>v
+        while True:
+            i -= 1
+            tmp[i] = <char>(48 + u % 10)
+            u //= 10
+            if u == 0:
+                break
+        if v < 0:
+            i -= 1
+            tmp[i] = 45
+        _cd_raw(b, tmp + i, 24 - i)
+        return 1
+    return 0
+
+
+cdef inline bint _cd_key_lt(PyObject* a, PyObject* b):
+    cdef Py_ssize_t na = _cd_ulen(a)
+    cdef Py_ssize_t nb = _cd_ulen(b)
+    cdef int c = memcmp(_cd_ascii_data(a), _cd_ascii_data(b), na if na < nb else nb)
+    return c < 0 or (c == 0 and na < nb)
+
+
+cdef int _cd_headers(_CdBuf* b, PyObject* h) except -1:
+    """Append the headers map with sorted names; 1 when written, 0 when not handled."""
+    cdef PyObject* keys[_CD_MAX_HEADERS]
+    cdef PyObject* vals[_CD_MAX_HEADERS]
+    cdef uint64_t pre[_CD_MAX_HEADERS]
+    cdef uint64_t pk
+    cdef Py_ssize_t kn
+    cdef PyObject* k
+    cdef PyObject* v
+    cdef PyObject* item
+    cdef Py_ssize_t pos = 0, n = 0, i, j, m
+    if not _cd_dict_exact(h) or _cd_dict_size(h) > _CD_MAX_HEADERS:
+        return 0
+    while _cd_dict_next(h, &pos, &k, &v):
+        if not _cd_clean(k) or not _cd_list_exact(v):
+            return 0
+        kn = _cd_ulen(k)
+        pk = 0
+        memcpy(&pk, _cd_ascii_data(k), kn if kn < 8 else 8)
+        pk = _cd_bswap64(pk)
+        # insertion sort by bytes (ASCII here), as orjson sorts keys; 8-byte prefix first
+        i = n
+        while i > 0 and (pk < pre[i - 1] or (pk == pre[i - 1] and _cd_key_lt(k, keys[i - 1]))):
+            keys[i] = keys[i - 1]
+            vals[i] = vals[i - 1]
+            pre[i] = pre[i - 1]
+            i -= 1
+        keys[i] = k
+        vals[i] = v
+        pre[i] = pk
+        n += 1
+    _cd_raw(b, "{", 1)
+    for i in range(n):
+        if i:
+            _cd_raw(b, ",", 1)
+        _cd_str(b, keys[i])
+        _cd_raw(b, ":[", 2)
+        v = vals[i]
+        m = _cd_list_size(v)
+        for j in range(m):
+            item = _cd_list_item(v, j)
+            if not _cd_clean(item):
+                return 0
+            if j:
+                _cd_raw(b, ",", 1)
+            _cd_str(b, item)
+        _cd_raw(b, "]", 1)
+    _cd_raw(b, "}", 1)
+    return 1
+
+
+cdef object _cd_headers_json(object cid, PyObject** ev, PyObject** mv):
+    """The RequestHeaders JSON payload written directly, or None when the shape is not handled."""
+    cdef _CdBuf b
+    cdef PyObject* c = <PyObject*>cid
+    if not _cd_clean(c):
+        return None
+    b.size = 0
+    b.cap = 2048
+    b.data = <char*>PyMem_Malloc(b.cap)
+    if b.data == NULL:
+        raise MemoryError()
+    try:
+        _cd_raw(&b, '{"correlation_id":', 18)
+        _cd_str(&b, c)
+        _cd_raw(&b, ',"headers":', 11)
+        if not _cd_headers(&b, ev[3]):
+            return None
+        _cd_raw(&b, ',"metadata":{"client_ip":', 25)
+        if not _cd_value(&b, mv[2]):
+            return None
+        _cd_raw(&b, ',"client_port":', 15)
+        if not _cd_value(&b, mv[3]):
+            return None
+        _cd_raw(&b, ',"correlation_id":', 18)
+        _cd_str(&b, c)
+        _cd_raw(&b, ',"protocol":', 12)
+        if not _cd_value(&b, mv[5]):
+            return None
+        _cd_raw(&b, ',"request_id":', 14)
+        if not _cd_value(&b, mv[1]):
+            return None
+        _cd_raw(&b, ',"route_id":', 12)
+        if not _cd_value(&b, mv[8]):
+            return None
+        _cd_raw(&b, ',"server_name":', 15)
+        if not _cd_value(&b, mv[4]):
+            return None
+        _cd_raw(&b, ',"timestamp":', 13)
+        if not _cd_value(&b, mv[10]):
+            return None
+        _cd_raw(&b, ',"tls_cipher":', 14)
+        if not _cd_value(&b, mv[7]):
+            return None
+        _cd_raw(&b, ',"tls_version":', 15)
+        if not _cd_value(&b, mv[6]):
+            return None
+        if mv[11] != <PyObject*>None:
+            _cd_raw(&b, ',"traceparent":', 15)
+            if not _cd_value(&b, mv[11]):
+                return None
+        _cd_raw(&b, ',"upstream_id":', 15)
+        if not _cd_value(&b, mv[9]):
+            return None
+        _cd_raw(&b, '},"method":', 11)
+        if not _cd_value(&b, ev[1]):
+            return None
+        _cd_raw(&b, ',"uri":', 7)
+        if not _cd_value(&b, ev[2]):
+            return None
+        _cd_raw(&b, "}", 1)
+        return _cd_bytes_from(b.data, b.size)
+    finally:
+        PyMem_Free(b.data)

@@ -1,0 +1,204 @@
+"""Pure-Python twin of the compiled codec helpers (``_codec.pxi``)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any, Final
+
+__all__ = ["HeadersEventEncoder", "ResponseFactory"]
+
+_RESPONSE_SLOTS: Final = (
+    "version",
+    "decision",
+    "request_headers",
+    "response_headers",
+    "routing_metadata",
+    "audit",
+    "needs_more",
+    "request_body_mutation",
+    "response_body_mutation",
+    "websocket_decision",
+    "fail_open",
+)
+_AUDIT_SLOTS: Final = ("tags", "rule_ids", "confidence", "reason_codes", "custom")
+_EVENT_SLOTS: Final = ("metadata", "method", "uri", "headers")
+_METADATA_SLOTS: Final = (
+    "correlation_id",
+    "request_id",
+    "client_ip",
+    "client_port",
+    "server_name",
+    "protocol",
+    "tls_version",
+    "tls_cipher",
+    "route_id",
+    "upstream_id",
+    "timestamp",
+    "traceparent",
+)
+_CID_SAFE: Final = re.compile(rb"[\x20\x21\x23-\x5b\x5d-\x7e]*")
+_new = object.__new__
+
+
+class ResponseFactory:
+    """Builds fresh AgentResponse + AuditMetadata objects for the proxy's decode hot path.
+
+    The objects are allocated and their slots assigned directly (no dataclass ``__init__``);
+    the classes' slot layout is checked once, here. ``match_json`` recognises the canonical
+    JSON Allow reply (template head + correlation id + tail) and ``match_msgpack`` the
+    MessagePack ones (head + fixstr id + tail) without parsing them.
+    """
+
+    __slots__ = ("_allow", "_audit_cls", "_head", "_hl", "_msgpack", "_resp_cls", "_tail", "_tl")
+
+    def __init__(
+        self,
+        response_cls: type,
+        audit_cls: type,
+        allow: object,
+        json_template: tuple[bytes, bytes],
+        msgpack_templates: tuple[tuple[bytes, bytes], ...],
+    ) -> None:
+        if (
+            getattr(response_cls, "__slots__", None) != _RESPONSE_SLOTS
+            or getattr(audit_cls, "__slots__", None) != _AUDIT_SLOTS
+        ):
+            raise TypeError("ResponseFactory: unexpected AgentResponse/AuditMetadata slots")
+        self._resp_cls = response_cls
+        self._audit_cls = audit_cls
+        self._allow = allow
+        head, tail = json_template
+        self._head = bytes(head)
+        self._tail = bytes(tail)
+        self._hl = len(head)
+        self._tl = len(tail)
+        self._msgpack = tuple((bytes(h), bytes(t)) for h, t in msgpack_templates)
+
+    def allow(self, cid: str) -> Any:
+        """A fresh plain Allow whose ``audit.custom`` routes it to ``cid``."""
+        a: Any = _new(self._audit_cls)
+        a.tags = []
+        a.rule_ids = []
+        a.confidence = None
+        a.reason_codes = []
+        a.custom = {"correlation_id": cid}
+        r: Any = _new(self._resp_cls)
+        r.version = 2
+        r.decision = self._allow
+        r.request_headers = []
+        r.response_headers = []
+        r.routing_metadata = {}
+        r.audit = a
+        r.needs_more = False
+        r.request_body_mutation = None
+        r.response_body_mutation = None
+        r.websocket_decision = None
+        r.fail_open = False
+        return r
+
+    def match_json(self, payload: object) -> tuple[str, Any] | None:
+        """``(cid, Allow)`` for the canonical JSON Allow with a plain-ASCII id, else None."""
+        if payload.__class__ is not bytes:
+            return None
+        data: bytes = payload  # type: ignore[assignment]
+        if not data.startswith(self._head) or not data.endswith(self._tail):
+            return None
+        n = len(data)
+        hl = self._hl
+        if n < hl + self._tl:
+            return None
+        raw = data[hl : n - self._tl]
+        if not (raw.isalnum() or _CID_SAFE.fullmatch(raw)):
+            return None
+        cid = raw.decode("ascii")
+        return cid, self.allow(cid)
+
+    def match_msgpack(self, payload: object) -> tuple[str, Any] | None:
+        """``(cid, Allow)`` for a canonical MessagePack Allow (id < 32 bytes), else None."""
+        if payload.__class__ is not bytes:
+            return None
+        data: bytes = payload  # type: ignore[assignment]
+        for head, tail in self._msgpack:
+            if data.startswith(head) and data.endswith(tail):
+                n = len(head)
+                if len(data) <= n:
+                    return None
+                h = data[n]
+                if h & 0xE0 != 0xA0 or len(data) != n + 1 + (h & 0x1F) + len(tail):
+                    return None
+                try:
+                    cid = data[n + 1 : n + 1 + (h & 0x1F)].decode("utf-8")
+                except UnicodeDecodeError:
+                    return None
+                return cid, self.allow(cid)
+        return None
+
+
+class HeadersEventEncoder:
+    """Encodes a RequestHeadersEvent to upstream's JSON, byte-identical to ``dumps`` of the map
+    with sorted keys at every level.
+
+    ``encode`` builds the maps in sorted key order and serializes them with
+    ``dumps(obj, None, option)``; it returns None for what it does not handle at all (another
+    class, an unset slot): the caller then takes the generic path.
+    """
+
+    __slots__ = ("_dumps", "_event_cls", "_md_cls", "_option")
+
+    def __init__(
+        self, event_cls: type, metadata_cls: type, dumps: Callable[..., bytes], option: Any
+    ) -> None:
+        if (
+            getattr(event_cls, "__slots__", None) != _EVENT_SLOTS
+            or getattr(metadata_cls, "__slots__", None) != _METADATA_SLOTS
+        ):
+            raise TypeError(
+                "HeadersEventEncoder: unexpected RequestHeadersEvent/RequestMetadata slots"
+            )
+        self._event_cls = event_cls
+        self._md_cls = metadata_cls
+        self._dumps = dumps
+        self._option = option
+
+    def encode(self, event: object, correlation_id: object) -> bytes | None:
+        """The JSON payload of ``event`` routed to ``correlation_id``, or None (not handled)."""
+        if event.__class__ is not self._event_cls:
+            return None
+        e: Any = event
+        try:
+            m: Any = e.metadata
+            method, uri, headers = e.method, e.uri, e.headers
+            md_cls: type = m.__class__
+            if md_cls is not self._md_cls:
+                return None
+            m.correlation_id  # noqa: B018 - an unset slot is "not handled", as in the core
+            md = {
+                "client_ip": m.client_ip,
+                "client_port": m.client_port,
+                "correlation_id": correlation_id,
+                "protocol": m.protocol,
+                "request_id": m.request_id,
+                "route_id": m.route_id,
+                "server_name": m.server_name,
+                "timestamp": m.timestamp,
+                "tls_cipher": m.tls_cipher,
+                "tls_version": m.tls_version,
+                "upstream_id": m.upstream_id,
+            }
+            traceparent = m.traceparent
+        except AttributeError:
+            return None
+        if traceparent is not None:
+            md["traceparent"] = traceparent
+        return self._dumps(
+            {
+                "correlation_id": correlation_id,
+                "headers": headers,
+                "metadata": md,
+                "method": method,
+                "uri": uri,
+            },
+            None,
+            self._option,
+        )
