@@ -9,6 +9,7 @@ cdef class AgentProtocolCore:
     cdef object _on_lost
     cdef FrameDecoder _decoder
     cdef object _decode
+    cdef object _encode
     cdef dict _waiters
     cdef object _tq
     cdef object _timer
@@ -46,3 +47,4 @@ cdef class AgentProtocolCore:
     cdef int _shutdown(self, object error) except -1
     cpdef object request(self, int msg_type, object payload, str correlation_id, object timeout=*)
     cpdef write_frame(self, int msg_type, object payload)
+    cpdef object send_event(self, object event, str correlation_id, object timeout=*)

@@ -7,6 +7,10 @@ from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 import collections as _pr_collections
 
+cdef extern from "Python.h":
+    ctypedef struct _pr_bytearray "PyByteArrayObject":
+        Py_ssize_t ob_alloc
+
 cdef object _pr_AGENT_RESPONSE = _MessageType.AGENT_RESPONSE
 cdef object _pr_deque = _pr_collections.deque
 cdef double _pr_TIMER_SLACK = 0.0005
@@ -19,6 +23,18 @@ cdef inline double _pr_monotonic() noexcept:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
+
+
+cdef inline int _pr_grow(bytearray buf, Py_ssize_t size) except -1:
+    """Resize ``buf`` to ``size`` bytes, reserving capacity geometrically.
+
+    PyByteArray_Resize allocates exactly what is asked once a buffer grows by more than
+    1/8, so appending frame after frame would copy the whole queue on every append.
+    """
+    if size >= (<_pr_bytearray *>buf).ob_alloc:
+        PyByteArray_Resize(buf, size + (size >> 1))
+    PyByteArray_Resize(buf, size)
+    return 0
 
 
 def clone_error(exc):
@@ -62,6 +78,7 @@ cdef class AgentProtocolCore:
         self._on_lost = on_lost
         self._decoder = FrameDecoder(max_frame_size)
         self._decode = None
+        self._encode = None
         self._waiters = {}
         self._tq = _pr_deque()
         self._timer = None
@@ -81,6 +98,10 @@ cdef class AgentProtocolCore:
     def set_decoder(self, decode_response):
         """Route AgentResponse frames with ``decode_response(payload) -> (cid, response)``."""
         self._decode = decode_response
+
+    def set_encoder(self, encode_event):
+        """Encode events for :meth:`send_event` with ``encode_event(event, cid) -> bytes``."""
+        self._encode = encode_event
 
     @property
     def in_flight(self):
@@ -207,6 +228,14 @@ cdef class AgentProtocolCore:
                 fut.add_done_callback(_PrTimerCanceller(handle))
         return fut
 
+    cpdef object send_event(self, object event, str correlation_id, object timeout=None):
+        """Encode ``event`` (see set_encoder) and :meth:`request` it; the future of its reply."""
+        encode = self._encode
+        if encode is None:
+            raise TypeError("no event encoder set")
+        return self.request(event.MESSAGE_TYPE, encode(event, correlation_id), correlation_id,
+                            timeout)
+
     cpdef write_frame(self, int msg_type, object payload):
         """Queue a non-request frame (cancel, ping, config update response...)."""
         if self.closed:
@@ -272,10 +301,11 @@ cdef class AgentProtocolCore:
     cdef int _append_frame(self, int msg_type, object payload) except -1:
         """Queue one frame, written at once when the line is idle.
 
-        A frame is written directly unless one was already written directly since the last
-        read or flush; later frames are coalesced and written by one flush callback
-        (call_soon), so under load the frames of one loop iteration share one write and at
-        low concurrency there is neither an extra loop hop nor a callback.
+        A frame is written directly when no request is outstanding on the connection and none
+        was written directly since the last read or flush; other frames are coalesced and
+        written by one flush callback (call_soon), so under load the frames of one loop
+        iteration share one write and at low concurrency there is neither an extra loop hop
+        nor a callback.
         """
         cdef Py_buffer view
         cdef Py_ssize_t n, old
@@ -285,7 +315,8 @@ cdef class AgentProtocolCore:
         if msg_type < 0 or msg_type > 255 or _TYPE_TABLE[msg_type] is None:
             raise _errors.InvalidMessage(f"Unknown message type: 0x{msg_type & 0xff:02x}")
         transport = self.transport
-        direct = (not self._wrote_direct and not self._flush_scheduled and not self.write_paused
+        direct = (not self._wrote_direct and not self._waiters and not self._flush_scheduled
+                  and not self.write_paused
                   and transport is not None and PyByteArray_GET_SIZE(self._wbuf) == 0)
         PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
         try:
@@ -297,7 +328,7 @@ cdef class AgentProtocolCore:
                 dst = <unsigned char *>PyBytes_AS_STRING(frame)
             else:
                 old = PyByteArray_GET_SIZE(self._wbuf)
-                PyByteArray_Resize(self._wbuf, old + n + _HEADER)
+                _pr_grow(self._wbuf, old + n + _HEADER)
                 dst = <unsigned char *>PyByteArray_AS_STRING(self._wbuf) + old
             dst[0] = <unsigned char>(((n + 1) >> 24) & 0xff)
             dst[1] = <unsigned char>(((n + 1) >> 16) & 0xff)

@@ -99,6 +99,7 @@ class AgentProtocolCore:
         self._on_lost: Callable[[BaseException | None], object] | None = on_lost
         self._decoder = FrameDecoder(max_frame_size)
         self._decode: Callable[[bytes], tuple[str, Any]] | None = None
+        self._encode: Callable[[Any, str], bytes] | None = None
         self._waiters: dict[str, asyncio.Future[Any]] = {}
         self._tq: collections.deque[tuple[float, str, asyncio.Future[Any]]] = collections.deque()
         self._timer: asyncio.TimerHandle | None = None
@@ -128,6 +129,10 @@ class AgentProtocolCore:
     def set_decoder(self, decode_response: Callable[[bytes], tuple[str, Any]] | None) -> None:
         """Route AgentResponse frames with ``decode_response(payload) -> (cid, response)``."""
         self._decode = decode_response
+
+    def set_encoder(self, encode_event: Callable[[Any, str], bytes] | None) -> None:
+        """Encode events for :meth:`send_event` with ``encode_event(event, cid) -> bytes``."""
+        self._encode = encode_event
 
     @property
     def in_flight(self) -> int:
@@ -250,6 +255,17 @@ class AgentProtocolCore:
             fut.add_done_callback(_TimerCanceller(handle))
         return fut
 
+    def send_event(
+        self, event: Any, correlation_id: str, timeout: float | None = None
+    ) -> asyncio.Future[Any]:
+        """Encode ``event`` (see set_encoder) and :meth:`request` it; the future of its reply."""
+        encode = self._encode
+        if encode is None:
+            raise TypeError("no event encoder set")
+        return self.request(
+            event.MESSAGE_TYPE, encode(event, correlation_id), correlation_id, timeout
+        )
+
     def write_frame(self, msg_type: int, payload: bytes) -> None:
         """Queue a non-request frame (cancel, ping, config update response...)."""
         if self.closed:
@@ -315,10 +331,11 @@ class AgentProtocolCore:
     def _append_frame(self, msg_type: int, payload: bytes) -> None:
         """Queue one frame, written at once when the line is idle.
 
-        A frame is written directly unless one was already written directly since the last
-        read or flush; later frames are coalesced and written by one flush callback
-        (call_soon), so under load the frames of one loop iteration share one write and at
-        low concurrency there is neither an extra loop hop nor a callback.
+        A frame is written directly when no request is outstanding on the connection and none
+        was written directly since the last read or flush; other frames are coalesced and
+        written by one flush callback (call_soon), so under load the frames of one loop
+        iteration share one write and at low concurrency there is neither an extra loop hop
+        nor a callback.
         """
         n = len(payload)
         if n > MAX_MESSAGE_SIZE:
@@ -329,6 +346,7 @@ class AgentProtocolCore:
         header = (n + 1).to_bytes(4, "big") + bytes((msg_type,))
         direct = (
             not self._wrote_direct
+            and not self._waiters
             and not self._flush_scheduled
             and not self.write_paused
             and transport is not None

@@ -13,6 +13,7 @@ import itertools
 import logging
 import socket
 import time
+from collections.abc import Callable
 from typing import Any, cast
 
 import msgpack
@@ -171,10 +172,16 @@ class AgentConnection:
         self._pings: dict[int, tuple[asyncio.Future[float], float]] = {}
         self._core: Any = None
         self._v1: _V1Protocol | None = None
+        # send(event, correlation_id, timeout) bound to the fastest callable for this protocol
+        self.submit: Callable[[Any, str, float | None], asyncio.Future[AgentResponse]]
         if protocol == "v2":
             self._core = core.AgentProtocolCore(
                 self._loop, self._on_frame, self._on_lost, request_timeout=self.request_timeout
             )
+            self._core.set_encoder(self._encode_event)
+            self.submit = self._core.send_event
+        else:
+            self.submit = self.send
 
     # -- construction --------------------------------------------------------------------
 
@@ -319,6 +326,7 @@ class AgentConnection:
         self._encode_event = self._codec.encode_event
         if self._core is not None:
             self._core.set_decoder(self._codec.decode_response)
+            self._core.set_encoder(self._encode_event)
 
     # -- state ---------------------------------------------------------------------------
 
@@ -361,11 +369,8 @@ class AgentConnection:
         Cancelling the returned future abandons the request.
         """
         if self._core is not None:
-            return self._core.request(  # type: ignore[no-any-return]
-                event.MESSAGE_TYPE,
-                self._encode_event(event, correlation_id),
-                correlation_id,
-                timeout,
+            return self._core.send_event(  # type: ignore[no-any-return]
+                event, correlation_id, timeout
             )
         return asyncio.ensure_future(self._request_v1(event, correlation_id, timeout))
 

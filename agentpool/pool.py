@@ -16,7 +16,7 @@ import enum
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, cast
@@ -704,35 +704,35 @@ class AgentPool:
 
     # ------------------------------------------------------------------ sending
 
-    async def send_request_headers(
+    def send_request_headers(
         self, agent_id: str, correlation_id: str, event: RequestHeadersEvent
-    ) -> AgentResponse:
+    ) -> Coroutine[Any, Any, AgentResponse]:
         """Send request headers; stores the correlation affinity for the body chunks."""
-        return await self._send(agent_id, correlation_id, event, _KIND_HEADERS, None, None)
+        return self._send(agent_id, correlation_id, event, _KIND_HEADERS, None, None)
 
-    async def send_request_body_chunk(
+    def send_request_body_chunk(
         self, agent_id: str, correlation_id: str, event: RequestBodyChunkEvent
-    ) -> AgentResponse:
+    ) -> Coroutine[Any, Any, AgentResponse]:
         """Send a request body chunk on the connection that got the headers (affinity)."""
-        return await self._send(agent_id, correlation_id, event, _KIND_BODY, None, None)
+        return self._send(agent_id, correlation_id, event, _KIND_BODY, None, None)
 
-    async def send_response_headers(
+    def send_response_headers(
         self, agent_id: str, correlation_id: str, event: ResponseHeadersEvent
-    ) -> AgentResponse:
+    ) -> Coroutine[Any, Any, AgentResponse]:
         """Send response headers (no flow-control check, as upstream)."""
-        return await self._send(agent_id, correlation_id, event, _KIND_RESPONSE_HEADERS, None, None)
+        return self._send(agent_id, correlation_id, event, _KIND_RESPONSE_HEADERS, None, None)
 
-    async def send_response_body_chunk(
+    def send_response_body_chunk(
         self, agent_id: str, correlation_id: str, event: ResponseBodyChunkEvent
-    ) -> AgentResponse:
+    ) -> Coroutine[Any, Any, AgentResponse]:
         """Send a response body chunk, routed by correlation affinity too (DECISIONS 10)."""
-        return await self._send(agent_id, correlation_id, event, _KIND_RESPONSE_BODY, None, None)
+        return self._send(agent_id, correlation_id, event, _KIND_RESPONSE_BODY, None, None)
 
-    async def send_guardrail_inspect(
+    def send_guardrail_inspect(
         self, agent_id: str, correlation_id: str, event: GuardrailInspectEvent
-    ) -> AgentResponse:
+    ) -> Coroutine[Any, Any, AgentResponse]:
         """Send a guardrail inspection event."""
-        return await self._send(agent_id, correlation_id, event, _KIND_GUARDRAIL, None, None)
+        return self._send(agent_id, correlation_id, event, _KIND_GUARDRAIL, None, None)
 
     async def send_request_headers_with_sticky_session(
         self,
@@ -802,10 +802,10 @@ class AgentPool:
                 try:
                     if tracked and not self._total_requests & _SERIALIZATION_SAMPLE:
                         t0 = _monotonic()
-                        fut = conn.send(event, correlation_id, timeout)
+                        fut = conn.submit(event, correlation_id, timeout)
                         pm.record_serialization_time(_monotonic() - t0)
                     else:
-                        fut = conn.send(event, correlation_id, timeout)
+                        fut = conn.submit(event, correlation_id, timeout)
                 except Unavailable:
                     # write buffer full: request() waits for the agent to drain it
                     response: AgentResponse = await conn.request(event, correlation_id, timeout)

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -748,3 +749,56 @@ async def test_close_does_not_wait_for_an_agent_that_stopped_reading(mode: str) 
             with pytest.raises(ConnectionClosed):
                 await bounded(f, 1.0)
         await bounded(done.wait(), 5.0)  # the agent sees the connection end
+
+
+async def test_idle_line_writes_directly_busy_line_coalesces(control_agent: AgentProc) -> None:
+    async with connect(control_agent.endpoint) as conn:
+        pc = conn.protocol_core
+        for i in range(5):  # one in flight: each frame leaves in its own write, at once
+            writes = pc.writes
+            fut = conn.submit(event(f"d{i}"), f"d{i}", None)
+            assert pc.writes == writes + 1 and pc.write_buffer_size == 0
+            assert (await bounded(fut)).routing_metadata["cid"] == f"d{i}"
+        slow = conn.send(event("slow", delay=0.3), "slow")
+        writes = pc.writes
+        futs = [conn.send(event(f"q{i}"), f"q{i}") for i in range(10)]
+        assert pc.writes == writes and pc.write_buffer_size > 0  # queued behind "slow"
+        replies = await bounded(asyncio.gather(*futs))
+        assert pc.writes == writes + 1  # the ten frames shared one write
+        assert [r.routing_metadata["cid"] for r in replies] == [f"q{i}" for i in range(10)]
+        assert (await bounded(slow)).routing_metadata["cid"] == "slow"
+
+
+async def test_core_send_event_needs_an_encoder() -> None:
+    loop = asyncio.get_running_loop()
+    pc = core.AgentProtocolCore(loop, lambda *a: None, lambda *a: None)
+    with pytest.raises(TypeError, match="no event encoder"):
+        pc.send_event(event("x"), "x")
+    pc.set_encoder(get_codec("json").encode_event)
+    fut = pc.send_event(event("x"), "x", 5.0)  # no transport yet: queued, not written
+    assert pc.frames_sent == 1 and pc.write_buffer_size > 0 and pc.in_flight == 1
+    pc.close()
+    with pytest.raises(ConnectionClosed):
+        await fut
+
+
+async def test_coalesced_frames_reach_the_socket_byte_exact() -> None:
+    loop = asyncio.get_running_loop()
+    a, b = socket.socketpair()
+    try:
+        pc = core.AgentProtocolCore(loop, lambda *x: None, lambda *x: None)
+        await loop.create_unix_connection(lambda: pc, sock=a)
+        payloads = [(b"p%d-" % i) * (i % 97 + 1) for i in range(500)]
+        futs = [pc.request(0x10, p, f"c{i}", 5.0) for i, p in enumerate(payloads)]
+        want = b"".join((len(p) + 1).to_bytes(4, "big") + b"\x10" + p for p in payloads)
+        b.setblocking(False)
+        got = b""
+        while len(got) < len(want):
+            got += await asyncio.wait_for(loop.sock_recv(b, 1 << 16), T)
+        assert got == want
+        assert pc.writes == 2  # the first frame at once, the other 499 in one write
+        pc.close()
+        results = await asyncio.gather(*futs, return_exceptions=True)
+        assert all(isinstance(r, ConnectionClosed) for r in results)
+    finally:
+        b.close()

@@ -765,3 +765,32 @@ async def _until(pred: Any, timeout: float = 3.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.01)
+
+
+# --------------------------------------------------------------------------- send path
+
+
+async def test_send_methods_return_coroutines_that_clean_up_on_cancel(control: AgentProc) -> None:
+    async with AgentPool(cfg(connections_per_agent=1)) as pool:
+        await pool.add_agent("c", control.endpoint)
+        coro = pool.send_request_headers("c", "k1", hdrs("k1"))
+        assert asyncio.iscoroutine(coro)
+        reply = await asyncio.wait_for(asyncio.create_task(coro), 10.0)
+        assert isinstance(reply.decision, Allow)
+        body_coro = pool.send_request_body_chunk("c", "k1", body("k1", last=True))
+        assert asyncio.iscoroutine(body_coro)
+        assert isinstance((await asyncio.wait_for(body_coro, 10.0)).decision, Allow)
+        missing = pool.send_response_headers("ghost", "k1", ResponseHeadersEvent("k1", 200, {}))
+        with pytest.raises(InvalidMessage, match="Agent ghost not found"):
+            await missing  # raised when awaited, as with a coroutine function
+        slow = asyncio.create_task(pool.send_request_headers("c", "k2", hdrs("k2", delay=2)))
+        await asyncio.sleep(0.05)
+        st = states(pool, "c")[0]
+        assert st.in_flight == 1 and st.conn.in_flight == 1
+        slow.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await slow
+        assert st.in_flight == 0 and st.conn.in_flight == 0
+        snap = pool.protocol_metrics.snapshot()
+        assert snap.in_flight_requests == 0 and snap.requests_total == 2
+        assert snap.responses_total == 1 and pool.total_errors == 0
