@@ -579,22 +579,6 @@ def _ws_decision(v: Any, path: str = "websocket_decision") -> WebSocketDecision:
 
 
 _new = object.__new__
-_RESPONSE_SLOTS: Final = (
-    "version",
-    "decision",
-    "request_headers",
-    "response_headers",
-    "routing_metadata",
-    "audit",
-    "needs_more",
-    "request_body_mutation",
-    "response_body_mutation",
-    "websocket_decision",
-    "fail_open",
-)
-_AUDIT_SLOTS: Final = ("tags", "rule_ids", "confidence", "reason_codes", "custom")
-if AgentResponse.__slots__ != _RESPONSE_SLOTS or AuditMetadata.__slots__ != _AUDIT_SLOTS:
-    raise RuntimeError("codec fast constructors are out of date with agentpool.messages")
 
 
 def _mk_audit(
@@ -642,31 +626,6 @@ def _mk_response(
     return r
 
 
-def _build_response(
-    version: int,
-    decision: Decision,
-    request_headers: list[HeaderOp],
-    response_headers: list[HeaderOp],
-    routing_metadata: dict[str, str],
-    audit: AuditMetadata,
-    needs_more: bool,
-    request_body_mutation: BodyMutation | None,
-    response_body_mutation: BodyMutation | None,
-    websocket_decision: WebSocketDecision | None,
-) -> AgentResponse:
-    return _mk_response(
-        version,
-        decision,
-        request_headers,
-        response_headers,
-        routing_metadata,
-        audit,
-        needs_more,
-        request_body_mutation,
-        response_body_mutation,
-        websocket_decision,
-    )
-
 
 _RESPONSE = _Struct(
     "AgentResponse",
@@ -683,7 +642,7 @@ _RESPONSE = _Struct(
         ("response_body_mutation", _opt(_RESP_MUT.conv), _OPT),
         ("websocket_decision", _opt(_ws_decision), _OPT),
     ],
-    _build_response,
+    _mk_response,
 )
 _RESPONSE_KEYS: Final = frozenset(f.key for f in _RESPONSE.fields)
 _AUDIT_KEYS: Final = frozenset(f.key for f in _AUDIT.fields)
