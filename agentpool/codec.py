@@ -626,7 +626,6 @@ def _mk_response(
     return r
 
 
-
 _RESPONSE = _Struct(
     "AgentResponse",
     "",
@@ -2083,68 +2082,27 @@ class _JsonCodec(Codec):
     def encode_event(self, event: Event, correlation_id: str) -> bytes:
         try:
             if event.__class__ is RequestHeadersEvent:
-                # The proxy's hottest encode: written by the core; else one dict build that
-                # orjson sorts at every level.
+                # The proxy's hottest encode is written by the core; anything it declines
+                # (unusual values, unset slots) takes the generic path below.
                 out = _headers_json(event, correlation_id)
                 if out is not None:
                     return out
-                m = event.metadata  # type: ignore[union-attr]
-                md = {
-                    "client_ip": m.client_ip,
-                    "client_port": m.client_port,
-                    "correlation_id": correlation_id,
-                    "protocol": m.protocol,
-                    "request_id": m.request_id,
-                    "route_id": m.route_id,
-                    "server_name": m.server_name,
-                    "timestamp": m.timestamp,
-                    "tls_cipher": m.tls_cipher,
-                    "tls_version": m.tls_version,
-                    "upstream_id": m.upstream_id,
-                }
-                if m.traceparent is not None:
-                    md["traceparent"] = m.traceparent
-                return _dumps(
-                    {
-                        "correlation_id": correlation_id,
-                        "headers": event.headers,  # type: ignore[union-attr]
-                        "metadata": md,
-                        "method": event.method,  # type: ignore[union-attr]
-                        "uri": event.uri,  # type: ignore[union-attr]
-                    },
-                    option=_SORT,
-                )
             cls = event.__class__
-            if cls is RequestBodyChunkEvent:
+            if cls is RequestBodyChunkEvent or cls is ResponseBodyChunkEvent:
+                # Per-chunk hot path: one flat dict, about 0.3 µs under the generic path.
+                chunk: Any = event
+                if cls is RequestBodyChunkEvent:
+                    counter, count = "bytes_received", chunk.bytes_received
+                else:
+                    counter, count = "bytes_sent", chunk.bytes_sent
                 return _dumps(
                     {
-                        "bytes_received": event.bytes_received,  # type: ignore[union-attr]
-                        "chunk_index": event.chunk_index,  # type: ignore[union-attr]
+                        counter: count,
+                        "chunk_index": chunk.chunk_index,
                         "correlation_id": correlation_id,
-                        "data": _b2a(event.data, newline=False).decode("ascii"),  # type: ignore[union-attr]
-                        "is_last": event.is_last,  # type: ignore[union-attr]
-                        "total_size": event.total_size,  # type: ignore[union-attr]
-                    },
-                    option=_SORT,
-                )
-            if cls is ResponseBodyChunkEvent:
-                return _dumps(
-                    {
-                        "bytes_sent": event.bytes_sent,  # type: ignore[union-attr]
-                        "chunk_index": event.chunk_index,  # type: ignore[union-attr]
-                        "correlation_id": correlation_id,
-                        "data": _b2a(event.data, newline=False).decode("ascii"),  # type: ignore[union-attr]
-                        "is_last": event.is_last,  # type: ignore[union-attr]
-                        "total_size": event.total_size,  # type: ignore[union-attr]
-                    },
-                    option=_SORT,
-                )
-            if cls is ResponseHeadersEvent:
-                return _dumps(
-                    {
-                        "correlation_id": correlation_id,
-                        "headers": event.headers,  # type: ignore[union-attr]
-                        "status": event.status,  # type: ignore[union-attr]
+                        "data": _b2a(chunk.data, newline=False).decode("ascii"),
+                        "is_last": chunk.is_last,
+                        "total_size": chunk.total_size,
                     },
                     option=_SORT,
                 )
