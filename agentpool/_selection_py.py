@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from .errors import ConnectionFailed
 
@@ -263,6 +264,14 @@ class _Affinity:
         self.last_access = now
 
 
+def _remove_where(entries: dict[str, Any], doomed: Callable[[Any], bool]) -> int:
+    """Delete the entries ``doomed`` picks; return how many."""
+    keys = [k for k, e in entries.items() if doomed(e)]
+    for k in keys:
+        del entries[k]
+    return len(keys)
+
+
 class AffinityMap:
     """Correlation id -> connection, bounded (POOL.md §6).
 
@@ -332,17 +341,11 @@ class AffinityMap:
 
     def sweep(self, now: float, ttl: float) -> int:
         """Remove entries idle strictly longer than ``ttl``; return how many."""
-        expired = [k for k, e in self._map.items() if now - e.last_access > ttl]
-        for k in expired:
-            del self._map[k]
-        return len(expired)
+        return _remove_where(self._map, lambda e: now - e.last_access > ttl)
 
     def drop_state(self, state: ConnState) -> int:
         """Remove every entry bound to ``state``; return how many."""
-        dead = [k for k, e in self._map.items() if e.state is state]
-        for k in dead:
-            del self._map[k]
-        return len(dead)
+        return _remove_where(self._map, lambda e: e.state is state)
 
     def clear(self) -> None:
         """Remove every entry."""
@@ -420,17 +423,11 @@ class SessionMap:
         """Remove every expired session (none when ``timeout`` is None); return how many."""
         if timeout is None:
             return 0
-        expired = [k for k, e in self._map.items() if now - e.last_accessed > timeout]
-        for k in expired:
-            del self._map[k]
-        return len(expired)
+        return _remove_where(self._map, lambda e: now - e.last_accessed > timeout)
 
     def drop_state(self, state: ConnState) -> int:
         """Remove every session bound to ``state``; return how many."""
-        dead = [k for k, e in self._map.items() if e.state is state]
-        for k in dead:
-            del self._map[k]
-        return len(dead)
+        return _remove_where(self._map, lambda e: e.state is state)
 
     def clear(self) -> None:
         """Remove every session."""
