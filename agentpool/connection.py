@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import logging
 import socket
+import ssl as _ssl
 import time
 from collections.abc import Callable
 from typing import Any, cast
@@ -100,7 +101,8 @@ def parse_endpoint(endpoint: str) -> tuple[str, str | None, int]:
     """Split an endpoint into ``(kind, host_or_path, port)``.
 
     ``unix:/p``, ``/abs/path`` and ``x.sock`` are Unix sockets (``("unix", path, 0)``);
-    ``tcp://host:port`` and ``host:port`` are TCP (``("tcp", host, port)``).
+    ``tcp://host:port`` and ``host:port`` are TCP (``("tcp", host, port)``);
+    ``tls://host:port`` is TCP with TLS (``("tls", host, port)``).
     """
     ep = endpoint.strip()
     if ep.startswith("unix:"):
@@ -112,14 +114,15 @@ def parse_endpoint(endpoint: str) -> tuple[str, str | None, int]:
         return "unix", path, 0
     if ep.startswith("/") or ep.endswith(".sock"):
         return "unix", ep, 0
-    if ep.startswith("tcp://"):
-        ep = ep[6:]
+    kind = "tcp"
+    if ep.startswith(("tcp://", "tls://")):
+        kind, ep = ep[:3], ep[6:]
     host, sep, port_s = ep.rpartition(":")
     if not sep or not host or not port_s.isdigit() or not 0 < int(port_s) < 65536:
         raise ConnectionFailed(f"invalid endpoint {endpoint!r}: expected unix:/path or host:port")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    return "tcp", host, int(port_s)
+    return kind, host, int(port_s)
 
 
 def _now_ms() -> int:
@@ -199,8 +202,12 @@ class AgentConnection:
         proxy_version: str = __version__,
         config: Any = None,
         listener: Any = None,
+        ssl: _ssl.SSLContext | None = None,
     ) -> AgentConnection:
         """Connect to ``endpoint`` and handshake, all within ``connect_timeout`` seconds.
+
+        ``ssl`` (or a ``tls://`` endpoint, default context) runs TLS first; a failed TLS
+        handshake raises :class:`~agentpool.tls.TLSHandshakeFailed` naming the reason.
 
         Raises ConnectionFailed (unreachable, refused handshake, encoding not offered),
         Timeout (connect + handshake too slow), ConnectionClosed (closed during the handshake),
@@ -216,15 +223,23 @@ class AgentConnection:
         )
         try:
             await asyncio.wait_for(
-                conn._connect(proxy_id, proxy_version, config), timeout=connect_timeout
+                conn._connect(proxy_id, proxy_version, config, ssl), timeout=connect_timeout
             )
         except asyncio.TimeoutError as exc:
             conn._abort()
             if isinstance(exc, Timeout):
                 raise
             raise Timeout(connect_timeout) from None
-        except BaseException:
+        except BaseException as exc:
             conn._abort()
+            if (ssl is not None or endpoint.startswith("tls://")) and isinstance(
+                exc, (OSError, AgentProtocolError)
+            ):
+                from .tls import handshake_error
+
+                tls_error = handshake_error(endpoint, exc)
+                if tls_error is not None:
+                    raise tls_error from exc
             raise
         return conn
 
@@ -267,8 +282,20 @@ class AgentConnection:
             conn._core.data_received(initial_data)
         return conn
 
-    async def _connect(self, proxy_id: str, proxy_version: str, config: Any) -> None:
+    async def _connect(
+        self,
+        proxy_id: str,
+        proxy_version: str,
+        config: Any,
+        ssl: _ssl.SSLContext | None = None,
+    ) -> None:
         kind, host, port = parse_endpoint(self.endpoint)
+        if kind == "tls" and ssl is None:
+            from .tls import client_context
+
+            ssl = client_context()
+        if kind == "unix" and ssl is not None:
+            raise ConnectionFailed(f"{self.endpoint}: TLS needs a TCP endpoint")
         factory: Any
         if self.protocol == "v2":
             factory = self._core
@@ -279,8 +306,14 @@ class AgentConnection:
                 assert host is not None
                 await self._loop.create_unix_connection(lambda: factory, host)
             else:
-                await self._loop.create_connection(lambda: factory, host or "127.0.0.1", port)
+                await self._loop.create_connection(
+                    lambda: factory, host or "127.0.0.1", port, ssl=ssl
+                )
         except OSError as exc:
+            if ssl is not None and isinstance(
+                exc, (_ssl.SSLError, ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
+            ):
+                raise  # open() turns it into TLSHandshakeFailed
             raise ConnectionFailed(f"{self.endpoint}: {exc.strerror or exc}") from exc
         if self.protocol == "v1":
             self._connected = True

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import enum
 import logging
+import ssl as _ssl
 import time
 from collections import deque
 from collections.abc import Coroutine, Iterable
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, cast
 
+from . import tls as _tls
 from ._impl import core
 from .circuit import CircuitBreaker, CircuitState
 from .config import AgentPoolConfig
@@ -124,6 +126,7 @@ class _AgentEntry:
         "retired_errors",
         "retired_requests",
         "reverse",
+        "ssl",
         "was_healthy",
     )
 
@@ -154,6 +157,7 @@ class _AgentEntry:
         self.retired_requests = 0
         self.retired_errors = 0
         self.was_healthy = True
+        self.ssl: _ssl.SSLContext | None = None
 
     def live_count(self) -> int:
         return sum(1 for st in self.conns if not st.closed)
@@ -302,8 +306,10 @@ class AgentPool:
     def export_prometheus(self) -> str:
         """Protocol metrics (prefix ``agent_protocol``) followed by agent-reported metrics."""
         self._refresh_gauges()
-        return self._metrics.to_prometheus("agent_protocol") + self._collector.export_prometheus(
-            reserved_prefix="agent_protocol_"
+        return (
+            self._metrics.to_prometheus("agent_protocol")
+            + _tls.prometheus_text("agent_protocol")
+            + self._collector.export_prometheus(reserved_prefix="agent_protocol_")
         )
 
     def agent_ids(self) -> list[str]:
@@ -420,8 +426,18 @@ class AgentPool:
 
     # ------------------------------------------------------------------ membership
 
-    async def add_agent(self, agent_id: str, endpoint: str, *, protocol: str = "v2") -> None:
+    async def add_agent(
+        self,
+        agent_id: str,
+        endpoint: str,
+        *,
+        protocol: str = "v2",
+        ssl: _ssl.SSLContext | None = None,
+    ) -> None:
         """Open ``connections_per_agent`` connections to ``endpoint`` concurrently.
+
+        ``ssl`` (an :class:`ssl.SSLContext`, e.g. from :func:`agentpool.tls.client_context`)
+        or a ``tls://host:port`` endpoint connects over TLS; reconnects use the same context.
 
         An agent that cannot be reached is still registered (unhealthy) and reconnected by
         maintenance, as upstream 0.6.41 does. An existing agent of that id is replaced and its
@@ -442,6 +458,7 @@ class AgentPool:
             max_affinities=cfg.max_correlation_affinities,
             breaker=self._new_breaker(),
         )
+        entry.ssl = ssl
         opened: list[AgentConnection] = []
         for result in await self._open_many(entry, cfg.connections_per_agent):
             if isinstance(result, AgentConnection):
@@ -562,6 +579,7 @@ class AgentPool:
                 proxy_version=cfg.proxy_version,
                 config=cfg.handshake_config,
                 listener=self._listener,
+                ssl=entry.ssl,
             ),
             cfg.connect_timeout + 1.0,
         )

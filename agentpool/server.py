@@ -25,6 +25,7 @@ import itertools
 import logging
 import os
 import signal
+import ssl as _ssl
 import sys
 import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
@@ -666,7 +667,8 @@ class AgentServer:
     ``encodings`` lists what the agent supports; it picks the first of the proxy's offered
     encodings found there (JSON when nothing matches), as Rust agents do.
     ``max_write_buffer`` bounds the replies held for a proxy that does not read them; a
-    connection over it is dropped.
+    connection over it is dropped. ``ssl`` (e.g. :func:`agentpool.tls.server_context`)
+    serves TCP over TLS; proxies then connect to ``tls://host:port``.
     """
 
     def __init__(
@@ -681,6 +683,7 @@ class AgentServer:
         v1_reply_version: int = 2,
         v1_sdk_replies: bool = False,
         max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER,
+        ssl: _ssl.SSLContext | None = None,
     ) -> None:
         if (path is None) == (host is None and port is None):
             raise ValueError("give either path (Unix socket) or host/port (TCP)")
@@ -695,6 +698,7 @@ class AgentServer:
         self.v1_reply_version = v1_reply_version
         self.v1_sdk_replies = v1_sdk_replies
         self.max_write_buffer = max_write_buffer
+        self.ssl = ssl
         self._server: asyncio.AbstractServer | None = None
         self._sessions: set[Any] = set()
 
@@ -703,7 +707,7 @@ class AgentServer:
         """Where proxies connect: ``unix:/path`` or ``tcp://host:port``."""
         if self.path is not None:
             return f"unix:{self.path}"
-        return f"tcp://{self.host}:{self.port}"
+        return f"{'tcp' if self.ssl is None else 'tls'}://{self.host}:{self.port}"
 
     @property
     def sessions(self) -> list[AgentSession]:
@@ -722,7 +726,9 @@ class AgentServer:
                 os.unlink(self.path)
             self._server = await loop.create_unix_server(self._factory, self.path)
         else:
-            self._server = await loop.create_server(self._factory, self.host, self.port)
+            self._server = await loop.create_server(
+                self._factory, self.host, self.port, ssl=self.ssl
+            )
             sock = self._server.sockets[0]
             self.port = sock.getsockname()[1]
 
@@ -821,7 +827,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--v1-reply-version", type=int, default=2)
     p.add_argument("--v1-sdk-replies", action="store_true")
     p.add_argument("--log-level", default="WARNING")
+    p.add_argument("--tls-cert", default=None, help="serve --tcp over TLS with this PEM chain")
+    p.add_argument("--tls-key", default=None, help="private key for --tls-cert")
+    p.add_argument("--tls-ca", default=None, help="require client certificates from this CA")
     args = p.parse_args(argv)
+    if (args.tls_key or args.tls_ca) and not args.tls_cert:
+        p.error("--tls-key and --tls-ca need --tls-cert")
     if sum(bool(x) for x in (args.socket, args.tcp, args.reverse)) != 1:
         p.error("give exactly one of --socket, --tcp or --reverse")
     return args
@@ -845,6 +856,7 @@ async def _serve(args: argparse.Namespace) -> None:
             protocol=args.protocol,
             v1_reply_version=args.v1_reply_version,
             v1_sdk_replies=args.v1_sdk_replies,
+            ssl=_tls_context(args),
         )
     else:
         server = AgentServer(
@@ -866,6 +878,14 @@ async def _serve(args: argparse.Namespace) -> None:
         await stop.wait()
     finally:
         await server.close()
+
+
+def _tls_context(args: argparse.Namespace) -> _ssl.SSLContext | None:
+    if not args.tls_cert:
+        return None
+    from .tls import server_context
+
+    return server_context(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca)
 
 
 async def _serve_reverse(agent: Agent, args: argparse.Namespace) -> None:
