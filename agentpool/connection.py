@@ -282,6 +282,34 @@ class AgentConnection:
             conn._core.data_received(initial_data)
         return conn
 
+    @classmethod
+    async def from_tls_stream(
+        cls,
+        stream: Any,
+        *,
+        agent_id: str,
+        capabilities: AgentCapabilities,
+        encoding: str = "json",
+        request_timeout: float = 30.0,
+        listener: Any = None,
+        endpoint: str,
+    ) -> AgentConnection:
+        """Adopt a registered TLS connection (an :class:`agentpool.tls.TLSStream`)."""
+        conn = cls(
+            endpoint,
+            agent_id=agent_id,
+            encoding=encoding,
+            request_timeout=request_timeout,
+            listener=listener,
+        )
+        conn._set_codec(encoding)
+        conn.capabilities = capabilities
+        rest = stream.detach(conn._core)
+        conn._connected = True
+        if rest:
+            conn._core.data_received(rest)
+        return conn
+
     async def _connect(
         self,
         proxy_id: str,

@@ -26,10 +26,11 @@ import hmac
 import logging
 import os
 import socket
+import ssl as _ssl
 import stat
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 from . import codec
 from ._impl import core
@@ -49,6 +50,7 @@ from .messages import AgentCapabilities, RegistrationRequest, RegistrationRespon
 if TYPE_CHECKING:
     from .connection import AgentConnection
     from .server import Agent, AgentSession
+    from .tls import TLSStream
 
 __all__ = [
     "DEFAULT_PROXY_ID",
@@ -171,7 +173,20 @@ def validate_registration(request: RegistrationRequest, config: ReverseConnectio
             raise InvalidMessage("Invalid authentication token", field="auth_token")
 
 
-async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
+_Sock: TypeAlias = "socket.socket | TLSStream"
+
+
+async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: _Sock, n: int) -> bytes:
+    if not isinstance(sock, socket.socket):
+        try:
+            return await sock.read_exactly(n)
+        except OSError as exc:
+            from .tls import handshake_error
+
+            tls_error = handshake_error(sock.peer, exc, count=False)
+            if isinstance(exc, _ssl.SSLError) and tls_error is not None:
+                raise tls_error from exc
+            raise ConnectionClosed("peer closed the connection during registration") from None
     buf = bytearray()
     while len(buf) < n:
         chunk = await loop.sock_recv(sock, n - len(buf))
@@ -183,7 +198,7 @@ async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, n:
 
 async def _read_frame(
     loop: asyncio.AbstractEventLoop,
-    sock: socket.socket,
+    sock: _Sock,
     max_size: int,
     expected: MessageType,
     what: str,
@@ -206,8 +221,14 @@ async def _read_frame(
 
 
 async def _send_all(
-    loop: asyncio.AbstractEventLoop, sock: socket.socket, data: bytes, timeout: float
+    loop: asyncio.AbstractEventLoop, sock: _Sock, data: bytes, timeout: float
 ) -> None:
+    if not isinstance(sock, socket.socket):
+        try:
+            sock.write(data)
+        except OSError as exc:
+            raise ConnectionClosed(str(exc)) from exc
+        return
     try:
         await asyncio.wait_for(loop.sock_sendall(sock, data), timeout)
     except asyncio.TimeoutError:
@@ -216,7 +237,7 @@ async def _send_all(
         raise ConnectionClosed(str(exc)) from exc
 
 
-def _close_socket(sock: socket.socket) -> None:
+def _close_socket(sock: _Sock) -> None:
     with contextlib.suppress(OSError):
         sock.close()
 
@@ -244,6 +265,8 @@ class ReverseConnectionListener:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._accepts: set[asyncio.Future[Any]] = set()
         self._drop_warned = False
+        self._ssl: _ssl.SSLContext | None = None
+        self._cert_identity = False
         self._pending = 0
         self._active: dict[str, int] = {}
         self.registered = 0
@@ -295,9 +318,23 @@ class ReverseConnectionListener:
 
     @classmethod
     async def bind_tcp(
-        cls, host: str, port: int, config: ReverseConnectionConfig | None = None
+        cls,
+        host: str,
+        port: int,
+        config: ReverseConnectionConfig | None = None,
+        *,
+        ssl: _ssl.SSLContext | None = None,
+        agent_id_from_certificate: bool = False,
     ) -> ReverseConnectionListener:
-        """Listen on ``host:port`` (port 0 picks a free port; see :attr:`port`)."""
+        """Listen on ``host:port`` (port 0 picks a free port; see :attr:`port`).
+
+        ``ssl`` (e.g. :func:`agentpool.tls.server_context` with ``ca=``) runs TLS (mutual
+        with a CA) before the registration frame, within ``handshake_timeout``. With
+        ``agent_id_from_certificate`` the registering agent id must equal the identity in
+        the verified client certificate (:func:`agentpool.tls.peer_identity`).
+        """
+        if agent_id_from_certificate and (ssl is None or ssl.verify_mode != _ssl.CERT_REQUIRED):
+            raise ValueError("agent_id_from_certificate needs an ssl context requiring certs")
         config = config if config is not None else ReverseConnectionConfig()
         cls._check_config(config)
         try:
@@ -313,7 +350,10 @@ class ReverseConnectionListener:
             sock.bind(addr)
             sock.listen(config.backlog)
             sock.setblocking(False)
-            return cls(sock, config)
+            listener = cls(sock, config)
+            listener._ssl = ssl
+            listener._cert_identity = agent_id_from_certificate
+            return listener
         except OSError as exc:
             sock.close()
             raise ConnectionFailed(f"Failed to bind to {host}:{port}: {exc}") from exc
@@ -425,10 +465,15 @@ class ReverseConnectionListener:
         else:
             logger.info("reverse agent %.300r registered", agent_id)
 
-    async def _register(self, sock: socket.socket, pool: ReversePool) -> str:
+    async def _register(self, sock: _Sock, pool: ReversePool) -> str:
         self._pending += 1
         owner = [sock]
         try:
+            if self._ssl is not None and isinstance(sock, socket.socket):
+                from .tls import socket_tls
+
+                sock = await socket_tls(sock, self._ssl, self.config.handshake_timeout)
+                owner = [sock]
             return await self._register_inner(sock, pool, owner)
         except BaseException:
             self.rejected += 1
@@ -438,9 +483,7 @@ class ReverseConnectionListener:
         finally:
             self._pending -= 1
 
-    async def _register_inner(
-        self, sock: socket.socket, pool: ReversePool, owner: list[socket.socket]
-    ) -> str:
+    async def _register_inner(self, sock: _Sock, pool: ReversePool, owner: list[_Sock]) -> str:
         """Register ``sock``; ``owner`` is emptied once a connection object owns the socket."""
         loop = asyncio.get_running_loop()
         config = self.config
@@ -469,6 +512,14 @@ class ReverseConnectionListener:
 
         try:
             validate_registration(request, config)
+            if self._cert_identity and not isinstance(sock, socket.socket):
+                identity = sock.identity
+                if identity != request.agent_id:
+                    raise InvalidMessage(
+                        f"Agent '{request.agent_id}' does not match its client certificate "
+                        f"identity {identity!r}",
+                        field="agent_id",
+                    )
         except AgentProtocolError as exc:
             await self._reply_failure(loop, sock, exc)
             raise
@@ -517,13 +568,22 @@ class ReverseConnectionListener:
 
     async def _make_connection(
         self,
-        sock: socket.socket,
+        sock: _Sock,
         pool: ReversePool,
         agent_id: str,
         capabilities: AgentCapabilities,
     ) -> AgentConnection:
         from .connection import AgentConnection
 
+        if not isinstance(sock, socket.socket):
+            return await AgentConnection.from_tls_stream(
+                sock,
+                agent_id=agent_id,
+                capabilities=capabilities,
+                request_timeout=self.config.request_timeout,
+                listener=getattr(pool, "connection_listener", None),
+                endpoint=f"reverse+tls://{agent_id}",
+            )
         return await AgentConnection.from_socket(
             sock,
             agent_id=agent_id,
@@ -535,7 +595,7 @@ class ReverseConnectionListener:
         )
 
     async def _reply_failure(
-        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, error: BaseException
+        self, loop: asyncio.AbstractEventLoop, sock: _Sock, error: BaseException
     ) -> None:
         response = RegistrationResponse(
             success=False,
@@ -686,14 +746,26 @@ async def register_reverse(
     *,
     timeout: float = 10.0,
     max_response_size: int = 64 * 1024,
-) -> tuple[socket.socket, RegistrationResponse]:
+    ssl: _ssl.SSLContext | None = None,
+) -> tuple[_Sock, RegistrationResponse]:
     """Dial ``target``, send ``request`` and read the proxy's answer (bounded by ``timeout``).
+
+    ``ssl`` (or a ``tls://`` target) runs TLS first; the connection is then a
+    :class:`~agentpool.tls.TLSStream` instead of a socket.
 
     Returns the connected socket and a successful response; a refusal raises
     ``ConnectionFailed("Registration rejected: <proxy's error>")`` after closing the socket.
     """
     loop = asyncio.get_running_loop()
-    sock = await _dial(target, timeout)
+    raw = await _dial(target, timeout)
+    sock: _Sock = raw
+    if ssl is not None or target.startswith("tls://"):
+        from .connection import parse_endpoint
+        from .tls import client_context, socket_tls
+
+        host = parse_endpoint(target)[1]
+        ctx = ssl if ssl is not None else client_context()
+        sock = await socket_tls(raw, ctx, timeout, server_side=False, server_hostname=host)
     try:
         frame = _encode(MessageType.HANDSHAKE_REQUEST, codec.encode_registration_request(request))
         await _send_all(loop, sock, frame, timeout)
@@ -733,8 +805,12 @@ async def connect_reverse(
     auth_token: str | None = None,
     metadata: Any = None,
     timeout: float = 10.0,
+    ssl: _ssl.SSLContext | None = None,
 ) -> ReverseAgentConnection:
     """Dial a proxy's reverse listener, register ``agent`` and serve requests on that socket.
+
+    ``ssl`` (e.g. :func:`agentpool.tls.client_context` with the agent's certificate) or a
+    ``tls://host:port`` target dials over TLS.
 
     ``target`` is ``unix:/path``, ``/path``, ``tcp://host:port`` or ``host:port``.
     ``agent_id`` defaults to the id in ``agent.capabilities()``. After registration the
@@ -752,14 +828,18 @@ async def connect_reverse(
         auth_token=auth_token,
         metadata=metadata,
     )
-    sock, response = await register_reverse(target, request, timeout=timeout)
+    sock, response = await register_reverse(target, request, timeout=timeout, ssl=ssl)
     # An unstarted server holds the agent and session set an AgentSession expects.
     server = AgentServer(agent, host="127.0.0.1", encodings=("json",))
     session = AgentSession(server)
     session.handshaken = True
     loop = asyncio.get_running_loop()
     try:
-        if sock.family == socket.AF_UNIX:
+        if not isinstance(sock, socket.socket):
+            rest = sock.detach(session)
+            if rest:
+                session.data_received(rest)
+        elif sock.family == socket.AF_UNIX:
             await loop.create_unix_connection(lambda: session, sock=sock)
         else:
             await loop.create_connection(lambda: session, sock=sock)
@@ -777,10 +857,17 @@ async def serve_reverse(
     auth_token: str | None = None,
     metadata: Any = None,
     timeout: float = 10.0,
+    ssl: _ssl.SSLContext | None = None,
 ) -> None:
     """Register with :func:`connect_reverse` and serve until the proxy closes the connection."""
     conn = await connect_reverse(
-        agent, target, agent_id=agent_id, auth_token=auth_token, metadata=metadata, timeout=timeout
+        agent,
+        target,
+        agent_id=agent_id,
+        auth_token=auth_token,
+        metadata=metadata,
+        timeout=timeout,
+        ssl=ssl,
     )
     try:
         await conn.wait_closed()

@@ -829,9 +829,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--log-level", default="WARNING")
     p.add_argument("--tls-cert", default=None, help="serve --tcp over TLS with this PEM chain")
     p.add_argument("--tls-key", default=None, help="private key for --tls-cert")
-    p.add_argument("--tls-ca", default=None, help="require client certificates from this CA")
+    p.add_argument(
+        "--tls-ca",
+        default=None,
+        help="require client certificates from this CA (--reverse: trust this CA)",
+    )
     args = p.parse_args(argv)
-    if (args.tls_key or args.tls_ca) and not args.tls_cert:
+    if (args.tls_key or (args.tls_ca and not args.reverse)) and not args.tls_cert:
         p.error("--tls-key and --tls-ca need --tls-cert")
     if sum(bool(x) for x in (args.socket, args.tcp, args.reverse)) != 1:
         p.error("give exactly one of --socket, --tcp or --reverse")
@@ -891,8 +895,13 @@ def _tls_context(args: argparse.Namespace) -> _ssl.SSLContext | None:
 async def _serve_reverse(agent: Agent, args: argparse.Namespace) -> None:
     from .reverse import connect_reverse
 
+    ssl_ctx = None
+    if args.tls_cert or args.tls_ca:
+        from .tls import client_context
+
+        ssl_ctx = client_context(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
     conn = await connect_reverse(
-        agent, args.reverse, agent_id=args.agent_id, auth_token=args.auth_token
+        agent, args.reverse, agent_id=args.agent_id, auth_token=args.auth_token, ssl=ssl_ctx
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -15,20 +15,24 @@ See docs/deployment.md.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import re
+import socket
 import ssl
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .errors import ConnectionFailed
+from .errors import ConnectionFailed, Timeout
 
 __all__ = [
     "REASONS",
     "ReloadableContext",
     "TLSHandshakeFailed",
+    "TLSStream",
     "classify",
     "client_context",
     "handshake_error",
@@ -37,6 +41,7 @@ __all__ = [
     "prometheus_text",
     "record_failure",
     "server_context",
+    "socket_tls",
 ]
 
 log = logging.getLogger("agentpool.tls")
@@ -144,21 +149,26 @@ def classify(error: BaseException | str) -> tuple[str, bool] | None:
     return "other", "ALERT" in tag
 
 
-def handshake_error(endpoint: str, error: BaseException) -> TLSHandshakeFailed | None:
-    """The typed error for ``error`` if it is a TLS failure (and count it), else None."""
+def handshake_error(
+    endpoint: str, error: BaseException, *, count: bool = True
+) -> TLSHandshakeFailed | None:
+    """The typed error for ``error`` if it is a TLS failure (counted unless ``count`` is
+    False), else None."""
     if isinstance(error, TLSHandshakeFailed):
         return error
     found = classify(error)
     if found is None:
         if not isinstance(error, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)):
             return None
-        record_failure("other")
+        if count:
+            record_failure("other")
         return TLSHandshakeFailed(
             endpoint, "other", "peer closed the connection (does it serve TLS?)", by_peer=True
         )
     reason, by_peer = found
     detail = getattr(error, "verify_message", None) or str(error)
-    record_failure(reason)
+    if count:
+        record_failure(reason)
     return TLSHandshakeFailed(endpoint, reason, str(detail), by_peer=by_peer)
 
 
@@ -390,3 +400,165 @@ def server_context(
         return ctx
 
     return ReloadableContext(build, server_side=True, files=(ca, cert, key))
+
+
+class _CapturingContext(ssl.SSLContext):
+    """One accept's view of a server context: remembers the SSL object it hands out, so the
+    reason of a failed handshake can be read even after the loop reported a plain reset."""
+
+    sslobj: ssl.SSLObject | None = None
+
+    def __new__(cls, target: ssl.SSLContext, server_side: bool) -> _CapturingContext:
+        proto = ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT
+        return super().__new__(cls, proto)
+
+    def __init__(self, target: ssl.SSLContext, server_side: bool) -> None:
+        self._target = target
+        self.check_hostname = target.check_hostname
+        self.verify_mode = target.verify_mode
+
+    def wrap_bio(  # type: ignore[override]
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
+        self.sslobj = self._target.wrap_bio(
+            incoming,
+            outgoing,
+            server_side=server_side,
+            server_hostname=server_hostname,
+            session=session,
+        )
+        return self.sslobj
+
+    def failure(self) -> BaseException | None:
+        obj = self.sslobj
+        return getattr(obj, "_failure", None) if obj is not None else None
+
+
+class _Buffer(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.closed: BaseException | None = None
+        self.waiter: asyncio.Future[None] | None = None
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+        self._wake()
+
+    def eof_received(self) -> bool | None:
+        self.closed = self.closed or ConnectionResetError("peer closed the connection")
+        self._wake()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = self.closed or exc or ConnectionResetError("connection closed")
+        self._wake()
+
+
+class TLSStream:
+    """A TLS connection read frame by frame (registration) before its transport is handed
+    to a protocol with :meth:`detach`. Behaves like a socket for the reverse handshake."""
+
+    def __init__(self, transport: asyncio.Transport, buffer: _Buffer, peer: str) -> None:
+        self.transport = transport
+        self._buffer = buffer
+        self.peer = peer
+
+    @property
+    def peercert(self) -> dict[str, Any] | None:
+        cert = self.transport.get_extra_info("peercert")
+        return cert if isinstance(cert, dict) else None
+
+    @property
+    def identity(self) -> str | None:
+        """The verified peer certificate's identity (:func:`peer_identity`)."""
+        return peer_identity(self.peercert)
+
+    async def read_exactly(self, n: int) -> bytes:
+        buf = self._buffer
+        while len(buf.data) < n:
+            if buf.closed is not None:
+                if isinstance(buf.closed, OSError):
+                    raise buf.closed
+                raise ConnectionResetError("peer closed the connection")
+            buf.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await buf.waiter
+            finally:
+                buf.waiter = None
+        out = bytes(buf.data[:n])
+        del buf.data[:n]
+        return out
+
+    def write(self, data: bytes) -> None:
+        if self._buffer.closed is not None or self.transport.is_closing():
+            raise ConnectionResetError("connection closed")
+        self.transport.write(data)
+
+    def detach(self, protocol: asyncio.BaseProtocol) -> bytes:
+        """Hand the transport to ``protocol`` (its connection_made is called); returns what
+        was received beyond the frames read so far."""
+        rest = bytes(self._buffer.data)
+        self._buffer.data.clear()
+        self.transport.set_protocol(protocol)
+        protocol.connection_made(self.transport)
+        return rest
+
+    def close(self) -> None:
+        self.transport.abort()
+
+
+async def socket_tls(
+    sock: socket.socket,
+    context: ssl.SSLContext,
+    timeout: float,
+    *,
+    server_side: bool = True,
+    server_hostname: str | None = None,
+) -> TLSStream:
+    """Run the TLS handshake on a connected socket within ``timeout`` (the reverse
+    listener's accepted sockets, ``server_side``; an agent dialling in, client side).
+
+    A failure raises :class:`TLSHandshakeFailed` (counted on the server side, the proxy's).
+    """
+    loop = asyncio.get_running_loop()
+    try:
+        peer = sock.getpeername()
+        where = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix")
+    except OSError:
+        where = "peer"
+    capture = _CapturingContext(context, server_side)
+    buffer = _Buffer()
+    try:
+        if server_side:
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: buffer, sock, ssl=capture, ssl_handshake_timeout=timeout
+            )
+        else:
+            transport, _ = await loop.create_connection(
+                lambda: buffer,
+                sock=sock,
+                ssl=capture,
+                server_hostname=server_hostname,
+                ssl_handshake_timeout=timeout,
+            )
+    except (OSError, asyncio.TimeoutError) as exc:
+        with contextlib.suppress(OSError):
+            sock.close()
+        error = capture.failure()
+        if error is None and (isinstance(exc, asyncio.TimeoutError) or "longer" in str(exc)):
+            raise Timeout(timeout) from exc
+        error = error or exc
+        tls_error = handshake_error(where, error, count=server_side)
+        if tls_error is None:
+            raise ConnectionFailed(f"TLS handshake with {where} failed: {exc!r}") from exc
+        raise tls_error from exc
+    return TLSStream(transport, buffer, where)

@@ -10,7 +10,6 @@ as median (min-max). Run: ``python benchmarks/bench_tls.py [--reps 5] [--duratio
 from __future__ import annotations
 
 import argparse
-import asyncio
 import itertools
 import os
 import statistics
@@ -81,8 +80,10 @@ async def run(args: argparse.Namespace, plain_ep: str, tls_ep: str, ctx: Any, pi
         f"{args.in_flight} in flight, {args.connections} connection(s), JSON, "
         f"{os.cpu_count()} CPUs"
     )
-    print("| transport | round trips/s median (min-max) | client CPU µs/rt median (min-max) "
-          "| agent CPU µs/rt median |")
+    print(
+        "| transport | round trips/s median (min-max) | client CPU µs/rt median (min-max) "
+        "| agent CPU µs/rt median |"
+    )
     print("|---|---:|---:|---:|")
     for name in ("tcp", "tls"):
         rts = [r[0] for r in results[name]]

@@ -21,10 +21,15 @@ from agents import spawn_agent
 from agentpool import tls
 from agentpool.config import AgentPoolConfig
 from agentpool.connection import AgentConnection, parse_endpoint
-from agentpool.errors import AgentProtocolError, ConnectionFailed
-from agentpool.examples import WafAgent
+from agentpool.errors import AgentProtocolError, ConnectionFailed, InvalidMessage
+from agentpool.examples import WafAgent, make_agent
 from agentpool.messages import Allow, Block, RequestHeadersEvent, RequestMetadata
 from agentpool.pool import AgentPool
+from agentpool.reverse import (
+    ReverseConnectionConfig,
+    ReverseConnectionListener,
+    connect_reverse,
+)
 from agentpool.server import AgentServer
 from agentpool.tls import TLSHandshakeFailed
 
@@ -343,3 +348,95 @@ def test_peer_identity() -> None:
     assert tls.peer_identity(cert) == "spiffe://x/agent"
     assert tls.peer_identity({"subject": cert["subject"]}) == "cn-agent"
     assert tls.peer_identity(None) is None
+
+
+# -- reverse connections over TLS ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def listener_certs(pki: Pki) -> tuple[str, str]:
+    """The proxy's listener certificate, for the address agents dial (127.0.0.1)."""
+    return pki.issue("listener", "127.0.0.1", "localhost")
+
+
+async def _reverse_pool_and_listener(
+    pki: Pki, listener_certs: tuple[str, str], **kw: bool
+) -> tuple[AgentPool, ReverseConnectionListener]:
+    cert, key = listener_certs
+    ctx = tls.server_context(cert=cert, key=key, ca=pki.ca_pem)
+    config = ReverseConnectionConfig(handshake_timeout=5.0)
+    listener = await ReverseConnectionListener.bind_tcp("127.0.0.1", 0, config, ssl=ctx, **kw)
+    pool = AgentPool(AgentPoolConfig(connections_per_agent=2))
+    return pool, listener
+
+
+async def test_reverse_mtls_with_certificate_identity(
+    pki: Pki, listener_certs: tuple[str, str]
+) -> None:
+    agent_cert, agent_key = pki.issue("waf-agent", "waf-agent")
+    pool, listener = await _reverse_pool_and_listener(
+        pki, listener_certs, agent_id_from_certificate=True
+    )
+    target = f"tls://127.0.0.1:{listener.port}"
+    agent_ctx = tls.client_context(ca=pki.ca_pem, cert=agent_cert, key=agent_key)
+    async with pool, listener:
+        accept = asyncio.ensure_future(listener.accept_one(pool))
+        async with await connect_reverse(
+            make_agent("waf"), target, agent_id="waf-agent", ssl=agent_ctx
+        ) as conn:
+            assert await asyncio.wait_for(accept, 5) == "waf-agent"
+            assert conn.agent_id == "waf-agent"
+            replies = await asyncio.gather(
+                *(pool.send_request_headers("waf-agent", f"r{i}", hdrs(f"r{i}")) for i in range(20))
+            )
+            assert all(isinstance(r.decision, Allow) for r in replies)
+            blocked = await pool.send_request_headers("waf-agent", "adm", hdrs("adm", "/admin"))
+            assert isinstance(blocked.decision, Block)
+
+        # a valid certificate for another identity cannot register as "waf-agent"
+        impostor = asyncio.ensure_future(listener.accept_one(pool))
+        with pytest.raises(ConnectionFailed, match="does not match its client certificate"):
+            await connect_reverse(make_agent("waf"), target, agent_id="other", ssl=agent_ctx)
+        with pytest.raises(InvalidMessage, match="identity 'waf-agent'"):
+            await asyncio.wait_for(impostor, 5)
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"), [("no_cert", "no_client_certificate"), ("other_ca", "unknown_ca")]
+)
+async def test_reverse_listener_rejects_bad_client_certificates(
+    pki: Pki, other: Pki, listener_certs: tuple[str, str], case: str, reason: str
+) -> None:
+    pool, listener = await _reverse_pool_and_listener(pki, listener_certs)
+    target = f"tls://127.0.0.1:{listener.port}"
+    if case == "no_cert":
+        agent_ctx = tls.client_context(ca=pki.ca_pem)
+    else:
+        agent_ctx = tls.client_context(ca=pki.ca_pem, cert=other.client_pem, key=other.client_key)
+    async with pool, listener:
+        before = tls.handshake_failures()[reason]
+        accept = asyncio.ensure_future(listener.accept_one(pool))
+        with pytest.raises(TLSHandshakeFailed) as agent_side:
+            await connect_reverse(make_agent("waf"), target, agent_id="waf", ssl=agent_ctx)
+        assert agent_side.value.tls_reason == reason and agent_side.value.by_peer
+        with pytest.raises(TLSHandshakeFailed) as proxy_side:
+            await asyncio.wait_for(accept, 5)
+        assert proxy_side.value.tls_reason == reason and not proxy_side.value.by_peer
+        assert tls.handshake_failures()[reason] == before + 1
+        assert pool.agent_ids() == []
+        assert listener.rejected == 1
+
+
+async def test_reverse_plaintext_agent_against_tls_listener(
+    pki: Pki, listener_certs: tuple[str, str]
+) -> None:
+    pool, listener = await _reverse_pool_and_listener(pki, listener_certs)
+    async with pool, listener:
+        accept = asyncio.ensure_future(listener.accept_one(pool))
+        with pytest.raises(AgentProtocolError):
+            await connect_reverse(
+                make_agent("waf"), f"tcp://127.0.0.1:{listener.port}", agent_id="w", timeout=2.0
+            )
+        with pytest.raises(TLSHandshakeFailed) as proxy_side:
+            await asyncio.wait_for(accept, 5)
+        assert proxy_side.value.tls_reason == "not_tls"
