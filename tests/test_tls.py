@@ -12,6 +12,7 @@ import datetime
 import os
 import shutil
 import ssl
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -440,3 +441,27 @@ async def test_reverse_plaintext_agent_against_tls_listener(
         with pytest.raises(TLSHandshakeFailed) as proxy_side:
             await asyncio.wait_for(accept, 5)
         assert proxy_side.value.tls_reason == "not_tls"
+
+
+async def test_cli_agent_dials_in_over_mtls(pki: Pki, listener_certs: tuple[str, str]) -> None:
+    """``python -m agentpool agent --reverse tls://... --tls-*`` registers under its cert id."""
+    agent_cert, agent_key = pki.issue("cli-agent", "cli-agent")
+    pool, listener = await _reverse_pool_and_listener(
+        pki, listener_certs, agent_id_from_certificate=True
+    )
+    async with pool, listener:
+        accept = asyncio.ensure_future(listener.accept_one(pool))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agentpool", "agent", "--example", "waf",
+            "--reverse", f"tls://127.0.0.1:{listener.port}", "--agent-id", "cli-agent",
+            "--tls-cert", agent_cert, "--tls-key", agent_key, "--tls-ca", pki.ca_pem,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            assert await asyncio.wait_for(accept, 10) == "cli-agent"
+            reply = await pool.send_request_headers("cli-agent", "x", hdrs("x", "/admin"))
+            assert isinstance(reply.decision, Block)
+        finally:
+            proc.kill()
+            await proc.wait()
