@@ -31,6 +31,7 @@ from .errors import ConnectionFailed, Timeout
 __all__ = [
     "REASONS",
     "ReloadableContext",
+    "TLSFailureCollector",
     "TLSHandshakeFailed",
     "TLSStream",
     "classify",
@@ -91,7 +92,7 @@ _REASON_PATTERNS: tuple[tuple[str, str, bool], ...] = (
     ("ALERT_BAD_CERTIFICATE", "bad_certificate", True),
     ("ALERT_CERTIFICATE_UNKNOWN", "bad_certificate", True),
     ("WRONG_VERSION_NUMBER", "not_tls", False),
-    ("UNEXPECTED_EOF_WHILE_READING", "other", False),
+    ("UNEXPECTED_EOF_WHILE_READING", "other", True),
     ("HTTP_REQUEST", "not_tls", False),
 )
 _SSL_TAG = re.compile(r"\[SSL: ([A-Z0-9_]+)\]")
@@ -205,6 +206,34 @@ def prometheus_text(prefix: str = "agent_protocol") -> str:
     for reason, count in handshake_failures().items():
         lines.append(f'{name}{{reason="{reason}"}} {count}')
     return "\n".join(lines) + "\n"
+
+
+class TLSFailureCollector:
+    """prometheus_client collector for :func:`handshake_failures` (single-process registries;
+    register it yourself next to ``AgentPoolCollector``)."""
+
+    def __init__(self, prefix: str = "agent_protocol") -> None:
+        self.prefix = prefix
+
+    def describe(self) -> list[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        name = f"{self.prefix}_tls_handshake_failures"
+        return [
+            CounterMetricFamily(name, "TLS handshakes that failed, by reason", labels=["reason"])
+        ]
+
+    def collect(self) -> list[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        fam = CounterMetricFamily(
+            f"{self.prefix}_tls_handshake_failures",
+            "TLS handshakes that failed, by reason",
+            labels=["reason"],
+        )
+        for reason, count in handshake_failures().items():
+            fam.add_metric([reason], float(count))
+        return [fam]
 
 
 def peer_identity(peercert: Mapping[str, Any] | None) -> str | None:

@@ -465,3 +465,14 @@ async def test_cli_agent_dials_in_over_mtls(pki: Pki, listener_certs: tuple[str,
         finally:
             proc.kill()
             await proc.wait()
+
+
+def test_failure_collector_in_a_registry() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry()
+    registry.register(tls.TLSFailureCollector())
+    text = generate_latest(registry).decode()
+    expired = float(tls.handshake_failures()["expired"])
+    assert f'agent_protocol_tls_handshake_failures_total{{reason="expired"}} {expired}' in text
+    assert text.count("agent_protocol_tls_handshake_failures_total{") == len(tls.REASONS)
