@@ -285,7 +285,11 @@ class ReloadableContext(ssl.SSLContext):
     each connection) to an inner context built by ``build``. :meth:`reload` builds a new
     inner context, so new connections present the new certificate and trust the new CAs,
     while established connections keep theirs. ``server_name`` overrides the name checked
-    against (and sent in SNI to) the server's certificate.
+    against (and sent in SNI to) the server's certificate. ``files`` are watched by
+    :meth:`reload_if_changed`.
+
+    Configure it through ``build`` (a function returning a configured context): settings
+    made on this object itself (``load_cert_chain``, ``set_ciphers``...) are not used.
     """
 
     _inner: ssl.SSLContext
