@@ -319,9 +319,9 @@ class AgentConnection:
     ) -> None:
         kind, host, port = parse_endpoint(self.endpoint)
         if kind == "tls" and ssl is None:
-            from .tls import client_context
+            from .tls import default_client_context
 
-            ssl = client_context()
+            ssl = default_client_context()
         if kind == "unix" and ssl is not None:
             raise ConnectionFailed(f"{self.endpoint}: TLS needs a TCP endpoint")
         factory: Any

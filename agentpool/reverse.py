@@ -761,10 +761,10 @@ async def register_reverse(
     sock: _Sock = raw
     if ssl is not None or target.startswith("tls://"):
         from .connection import parse_endpoint
-        from .tls import client_context, socket_tls
+        from .tls import default_client_context, socket_tls
 
         host = parse_endpoint(target)[1]
-        ctx = ssl if ssl is not None else client_context()
+        ctx = ssl if ssl is not None else default_client_context()
         sock = await socket_tls(raw, ctx, timeout, server_side=False, server_hostname=host)
     try:
         frame = _encode(MessageType.HANDSHAKE_REQUEST, codec.encode_registration_request(request))

@@ -36,6 +36,7 @@ __all__ = [
     "TLSStream",
     "classify",
     "client_context",
+    "default_client_context",
     "handshake_error",
     "handshake_failures",
     "peer_identity",
@@ -405,6 +406,18 @@ def client_context(
         return ctx
 
     return ReloadableContext(build, server_name=server_name, files=(ca, cert, key))
+
+
+_default_client: ReloadableContext | None = None
+
+
+def default_client_context() -> ReloadableContext:
+    """The context for ``tls://`` endpoints given without ``ssl=``: system CAs, no client
+    certificate. Built once (loading the system CAs takes tens of milliseconds)."""
+    global _default_client
+    if _default_client is None:
+        _default_client = client_context()
+    return _default_client
 
 
 def server_context(

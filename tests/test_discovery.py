@@ -58,9 +58,7 @@ class StubDns(asyncio.DatagramProtocol):
         elif key in self.records:
             ttl, rdatas = self.records[key]
             if rdatas:
-                response.answer.append(
-                    dns.rrset.from_text_list(q.name, ttl, "IN", rdtype, rdatas)
-                )
+                response.answer.append(dns.rrset.from_text_list(q.name, ttl, "IN", rdtype, rdatas))
         elif not any(n == name for n, _ in self.records):
             response.set_rcode(dns.rcode.NXDOMAIN)
         assert self.transport is not None

@@ -175,7 +175,7 @@ async def test_plaintext_and_tls_mixed_up_fail_cleanly(pki: Pki) -> None:
         await plain.close()
 
 
-async def _expect(endpoint: str, ctx: ssl.SSLContext, reason: str, by_peer: bool) -> None:
+async def _expect(endpoint: str, ctx: ssl.SSLContext | None, reason: str, by_peer: bool) -> None:
     before = tls.handshake_failures()[reason]
     with pytest.raises(TLSHandshakeFailed) as info:
         await _open(endpoint, ctx)
@@ -192,6 +192,9 @@ async def test_unknown_ca(pki: Pki, other: Pki) -> None:
         ep = f"tls://127.0.0.1:{server.port}"
         # we do not trust the agent's CA
         await _expect(ep, pki.client(ca=other.ca_pem), "unknown_ca", False)
+        # tls:// without ssl=: the system CAs, which do not know the test CA either
+        await _expect(ep, None, "unknown_ca", False)
+        assert tls.default_client_context() is tls.default_client_context()
         # the agent does not trust our client certificate's CA
         ctx = pki.client(cert=other.client_pem, key=other.client_key)
         await _expect(ep, ctx, "unknown_ca", True)
@@ -274,9 +277,7 @@ def _copy(src: Pki, dst_dir: Path) -> None:
         os.replace(tmp, dst_dir / name)
 
 
-async def test_reload_keeps_established_connections(
-    pki: Pki, other: Pki, tmp_path: Path
-) -> None:
+async def test_reload_keeps_established_connections(pki: Pki, other: Pki, tmp_path: Path) -> None:
     """Rotate the agent's and the proxy's certificates to a new CA: established connections
     keep working, new connections use the new files."""
     live = tmp_path / "live"
