@@ -109,8 +109,8 @@ async def test_sources_follow_the_protocol(tmp_path: Path) -> None:
 
 async def test_dns_a_and_aaaa_with_ttl_reresolution(stub_dns: tuple[StubDns, int]) -> None:
     dns_srv, port = stub_dns
-    dns_srv.records[("waf.test", "A")] = (1, ["127.0.0.2", "127.0.0.3"])
-    dns_srv.records[("waf.test", "AAAA")] = (1, ["::1"])
+    dns_srv.records[("waf.test", "A")] = (2, ["127.0.0.2", "127.0.0.3"])
+    dns_srv.records[("waf.test", "AAAA")] = (2, ["::1"])
     source = dns_source(port, "waf.test", port=8443, scheme="tls")
     it = source.updates()
     try:
@@ -119,10 +119,10 @@ async def test_dns_a_and_aaaa_with_ttl_reresolution(stub_dns: tuple[StubDns, int
             "tls://127.0.0.3:8443",
             "tls://[::1]:8443",
         ]
-        # the TTL (1 s) is honoured: no lookup before it runs out
+        # the TTL (2 s) is honoured: no lookup before it runs out
         await asyncio.sleep(0.5)
         assert dns_srv.queries[("waf.test", "A")] == 1
-        dns_srv.records[("waf.test", "A")] = (1, ["127.0.0.4"])
+        dns_srv.records[("waf.test", "A")] = (2, ["127.0.0.4"])
         assert await next_list(it) == ["tls://127.0.0.4:8443", "tls://[::1]:8443"]
         assert dns_srv.queries[("waf.test", "A")] == 2
     finally:
@@ -215,14 +215,14 @@ async def test_discovery_moves_the_pool_to_the_new_endpoint(
     async with AgentPool(config) as pool:
         disc = Discovery("waf", source, single_endpoint_updater(pool))
         async with disc:
-            for _ in range(200):
+            for _ in range(500):
                 if disc.changes:
                     break
                 await asyncio.sleep(0.02)
             assert pool.agent_ids() == ["waf"]
             assert not pool.is_agent_healthy("waf")
             dns_srv.records[("waf.test", "A")] = (0, ["127.0.0.1"])
-            for _ in range(200):
+            for _ in range(500):
                 if pool.is_agent_healthy("waf"):
                     break
                 await asyncio.sleep(0.02)
