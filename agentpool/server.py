@@ -827,7 +827,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--v1-reply-version", type=int, default=2)
     p.add_argument("--v1-sdk-replies", action="store_true")
     p.add_argument("--log-level", default="WARNING")
-    p.add_argument("--tls-cert", default=None, help="serve --tcp over TLS with this PEM chain")
+    p.add_argument(
+        "--tls-cert",
+        default=None,
+        help="serve --tcp over TLS with this PEM chain (--reverse: our client certificate)",
+    )
     p.add_argument("--tls-key", default=None, help="private key for --tls-cert")
     p.add_argument(
         "--tls-ca",
@@ -837,6 +841,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if (args.tls_key or (args.tls_ca and not args.reverse)) and not args.tls_cert:
         p.error("--tls-key and --tls-ca need --tls-cert")
+    if (args.tls_cert or args.tls_ca) and args.socket:
+        p.error("TLS options need --tcp or --reverse")
     if sum(bool(x) for x in (args.socket, args.tcp, args.reverse)) != 1:
         p.error("give exactly one of --socket, --tcp or --reverse")
     return args
