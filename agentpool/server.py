@@ -689,6 +689,8 @@ class AgentServer:
             raise ValueError("give either path (Unix socket) or host/port (TCP)")
         if protocol not in ("v1", "v2"):
             raise ValueError(f"unknown protocol {protocol!r}")
+        if ssl is not None and path is not None:
+            raise ValueError("ssl needs TCP (host/port), not a Unix socket")
         self.agent = agent
         self.path = path
         self.host = host or "127.0.0.1"
@@ -704,7 +706,7 @@ class AgentServer:
 
     @property
     def endpoint(self) -> str:
-        """Where proxies connect: ``unix:/path`` or ``tcp://host:port``."""
+        """Where proxies connect: ``unix:/path``, ``tcp://host:port`` or ``tls://host:port``."""
         if self.path is not None:
             return f"unix:{self.path}"
         return f"{'tcp' if self.ssl is None else 'tls'}://{self.host}:{self.port}"
