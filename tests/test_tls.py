@@ -141,7 +141,12 @@ async def test_mtls_pool_against_cli_agent(pki: Pki) -> None:
     args = ["--tls-cert", pki.server_pem, "--tls-key", pki.server_key, "--tls-ca", pki.ca_pem]
     with spawn_agent("waf", tcp=True, extra_args=args) as agent:
         assert agent.endpoint.startswith("tls://")
-        config = AgentPoolConfig(connections_per_agent=2, connect_timeout=5.0)
+        config = AgentPoolConfig(
+            connections_per_agent=2,
+            connect_timeout=5.0,
+            reconnect_interval=0.05,
+            health_check_interval=0.1,
+        )
         async with AgentPool(config) as pool:
             await pool.add_agent("waf", f"tls://127.0.0.1:{agent.port}", ssl=pki.client())
             assert pool.is_agent_healthy("waf")
@@ -152,6 +157,22 @@ async def test_mtls_pool_against_cli_agent(pki: Pki) -> None:
             blocked = await pool.send_request_headers("waf", "adm", hdrs("adm", "/admin"))
             assert isinstance(blocked.decision, Block)
             assert 'tls_handshake_failures_total{reason="unknown_ca"}' in pool.export_prometheus()
+
+            # the agent restarts: maintenance reconnects over TLS with the same context
+            await agent.arestart()
+            for attempt in range(200):
+                if pool.is_agent_healthy("waf") and pool.agent_stats_sync()[0].active_connections:
+                    cid = f"again-{attempt}"
+                    try:
+                        reply = await pool.send_request_headers("waf", cid, hdrs(cid))
+                    except AgentProtocolError:
+                        pass
+                    else:
+                        assert isinstance(reply.decision, Allow)
+                        break
+                await asyncio.sleep(0.05)
+            else:
+                pytest.fail("the pool did not reconnect to the restarted TLS agent")
 
 
 async def test_plaintext_and_tls_mixed_up_fail_cleanly(pki: Pki) -> None:
