@@ -43,6 +43,7 @@ from .enums import (
     MessageType,
 )
 from .errors import (
+    AddressInUse,
     AgentProtocolError,
     CircuitBreakerOpen,
     ConnectionClosed,
@@ -140,6 +141,7 @@ __all__ = [
     "JSON_CODEC",
     "MAX_MESSAGE_SIZE",
     "MSGPACK_CODEC",
+    "AddressInUse",
     "Agent",
     "AgentCapabilities",
     "AgentConnection",

@@ -7,7 +7,10 @@ proxy keep working (the closing parenthesis of ``MessageTooLarge`` is restored).
 
 from __future__ import annotations
 
+import errno
+
 __all__ = [
+    "AddressInUse",
     "AgentProtocolError",
     "CircuitBreakerOpen",
     "ConnectionClosed",
@@ -145,3 +148,16 @@ class FlowControlPaused(AgentProtocolError):
     def __init__(self, agent_id: str) -> None:
         super().__init__(f"Flow control paused: agent '{agent_id}' requested backpressure")
         self.agent_id = agent_id
+
+
+class AddressInUse(ConnectionFailed, OSError):
+    """A Unix socket path cannot be bound: a live listener owns it, or it is not a socket.
+
+    Also an :class:`OSError` with ``errno`` ``EADDRINUSE``, like the error a taken TCP port
+    raises, so code that handles a busy address handles both.
+    """
+
+    def __init__(self, path: str, detail: str) -> None:
+        super().__init__(f"cannot listen on unix:{path}: {detail}")
+        self.errno = errno.EADDRINUSE
+        self.path = path

@@ -27,16 +27,17 @@ import logging
 import os
 import socket
 import ssl as _ssl
-import stat
 import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 from . import codec
 from ._impl import core
+from ._unixsock import FileId, bind_unix, unlink_if_ours
 from ._version import __version__
 from .enums import MessageType
 from .errors import (
+    AddressInUse,
     AgentProtocolError,
     ConnectionClosed,
     ConnectionFailed,
@@ -251,15 +252,20 @@ class ReverseConnectionListener:
         config: ReverseConnectionConfig,
         *,
         path: str | None = None,
+        file_id: FileId | None = None,
     ) -> None:
-        """Wrap a bound, listening, non-blocking socket; use :meth:`bind_uds`/:meth:`bind_tcp`."""
+        """Wrap a bound, listening, non-blocking socket; use :meth:`bind_uds`/:meth:`bind_tcp`.
+
+        ``file_id`` is the ``(st_dev, st_ino)`` of the socket file at ``path`` when it was
+        bound; :meth:`close` removes the path only while it is still that file.
+        """
         self._sock = sock
         self.config = config
         self.path = path
-        self._file_id: tuple[int, int] | None = None
-        if path is not None:
+        if path is not None and file_id is None:
             st = os.stat(path)
-            self._file_id = (st.st_dev, st.st_ino)
+            file_id = (st.st_dev, st.st_ino)
+        self._file_id = file_id
         self._closed = False
         self._serve_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -284,37 +290,20 @@ class ReverseConnectionListener:
     async def bind_uds(
         cls, path: str, config: ReverseConnectionConfig | None = None
     ) -> ReverseConnectionListener:
-        """Listen on a Unix socket at ``path`` (mode 0600), replacing a stale file there."""
+        """Listen on a Unix socket at ``path`` (mode 0600).
+
+        A stale socket file there is replaced; a path where a process is listening, or that
+        is not a socket, raises :class:`~agentpool.errors.AddressInUse` (docs/reverse.md).
+        """
         config = config if config is not None else ReverseConnectionConfig()
         cls._check_config(config)
         try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            pass
+            sock, file_id = bind_unix(path, backlog=config.backlog, mode=0o600)
+        except AddressInUse:
+            raise
         except OSError as exc:
-            raise ConnectionFailed(f"Failed to remove existing socket {path}: {exc}") from exc
-        else:
-            if stat.S_ISDIR(st.st_mode):
-                raise ConnectionFailed(f"Failed to remove existing socket {path}: is a directory")
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                raise ConnectionFailed(f"Failed to remove existing socket {path}: {exc}") from exc
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(path)
-            # Nobody can connect before listen(), so tightening the mode here leaves no window.
-            os.chmod(path, 0o600)
-            sock.listen(config.backlog)
-            sock.setblocking(False)
-            return cls(sock, config, path=path)
-        except OSError as exc:
-            sock.close()
-            with contextlib.suppress(OSError):
-                os.unlink(path)
             raise ConnectionFailed(f"Failed to bind to {path}: {exc}") from exc
+        return cls(sock, config, path=path, file_id=file_id)
 
     @classmethod
     async def bind_tcp(
@@ -642,11 +631,8 @@ class ReverseConnectionListener:
             asyncio.get_running_loop().call_soon(_close_socket, self._sock)
         except RuntimeError:
             _close_socket(self._sock)
-        if self.path is not None and self._file_id is not None:
-            with contextlib.suppress(OSError):
-                st = os.lstat(self.path)
-                if (st.st_dev, st.st_ino) == self._file_id:
-                    os.unlink(self.path)
+        if self.path is not None:
+            unlink_if_ours(self.path, self._file_id)
 
     async def wait_closed(self) -> None:
         """After :meth:`close`: wait until the accept loop and registrations have finished."""

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import stat
 import sys
 import tempfile
@@ -25,6 +26,7 @@ import pytest
 import agentpool
 from agentpool.config import AgentPoolConfig
 from agentpool.errors import (
+    AddressInUse,
     ConnectionClosed,
     ConnectionFailed,
     InvalidMessage,
@@ -275,7 +277,9 @@ async def test_bind_uds_mode_0600_and_close_removes_file(sock_path: str) -> None
 
 
 async def test_bind_uds_replaces_stale_file(sock_path: str) -> None:
-    write_text(sock_path, "stale")
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(sock_path)  # a socket file nobody listens on, as a killed process leaves it
+    stale.close()
     async with await ReverseConnectionListener.bind_uds(sock_path) as listener:
         assert stat.S_ISSOCK(os.stat(sock_path).st_mode)
         agent = await RawAgent.dial(listener)
@@ -284,8 +288,17 @@ async def test_bind_uds_replaces_stale_file(sock_path: str) -> None:
 
 
 async def test_bind_uds_refuses_a_directory(sock_dir: str) -> None:
-    with pytest.raises(ConnectionFailed, match="Failed to remove existing socket"):
+    with pytest.raises(ConnectionFailed, match="exists and is not a socket"):
         await ReverseConnectionListener.bind_uds(sock_dir)
+    assert os.path.isdir(sock_dir)
+
+
+async def test_bind_uds_refuses_a_regular_file(sock_path: str) -> None:
+    write_text(sock_path, "not a socket")
+    with pytest.raises(AddressInUse, match="exists and is not a socket"):
+        await ReverseConnectionListener.bind_uds(sock_path)
+    with open(sock_path) as f:
+        assert f.read() == "not a socket"
 
 
 async def test_bind_refuses_auth_without_tokens(sock_path: str) -> None:
