@@ -154,13 +154,13 @@ class ControlAgent(_Example):
                 elif session is None:
                     continue
                 elif action == "pause":
-                    session.send_flow_control(FlowAction.PAUSE)
+                    await session.send_flow_control(FlowAction.PAUSE)
                 elif action == "resume":
-                    session.send_flow_control(FlowAction.RESUME)
+                    await session.send_flow_control(FlowAction.RESUME)
                 elif action.startswith("health:"):
-                    session.send_health(HealthState(int(action.split(":", 1)[1])), "test")
+                    await session.send_health(HealthState(int(action.split(":", 1)[1])), "test")
                 elif action == "metrics":
-                    session.send_metrics(
+                    await session.send_metrics(
                         MetricsReport(
                             agent_id=self.agent_id,
                             timestamp_ms=1,

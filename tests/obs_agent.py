@@ -107,13 +107,13 @@ class ObsAgent(Agent):
         update = config.get("update_type", {}) if isinstance(config, dict) else {}
         return not (update.get("type") == "list_update" and update.get("list_id") == "reject")
 
-    def _act(self, session: AgentSession, action: str) -> None:
+    async def _act(self, session: AgentSession, action: str) -> None:
         if action == "pause":
-            session.send_flow_control(FlowAction.PAUSE)
+            await session.send_flow_control(FlowAction.PAUSE)
         elif action == "resume":
-            session.send_flow_control(FlowAction.RESUME)
+            await session.send_flow_control(FlowAction.RESUME)
         elif action.startswith("health:"):
-            session.send_health(HealthState(int(action.split(":", 1)[1])), "obs test")
+            await session.send_health(HealthState(int(action.split(":", 1)[1])), "obs test")
         elif action.startswith("after:"):
             _, delay, later = action.split(":", 2)
             task = asyncio.get_running_loop().create_task(self._after(session, float(delay), later))
@@ -123,14 +123,14 @@ class ObsAgent(Agent):
     async def _after(self, session: AgentSession, delay: float, action: str) -> None:
         await asyncio.sleep(delay)
         if session.transport is not None:
-            self._act(session, action)
+            await self._act(session, action)
 
     async def on_request_headers(self, event: RequestHeadersEvent) -> AgentResponse:
         headers = event.headers
         meta = {"cid": event.metadata.correlation_id, "pid": str(os.getpid())}
         session = current_session.get()
         for spec in headers.get("x-obs-metrics", []):
-            session.send_metrics(build_report(self.agent_id, json.loads(spec)))
+            await session.send_metrics(build_report(self.agent_id, json.loads(spec)))
         for spec in headers.get("x-obs-config", []):
             try:
                 resp = await session.request_config_update(
@@ -147,7 +147,7 @@ class ObsAgent(Agent):
                 if action == "configs":
                     meta["configs"] = json.dumps(self.configs)
                 else:
-                    self._act(session, action)
+                    await self._act(session, action)
         return AgentResponse(routing_metadata=meta)
 
 

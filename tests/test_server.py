@@ -44,7 +44,7 @@ from agentpool.messages import (
     ResponseHeadersEvent,
     WebSocketFrameEvent,
 )
-from agentpool.server import Agent, AgentServer, main_agent
+from agentpool.server import Agent, AgentServer, ErrorPolicy, main_agent
 
 T = 10.0
 
@@ -126,13 +126,21 @@ class RecordingAgent(Agent):
 
 @contextlib.asynccontextmanager
 async def serve(
-    agent: Agent, *, tcp: bool = False, encodings: tuple[str, ...] = ("json", "msgpack")
+    agent: Agent,
+    *,
+    tcp: bool = False,
+    encodings: tuple[str, ...] = ("json", "msgpack"),
+    on_error: ErrorPolicy | None = None,
 ) -> AsyncIterator[AgentServer]:
     d = short_socket_dir()
     if tcp:
-        server = AgentServer(agent, host="127.0.0.1", port=0, encodings=encodings)
+        server = AgentServer(
+            agent, host="127.0.0.1", port=0, encodings=encodings, on_error=on_error
+        )
     else:
-        server = AgentServer(agent, path=os.path.join(d, "s.sock"), encodings=encodings)
+        server = AgentServer(
+            agent, path=os.path.join(d, "s.sock"), encodings=encodings, on_error=on_error
+        )
     await server.start()
     try:
         yield server
@@ -228,7 +236,8 @@ async def test_cancel_reaches_agent_and_cancels_handler() -> None:
 
 
 async def test_handler_exception_fails_open() -> None:
-    async with serve(RecordingAgent()) as server, proxy(server.endpoint) as conn:
+    allow = ErrorPolicy.allow()
+    async with serve(RecordingAgent(), on_error=allow) as server, proxy(server.endpoint) as conn:
         r = await asyncio.wait_for(conn.request(headers_event("x", "/boom"), "x"), T)
         assert r.is_allow and r.audit.custom["correlation_id"] == "x"
 
@@ -308,7 +317,7 @@ async def handshake(
 
 @pytest.mark.parametrize("encoding", ["json", "msgpack"])
 async def test_raw_ping_echo_and_fail_open(encoding: str) -> None:
-    async with serve(RecordingAgent()) as server:
+    async with serve(RecordingAgent(), on_error=ErrorPolicy.allow()) as server:
         reader, writer = await raw_client(server)
         try:
             assert await handshake(reader, writer, [encoding, "json"]) == encoding
