@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from .messages import MetricsReport
 
 __all__ = [
+    "DROP_REASONS",
     "AgentPoolCollector",
     "CounterSeries",
     "GaugeSeries",
@@ -105,11 +106,27 @@ def _render_labels(labels: Labels) -> str:
 
 @dataclass(slots=True)
 class MetricsCollectorConfig:
-    """Collector limits; ``max_age`` in seconds (upstream defaults)."""
+    """Collector limits (docs/observability.md, "Limits"); ``max_age`` in seconds.
+
+    ``max_age``, ``max_series`` and ``include_agent_id_label`` are upstream's. The others
+    bound what one agent can make the collector keep: ``max_series_per_agent`` new series
+    per agent id, ``max_agents`` agent ids, ``max_labels`` labels per series. A metric or
+    label name longer than ``max_name_length`` refuses the series; label values and help
+    texts are cut to ``max_label_value_length`` / ``max_help_length`` characters; an agent
+    id taken from a report (``record()`` without ``agent_id``) longer than
+    ``max_agent_id_length`` refuses the report.
+    """
 
     max_age: float = 300.0
     max_series: int = 10_000
     include_agent_id_label: bool = True
+    max_series_per_agent: int = 1_000
+    max_agents: int = 1_000
+    max_labels: int = 32
+    max_name_length: int = 256
+    max_label_value_length: int = 1_024
+    max_help_length: int = 1_024
+    max_agent_id_length: int = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,12 +191,27 @@ class MetricsSnapshot:
 _SeriesKey = tuple[str, str, Labels]
 
 
-class MetricsCollector:
-    """Latest-value store for agent-reported series, capped at ``max_series``.
+#: Why a series or report was refused (keys of :meth:`MetricsCollector.drops`).
+DROP_REASONS = (
+    "max_series",
+    "max_series_per_agent",
+    "too_large",
+    "max_agents",
+    "agent_id_too_long",
+)
+_REPORT_REASONS = frozenset({"max_agents", "agent_id_too_long"})
 
-    Values are replaced on every report, never accumulated. New series beyond the cap are
-    dropped (counted in :meth:`dropped_series`, warned once per at-capacity episode);
-    existing series keep updating. Thread-safe, so a scrape from another thread is fine.
+
+class MetricsCollector:
+    """Latest-value store for agent-reported series, bounded by :class:`MetricsCollectorConfig`.
+
+    Values are replaced on every report, never accumulated. A series is keyed by agent id,
+    name and labels; the pool records each report under the id the connection was added
+    with, never the id inside the report. New series beyond ``max_series`` (all agents) or
+    ``max_series_per_agent``, series with an oversized name or too many labels, and reports
+    from a new agent id beyond ``max_agents`` are dropped and counted (:meth:`drops`), with
+    one warning per reason (the ``max_series`` warning re-arms once expiry made room).
+    Existing series keep updating. Thread-safe, so a scrape from another thread is fine.
     """
 
     def __init__(
@@ -195,61 +227,140 @@ class MetricsCollector:
         self._gauges: dict[_SeriesKey, GaugeSeries] = {}
         self._histograms: dict[_SeriesKey, HistogramSeries] = {}
         self._last_report: dict[str, float] = {}
-        self._dropped = 0
-        self._capacity_warned = False
+        self._per_agent: dict[str, int] = {}
+        self._drops = dict.fromkeys(DROP_REASONS, 0)
+        self._warned: set[str] = set()
 
-    def _labels(self, agent_id: str, labels: dict[str, str] | None) -> Labels:
-        merged = {str(k): str(v) for k, v in labels.items()} if labels else {}
-        if self.config.include_agent_id_label:
+    def _drop(self, reason: str, agent_id: str, what: str) -> None:
+        self._drops[reason] += 1
+        if reason in self._warned:
+            return
+        self._warned.add(reason)
+        cfg = self.config
+        limit = {
+            "max_series": f"max_series={cfg.max_series}",
+            "max_series_per_agent": f"max_series_per_agent={cfg.max_series_per_agent}",
+            "too_large": (f"max_name_length={cfg.max_name_length}, max_labels={cfg.max_labels}"),
+            "max_agents": f"max_agents={cfg.max_agents}",
+            "agent_id_too_long": f"max_agent_id_length={cfg.max_agent_id_length}",
+        }[reason]
+        log.warning(
+            "agent metrics limit reached (%s); dropping (first dropped: %s from agent %r)",
+            limit,
+            what[:200],
+            agent_id[:200],
+        )
+
+    def _labels(self, agent_id: str, labels: dict[str, str] | None) -> Labels | None:
+        cfg = self.config
+        merged: dict[str, str] = {}
+        if labels:
+            if len(labels) > cfg.max_labels:
+                return None
+            cut = cfg.max_label_value_length
+            for k, v in labels.items():
+                key = str(k)
+                if len(key) > cfg.max_name_length:
+                    return None
+                value = str(v)
+                merged[key] = value if len(value) <= cut else value[:cut]
+        if cfg.include_agent_id_label:
             merged["agent_id"] = agent_id
         return tuple(sorted(merged.items()))
+
+    def _key(self, agent_id: str, metric: Any) -> tuple[_SeriesKey, str | None] | None:
+        """The series key and help text of one reported metric; None (counted) if refused."""
+        name = str(metric.name)
+        labels = (
+            None
+            if len(name) > self.config.max_name_length
+            else self._labels(agent_id, metric.labels)
+        )
+        if labels is None:
+            self._drop("too_large", agent_id, f"{len(name)}-character metric {name[:64]!r}")
+            return None
+        help_text = metric.help
+        if help_text is not None:
+            help_text = str(help_text)[: self.config.max_help_length]
+        return (agent_id, name, labels), help_text
 
     def _admit(self, store: dict[_SeriesKey, Any], key: _SeriesKey) -> bool:
         if key in store:
             return True
+        agent_id = key[0]
         total = len(self._counters) + len(self._gauges) + len(self._histograms)
-        if total < self.config.max_series:
-            return True
-        self._dropped += 1
-        if not self._capacity_warned:
-            self._capacity_warned = True
-            log.warning(
-                "metrics series limit reached (max_series=%d); dropping new series "
-                "(first dropped: %s from agent %s)",
-                self.config.max_series,
-                key[1],
-                key[0],
-            )
-        return False
+        if total >= self.config.max_series:
+            self._drop("max_series", agent_id, repr(key[1][:64]))
+            return False
+        if self._per_agent.get(agent_id, 0) >= self.config.max_series_per_agent:
+            self._drop("max_series_per_agent", agent_id, repr(key[1][:64]))
+            return False
+        self._per_agent[agent_id] = self._per_agent.get(agent_id, 0) + 1
+        return True
 
-    def record(self, report: MetricsReport) -> None:
-        """Store every counter, gauge and histogram of one agent report."""
-        agent_id = report.agent_id
+    def _room_for_agent(self) -> bool:
+        """Make room for a new agent id: forget the oldest ids that have no series left."""
+        if len(self._last_report) < self.config.max_agents:
+            return True
+        idle = sorted(
+            (at, aid) for aid, at in self._last_report.items() if not self._per_agent.get(aid)
+        )
+        excess = len(self._last_report) - self.config.max_agents + 1
+        for _, aid in idle[:excess]:
+            del self._last_report[aid]
+            self._per_agent.pop(aid, None)
+        return len(self._last_report) < self.config.max_agents
+
+    def record(self, report: MetricsReport, agent_id: str | None = None) -> bool:
+        """Store every counter, gauge and histogram of one agent report.
+
+        ``agent_id`` is the id the series are kept and labelled under; the pool passes the id
+        the reporting connection was added with, so a report cannot speak for another agent.
+        Without it the report's own ``agent_id`` is used (bounded by ``max_agent_id_length``).
+        Returns False if the whole report was refused (see :meth:`drops`).
+        """
+        if agent_id is None:
+            agent_id = str(report.agent_id)
+            if len(agent_id) > self.config.max_agent_id_length:
+                with self._lock:
+                    self._drop("agent_id_too_long", agent_id, f"a {len(agent_id)}-character id")
+                return False
         with self._lock:
             now = self._clock()
+            if agent_id not in self._last_report and not self._room_for_agent():
+                self._drop("max_agents", agent_id, "a report")
+                return False
             self._last_report[agent_id] = now
             for c in report.counters:
-                labels = self._labels(agent_id, c.labels)
-                key = (agent_id, c.name, labels)
-                if self._admit(self._counters, key):
+                k = self._key(agent_id, c)
+                if k is not None and self._admit(self._counters, k[0]):
+                    key, help_text = k
                     self._counters[key] = CounterSeries(
-                        agent_id, c.name, c.help, labels, int(c.value), now
+                        agent_id, key[1], help_text, key[2], int(c.value), now
                     )
             for g in report.gauges:
-                labels = self._labels(agent_id, g.labels)
-                key = (agent_id, g.name, labels)
-                if self._admit(self._gauges, key):
+                k = self._key(agent_id, g)
+                if k is not None and self._admit(self._gauges, k[0]):
+                    key, help_text = k
                     self._gauges[key] = GaugeSeries(
-                        agent_id, g.name, g.help, labels, float(g.value), now
+                        agent_id, key[1], help_text, key[2], float(g.value), now
                     )
             for h in report.histograms:
-                labels = self._labels(agent_id, h.labels)
-                key = (agent_id, h.name, labels)
-                if self._admit(self._histograms, key):
+                k = self._key(agent_id, h)
+                if k is not None and self._admit(self._histograms, k[0]):
+                    key, help_text = k
                     buckets = tuple((float(b.le), int(b.count)) for b in h.buckets)
                     self._histograms[key] = HistogramSeries(
-                        agent_id, h.name, h.help, labels, float(h.sum), int(h.count), buckets, now
+                        agent_id,
+                        key[1],
+                        help_text,
+                        key[2],
+                        float(h.sum),
+                        int(h.count),
+                        buckets,
+                        now,
                     )
+            return True
 
     def expire_old_metrics(self) -> int:
         """Drop series not updated for ``max_age`` seconds; returns how many were dropped."""
@@ -261,10 +372,15 @@ class MetricsCollector:
                 stale = [k for k, s in store.items() if now - s.last_updated >= max_age]
                 for k in stale:
                     del store[k]
+                    left = self._per_agent[k[0]] - 1
+                    if left:
+                        self._per_agent[k[0]] = left
+                    else:
+                        del self._per_agent[k[0]]
                 removed += len(stale)
             total = len(self._counters) + len(self._gauges) + len(self._histograms)
             if total < self.config.max_series:
-                self._capacity_warned = False
+                self._warned.discard("max_series")
             return removed
 
     def series_count(self) -> int:
@@ -272,8 +388,21 @@ class MetricsCollector:
         return len(self._counters) + len(self._gauges) + len(self._histograms)
 
     def dropped_series(self) -> int:
-        """New series refused because the collector was at ``max_series``."""
-        return self._dropped
+        """Series refused: over ``max_series`` or ``max_series_per_agent``, or too large."""
+        return sum(n for r, n in self._drops.items() if r not in _REPORT_REASONS)
+
+    def dropped_reports(self) -> int:
+        """Whole reports refused: a new agent id over ``max_agents``, or an id too long."""
+        return sum(n for r, n in self._drops.items() if r in _REPORT_REASONS)
+
+    def drops(self) -> dict[str, int]:
+        """Refusals by reason (every key of :data:`DROP_REASONS`, zero included)."""
+        with self._lock:
+            return dict(self._drops)
+
+    def agent_series_count(self, agent_id: str) -> int:
+        """Series currently kept for ``agent_id``."""
+        return self._per_agent.get(agent_id, 0)
 
     def active_agents(self) -> list[str]:
         """Ids of every agent that ever sent a report."""
@@ -294,41 +423,38 @@ class MetricsCollector:
             )
 
     def export_prometheus(self, reserved_prefix: str | None = None) -> str:
-        """All series in upstream's Prometheus text format (POOL.md §11.3).
+        """All series in upstream's Prometheus text format (docs/observability.md).
 
         Series that cannot be exposed (a metric or label name Prometheus rejects, a reserved
         ``__`` label, a histogram carrying its own ``le``, or a name under ``reserved_prefix``)
-        are left out, so one misbehaving agent cannot make the whole text unparsable.
+        are left out, and so is a family whose names clash with one written before it (the
+        same name reported as counter and gauge, a gauge ``x_count`` beside a histogram
+        ``x``): counters come first, then gauges, then histograms, each sorted by name, and
+        the first family to claim a name keeps it. One misbehaving agent therefore cannot
+        make the text unparsable.
         """
-        snap = self.snapshot()
-        snap = MetricsSnapshot(
-            _exportable(snap.counters, False, reserved_prefix),
-            _exportable(snap.gauges, False, reserved_prefix),
-            _exportable(snap.histograms, True, reserved_prefix),
-        )
         out: list[str] = []
-        for name, series in _group_by_name(snap.counters):
-            _header(out, name, series[0].help, "counter")
-            for c in series:
-                out.append(f"{name}{_render_labels(c.labels)} {format_value(float(c.value))}\n")
-        for name, series in _group_by_name(snap.gauges):
-            _header(out, name, series[0].help, "gauge")
-            for g in series:
-                out.append(f"{name}{_render_labels(g.labels)} {format_value(g.value)}\n")
-        for name, series in _group_by_name(snap.histograms):
-            _header(out, name, series[0].help, "histogram")
-            for h in series:
-                base = dict(h.labels)
-                for le, count in h.buckets:
-                    labels = tuple(sorted({**base, "le": format_le(le)}.items()))
-                    out.append(f"{name}_bucket{_render_labels(labels)} {count}\n")
-                rendered = _render_labels(h.labels)
-                out.append(f"{name}_sum{rendered} {format_value(h.sum)}\n")
-                out.append(f"{name}_count{rendered} {h.count}\n")
+        for kind, name, series in _families(self.snapshot(), reserved_prefix):
+            _header(out, name, series[0].help, kind)
+            if kind == "counter":
+                for c in series:
+                    out.append(f"{name}{_render_labels(c.labels)} {format_value(float(c.value))}\n")
+            elif kind == "gauge":
+                for g in series:
+                    out.append(f"{name}{_render_labels(g.labels)} {format_value(g.value)}\n")
+            else:
+                for h in series:
+                    base = dict(h.labels)
+                    for le, count in h.buckets:
+                        labels = tuple(sorted({**base, "le": format_le(le)}.items()))
+                        out.append(f"{name}_bucket{_render_labels(labels)} {count}\n")
+                    rendered = _render_labels(h.labels)
+                    out.append(f"{name}_sum{rendered} {format_value(h.sum)}\n")
+                    out.append(f"{name}_count{rendered} {h.count}\n")
         return "".join(out)
 
     def __repr__(self) -> str:
-        return f"MetricsCollector(series={self.series_count()}, dropped={self._dropped})"
+        return f"MetricsCollector(series={self.series_count()}, dropped={self.dropped_series()})"
 
 
 _METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
@@ -352,6 +478,42 @@ def _exportable(series: Iterable[Any], histogram: bool, reserved_prefix: str | N
             continue
         kept.append(s)
     return kept
+
+
+def _families(
+    snap: MetricsSnapshot, reserved_prefix: str | None, taken: set[str] | None = None
+) -> list[tuple[str, str, list[Any]]]:
+    """``(kind, name, series)`` per exposable family, clashing names dropped (first wins).
+
+    ``taken`` holds names already exposed before these families; it is updated in place.
+    """
+    taken = set() if taken is None else taken
+    kinds: tuple[tuple[str, Sequence[Any]], ...] = (
+        ("counter", _exportable(snap.counters, False, reserved_prefix)),
+        ("gauge", _exportable(snap.gauges, False, reserved_prefix)),
+        ("histogram", _exportable(snap.histograms, True, reserved_prefix)),
+    )
+    out: list[tuple[str, str, list[Any]]] = []
+    for kind, series_list in kinds:
+        for name, series in _group_by_name(series_list):
+            claimed = _claimed_names(kind, name)
+            if claimed & taken:
+                log.debug("not exporting agent %s %r: its name is already exported", kind, name)
+                continue
+            taken |= claimed
+            out.append((kind, name, series))
+    return out
+
+
+def _claimed_names(kind: str, name: str) -> set[str]:
+    """Every family or sample name a family of this kind may occupy in any exposition format
+    (a parser folds ``x_total`` into the family ``x``, and may read ``_created`` samples)."""
+    if kind == "counter":
+        base = name.removesuffix("_total")
+        return {name, base, f"{base}_total", f"{base}_created"}
+    if kind == "histogram":
+        return {name, f"{name}_bucket", f"{name}_sum", f"{name}_count", f"{name}_created"}
+    return {name}
 
 
 def _group_by_name(series: Iterable[Any]) -> list[tuple[str, list[Any]]]:
@@ -491,14 +653,14 @@ class AgentPoolCollector:
         snap = self.pool.protocol_metrics.snapshot()
         taken: set[str] = set()
         for n, h in _PROTOCOL_COUNTERS:
-            taken |= _exposed_names("counter", f"{p}_{n}")
+            taken |= _claimed_names("counter", f"{p}_{n}")
             yield CounterMetricFamily(f"{p}_{n}", h, value=float(getattr(snap, n)))
         for n, h in _PROTOCOL_GAUGES:
-            taken |= _exposed_names("gauge", f"{p}_{n}")
+            taken |= _claimed_names("gauge", f"{p}_{n}")
             yield GaugeMetricFamily(f"{p}_{n}", h, value=float(getattr(snap, n)))
         for attr, n, h in _PROTOCOL_HISTOGRAMS:
             hist = getattr(snap, attr)
-            taken |= _exposed_names("histogram", f"{p}_{n}")
+            taken |= _claimed_names("histogram", f"{p}_{n}")
             yield HistogramMetricFamily(
                 f"{p}_{n}", h, buckets=_cumulative_buckets(hist), sum_value=hist.sum / 1e6
             )
@@ -508,7 +670,7 @@ class AgentPoolCollector:
             fam = GaugeMetricFamily(f"{p}_{n}", h, labels=["agent_id"])
             for st in stats:
                 fam.add_metric([st.agent_id], float(getattr(st, attr)))
-            taken |= _exposed_names("gauge", fam.name)
+            taken |= _claimed_names("gauge", fam.name)
             yield fam
 
         yield from self._agent_families(self.pool.metrics_collector.snapshot(), taken)
@@ -516,41 +678,21 @@ class AgentPoolCollector:
     def _agent_families(self, snap: MetricsSnapshot, taken: set[str]) -> Iterator[Any]:
         from prometheus_client.core import Metric
 
-        kinds: tuple[tuple[str, Sequence[Any]], ...] = (
-            ("counter", _exportable(snap.counters, False, None)),
-            ("gauge", _exportable(snap.gauges, False, None)),
-            ("histogram", _exportable(snap.histograms, True, None)),
-        )
-        for kind, series_list in kinds:
-            for name, series in _group_by_name(series_list):
-                typ = kind
-                if kind == "counter" and not name.endswith("_total"):
-                    typ = "unknown"
-                exposed = _exposed_names(typ, name)
-                if exposed & taken:
-                    log.debug("skipping agent metric %r: name already exported", name)
-                    continue
-                help_text = next((s.help for s in series if s.help is not None), "")
-                try:
-                    fam = Metric(name, help_text, typ)
-                    if typ == "counter":
-                        fam.name = name[: -len("_total")]
-                    for s in _newest_per_labels(series):
-                        _add_agent_samples(fam, name, kind, s)
-                except ValueError as exc:
-                    log.debug("skipping agent metric %r: %s", name, exc)
-                    continue
-                taken |= exposed
-                yield fam
-
-
-def _exposed_names(typ: str, name: str) -> set[str]:
-    """Family and sample names a family of this type occupies in the exposition."""
-    if typ == "counter":
-        return {name, name.removesuffix("_total")}
-    if typ == "histogram":
-        return {name, f"{name}_bucket", f"{name}_sum", f"{name}_count"}
-    return {name}
+        for kind, name, series in _families(snap, None, taken):
+            typ = kind
+            if kind == "counter" and not name.endswith("_total"):
+                typ = "unknown"
+            help_text = next((s.help for s in series if s.help is not None), "")
+            try:
+                fam = Metric(name, help_text, typ)
+                if typ == "counter":
+                    fam.name = name[: -len("_total")]
+                for s in _newest_per_labels(series):
+                    _add_agent_samples(fam, name, kind, s)
+            except ValueError as exc:
+                log.debug("skipping agent metric %r: %s", name, exc)
+                continue
+            yield fam
 
 
 def _newest_per_labels(series: list[Any]) -> list[Any]:

@@ -181,7 +181,7 @@ class _Listener:
         self._pool._on_flow_control(conn, paused)
 
     def on_metrics(self, conn: AgentConnection, report: MetricsReport) -> None:
-        self._pool._collector.record(report)
+        self._pool._collector.record(report, conn.agent_id)
 
     def on_config_update(
         self, conn: AgentConnection, request: ConfigUpdateRequest
