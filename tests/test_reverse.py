@@ -290,15 +290,14 @@ async def test_bind_uds_replaces_stale_file(sock_path: str) -> None:
 async def test_bind_uds_refuses_a_directory(sock_dir: str) -> None:
     with pytest.raises(ConnectionFailed, match="exists and is not a socket"):
         await ReverseConnectionListener.bind_uds(sock_dir)
-    assert os.path.isdir(sock_dir)
+    assert exists(sock_dir)
 
 
 async def test_bind_uds_refuses_a_regular_file(sock_path: str) -> None:
     write_text(sock_path, "not a socket")
     with pytest.raises(AddressInUse, match="exists and is not a socket"):
         await ReverseConnectionListener.bind_uds(sock_path)
-    with open(sock_path) as f:
-        assert f.read() == "not a socket"
+    assert read_text(sock_path) == "not a socket"
 
 
 async def test_bind_refuses_auth_without_tokens(sock_path: str) -> None:
