@@ -31,6 +31,9 @@ from .messages import (
 )
 
 __all__ = [
+    "DEFAULT_MAX_PENDING",
+    "DEFAULT_MAX_PENDING_AGE",
+    "DEFAULT_MAX_REQUEST_ID_LENGTH",
     "RESULT_RETENTION",
     "ConfigPusher",
     "ConfigPusherConfig",
@@ -50,6 +53,15 @@ ListUpdateCallback: TypeAlias = Callable[[str, list[str], list[str]], bool]
 
 RESULT_RETENTION = 60.0
 """Seconds a finished push (acknowledged, failed, expired) stays in the results."""
+
+DEFAULT_MAX_PENDING = 256
+"""Reload requests a :class:`ConfigUpdateHandler` remembers at most."""
+
+DEFAULT_MAX_PENDING_AGE = 300.0
+"""Seconds a :class:`ConfigUpdateHandler` remembers a reload request."""
+
+DEFAULT_MAX_REQUEST_ID_LENGTH = 256
+"""Longest reload request id a :class:`ConfigUpdateHandler` accepts."""
 
 
 @dataclass(slots=True)
@@ -187,7 +199,7 @@ class ConfigPusher:
         )
         if outstanding >= self.config.max_pending_per_agent:
             log.warning(
-                "config push to agent %s refused: %d pushes pending (max_pending_per_agent=%d)",
+                "config push to agent %r refused: %d pushes pending (max_pending_per_agent=%d)",
                 agent_id,
                 outstanding,
                 self.config.max_pending_per_agent,
@@ -306,9 +318,14 @@ class ConfigPusher:
 
 
 class ConfigUpdateHandler:
-    """Answers agent-initiated config update requests (POOL.md §9.3).
+    """Answers agent-initiated config update requests (docs/observability.md).
 
-    Reload requests are remembered (see :meth:`pending_count`) and accepted; rule and list
+    Reload requests are remembered (see :meth:`pending_requests`) and accepted, within
+    bounds an agent cannot grow: at most ``max_pending`` (default
+    :data:`DEFAULT_MAX_PENDING`), each for ``max_pending_age`` seconds (default
+    :data:`DEFAULT_MAX_PENDING_AGE`); the oldest is forgotten first, counted in
+    :meth:`dropped_count` with one warning. A reload whose request id is longer than
+    ``max_request_id_length`` is rejected and not remembered. Rule and list
     updates go to ``on_rule_update(rule_set, rules, remove_rules)`` /
     ``on_list_update(list_id, add, remove)`` and are accepted when the callback returns
     True (a callback that raises rejects); without a callback they are refused as not
@@ -322,11 +339,23 @@ class ConfigUpdateHandler:
         on_list_update: ListUpdateCallback | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        max_pending_age: float = DEFAULT_MAX_PENDING_AGE,
+        max_request_id_length: int = DEFAULT_MAX_REQUEST_ID_LENGTH,
     ) -> None:
+        if max_pending < 0 or not max_pending_age >= 0 or max_request_id_length < 1:
+            raise ValueError(
+                "max_pending and max_pending_age must be >= 0, max_request_id_length >= 1"
+            )
         self.on_rule_update = on_rule_update
         self.on_list_update = on_list_update
         self._clock = clock
+        self.max_pending = max_pending
+        self.max_pending_age = max_pending_age
+        self.max_request_id_length = max_request_id_length
         self._pending: dict[str, tuple[ConfigUpdateRequest, float]] = {}
+        self._dropped = 0
+        self._drop_warned = False
 
     def set_rule_update_callback(self, callback: RuleUpdateCallback | None) -> None:
         """Install (or remove, with None) the rule update callback."""
@@ -341,7 +370,14 @@ class ConfigUpdateHandler:
         rid = request.request_id
         update = request.update_type
         if isinstance(update, RequestReload):
-            self._pending[rid] = (request, self._clock())
+            if len(rid) > self.max_request_id_length:
+                log.warning(
+                    "reload request with a %d-character id rejected (max_request_id_length=%d)",
+                    len(rid),
+                    self.max_request_id_length,
+                )
+                return self._reject(rid, "Request id too long")
+            self._remember(rid, request)
             return self._accept(rid)
         if isinstance(update, RuleUpdate):
             if self.on_rule_update is None:
@@ -357,7 +393,7 @@ class ConfigUpdateHandler:
             return self._accept(rid) if ok else self._reject(rid, "List update rejected")
         if isinstance(update, RestartRequired):
             log.warning(
-                "agent requests a restart (request %s): %s (grace period %s ms)",
+                "agent requests a restart (request %r): %r (grace period %s ms)",
                 rid,
                 update.reason,
                 update.grace_period_ms,
@@ -366,13 +402,13 @@ class ConfigUpdateHandler:
         if isinstance(update, ConfigError):
             if update.field is not None:
                 log.error(
-                    "agent reports a config error (request %s) in field %s: %s",
+                    "agent reports a config error (request %r) in field %r: %r",
                     rid,
                     update.field,
                     update.error,
                 )
             else:
-                log.error("agent reports a config error (request %s): %s", rid, update.error)
+                log.error("agent reports a config error (request %r): %r", rid, update.error)
             return self._accept(rid)
         return self._reject(rid, f"Unsupported config update type: {type(update).__name__}")
 
@@ -396,13 +432,48 @@ class ConfigUpdateHandler:
             request_id=request_id, accepted=False, error=error, timestamp_ms=now_ms()
         )
 
+    def _remember(self, rid: str, request: ConfigUpdateRequest) -> None:
+        now = self._clock()
+        self._pending.pop(rid, None)  # a repeated id counts from now, at the end
+        self._expire(now)
+        while self._pending and len(self._pending) >= self.max_pending:
+            del self._pending[next(iter(self._pending))]
+            self._count_drop()
+        if self.max_pending == 0:
+            self._count_drop()
+            return
+        self._pending[rid] = (request, now)
+
+    def _count_drop(self) -> None:
+        self._dropped += 1
+        if not self._drop_warned:
+            self._drop_warned = True
+            log.warning(
+                "pending reload requests at max_pending=%d; forgetting the oldest",
+                self.max_pending,
+            )
+
+    def _expire(self, now: float) -> None:
+        pending = self._pending
+        while pending:
+            rid = next(iter(pending))
+            if now - pending[rid][1] < self.max_pending_age:
+                break
+            del pending[rid]
+
     def pending_count(self) -> int:
-        """Reload requests remembered and not yet cleared."""
+        """Reload requests remembered and not yet cleared (nor older than the age bound)."""
+        self._expire(self._clock())
         return len(self._pending)
 
     def pending_requests(self) -> list[ConfigUpdateRequest]:
         """The remembered reload requests, oldest first."""
+        self._expire(self._clock())
         return [req for req, _ in self._pending.values()]
+
+    def dropped_count(self) -> int:
+        """Reload requests forgotten because ``max_pending`` were remembered already."""
+        return self._dropped
 
     def clear_old_pending(self, max_age: float) -> int:
         """Forget remembered requests at least ``max_age`` seconds old; returns how many."""
