@@ -944,7 +944,7 @@ class V1Session(_Flusher, asyncio.Protocol):
                 event = codec.decode_event(msg_type, orjson.dumps(payload))
             except AgentProtocolError as exc:
                 log.warning(
-                    "cannot decode v1 %s event: %s; answering %s", event_type, exc, srv.on_error
+                    "cannot decode v1 %r event: %s; answering %s", event_type, exc, srv.on_error
                 )
                 event = None
             if event is None:
