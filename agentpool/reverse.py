@@ -661,8 +661,8 @@ class ReverseAgentConnection:
     """An agent's registered, serving connection to a proxy's reverse listener.
 
     ``session`` is the :class:`~agentpool.server.AgentSession` serving requests on the
-    socket, so ``session.send_health(...)``, ``send_metrics`` and ``request_config_update``
-    work as on a normal agent connection.
+    socket, so ``await session.send_health(...)``, ``send_metrics`` and
+    ``request_config_update`` work as on a normal agent connection.
     """
 
     def __init__(
