@@ -253,7 +253,9 @@ async def test_add_agent_and_decisions(waf: AgentProc) -> None:
         g = await pool.send_guardrail_inspect(
             "waf",
             "r3",
-            GuardrailInspectEvent(correlation_id="r3", inspection_type="prompt", content="hi"),
+            GuardrailInspectEvent(
+                correlation_id="r3", inspection_type="prompt_injection", content="hi"
+            ),
         )
         assert isinstance(g.decision, Allow)
 
@@ -753,7 +755,8 @@ async def test_agent_metrics_and_config_requests_reach_the_pool(control: AgentPr
         await _until(lambda: pool.metrics_collector.series_count() >= 2)
         text = pool.export_prometheus()
         assert text.index("agent_protocol_requests_total") < text.index("agent_requests_total")
-        assert 'agent_requests_total{agent_id="control"} 7' in text
+        # labelled with the id the pool knows the agent by, not the one in the report
+        assert 'agent_requests_total{agent_id="c"} 7' in text
         assert pool.config_update_handler.pending_count() == 1
         collected = pool.agent_stats_sync()
         assert [s.agent_id for s in collected] == ["c"]
