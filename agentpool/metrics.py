@@ -299,16 +299,16 @@ class MetricsCollector:
         return True
 
     def _room_for_agent(self) -> bool:
-        """Make room for a new agent id: forget the oldest ids that have no series left."""
+        """Make room for a new agent id: forget the least recently reporting id that has no
+        series left (``_last_report`` is kept in reporting order)."""
         if len(self._last_report) < self.config.max_agents:
             return True
-        idle = sorted(
-            (at, aid) for aid, at in self._last_report.items() if not self._per_agent.get(aid)
-        )
-        excess = len(self._last_report) - self.config.max_agents + 1
-        for _, aid in idle[:excess]:
-            del self._last_report[aid]
-            self._per_agent.pop(aid, None)
+        if len(self._per_agent) >= len(self._last_report):
+            return False
+        idle = next((aid for aid in self._last_report if aid not in self._per_agent), None)
+        if idle is None:
+            return False
+        del self._last_report[idle]
         return len(self._last_report) < self.config.max_agents
 
     def record(self, report: MetricsReport, agent_id: str | None = None) -> bool:
@@ -327,7 +327,7 @@ class MetricsCollector:
                 return False
         with self._lock:
             now = self._clock()
-            if agent_id not in self._last_report and not self._room_for_agent():
+            if self._last_report.pop(agent_id, None) is None and not self._room_for_agent():
                 self._drop("max_agents", agent_id, "a report")
                 return False
             self._last_report[agent_id] = now

@@ -25,6 +25,7 @@ import contextvars
 import functools
 import itertools
 import logging
+import math
 import signal
 import ssl as _ssl
 import sys
@@ -819,7 +820,12 @@ class AgentSession(_Flusher, asyncio.Protocol):
     async def request_config_update(
         self, update_type: Any, *, timeout: float = 5.0, request_id: str | None = None
     ) -> ConfigUpdateResponse:
-        """Send a ConfigUpdateRequest and wait for the proxy's ConfigUpdateResponse frame."""
+        """Send a ConfigUpdateRequest and wait for the proxy's ConfigUpdateResponse frame.
+
+        ``timeout`` must be a positive finite number of seconds (ValueError otherwise).
+        """
+        if not (isinstance(timeout, (int, float)) and 0 < timeout < math.inf):
+            raise ValueError(f"timeout must be a positive finite number of seconds: {timeout!r}")
         self._check_open()
         rid = request_id or f"{self.agent.agent_id}-cfg-{next(self._request_ids)}"
         fut: asyncio.Future[ConfigUpdateResponse] = self._loop.create_future()

@@ -36,6 +36,7 @@ from agentpool.messages import (
     MetricsReport,
     RequestHeadersEvent,
     RequestMetadata,
+    RequestReload,
     WebSocketClose,
 )
 from agentpool.server import Agent, AgentServer, AgentSession, ErrorPolicy, current_session
@@ -528,3 +529,13 @@ async def test_100k_pipelined_events_keep_tasks_and_memory_bounded() -> None:
     assert agent.peak_tasks <= limit + 8  # the handlers plus this test's own few tasks
     assert peak_waiting < 5_000  # at most the backlog bound plus one read of frames
     assert peak_rss - rss0 < 80 * 1024 * 1024
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0, float("nan"), float("inf")])
+async def test_request_config_update_rejects_invalid_timeouts(timeout: float) -> None:
+    async with serve(Agent()) as server, proxy(server.endpoint):
+        await wait_until(lambda: len(server.sessions) == 1)
+        with pytest.raises(ValueError, match="positive finite"):
+            await server.sessions[0].request_config_update(RequestReload(), timeout=timeout)
+        with pytest.raises(ValueError, match="positive finite"):
+            await server.request_config_update(RequestReload(), timeout=timeout)

@@ -214,7 +214,7 @@ class _Pool:
         return [_Stats("a"), _Stats("b")]
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(reports, max_size=4), st.booleans(), st.sampled_from([None, "agent_protocol_"]))
 def test_exposition_is_valid_for_any_reports(
     batch: list[MetricsReport], agent_label: bool, reserved: str | None
@@ -332,3 +332,16 @@ async def test_100_reports_with_1mib_ids_keep_none_of_them() -> None:
         assert g.value == 99.0 and len(dict(g.labels)["k"]) == 1024
         assert len(pool.export_prometheus()) < 10_000
         assert grown < 60 * 1024 * 1024, grown
+
+
+def test_200k_reports_with_fresh_ids_on_a_bare_collector_stay_within_max_agents() -> None:
+    """Used without a pool, ids come from the reports: then max_agents bounds them."""
+    mc = MetricsCollector()
+    for i in range(200_000):
+        mc.record(report(f"id-{i}", counters=[CounterMetric("c_total", i)]))
+    assert len(mc.active_agents()) == 1_000 and mc.series_count() == 1_000
+    assert mc.dropped_reports() == 199_000
+    mc2 = MetricsCollector(MetricsCollectorConfig(max_series_per_agent=0))
+    for i in range(5_000):  # agents without series make room for newer ones
+        mc2.record(report(f"id-{i}", counters=[CounterMetric("c_total", i)]))
+    assert mc2.active_agents()[-1] == "id-4999" and len(mc2.active_agents()) == 1_000
