@@ -129,6 +129,7 @@ from .reverse import (
 from .server import (
     Agent,
     AgentServer,
+    ErrorPolicy,
 )
 
 FrameDecoder = core.FrameDecoder
@@ -181,6 +182,7 @@ __all__ = [
     "CounterMetric",
     "Decision",
     "Encoding",
+    "ErrorPolicy",
     "Event",
     "EventType",
     "FlowAction",

@@ -9,8 +9,8 @@ framing errors as fatal for the connection. An event it cannot decode, or whose 
 fails, is answered by the :class:`ErrorPolicy` ``on_error`` (Block 500 by default; Rust
 agents fail open). Unlike a Rust agent it handles the events of one connection concurrently,
 at most the advertised ``max_concurrency`` at a time, and answers them in completion order;
-events sharing a correlation id run one after another. It can also push health, metrics,
-config update requests and flow control signals to the connected proxies.
+a new event for a correlation id supersedes the one still in progress. It can also push
+health, metrics, config update requests and flow control signals to the connected proxies.
 
 A legacy v1 mode (``protocol="v1"``: 4-byte length + JSON envelope, one request at a time) lets
 tests drive the proxy's v1 client.

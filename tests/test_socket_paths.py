@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import shutil
 import socket
@@ -94,6 +95,7 @@ async def test_a_second_server_on_a_live_path_is_refused_and_the_first_keeps_it(
         with pytest.raises(AddressInUse, match="another process is listening") as info:
             await server.start()
         assert isinstance(info.value, ConnectionFailed) and isinstance(info.value, OSError)
+        assert info.value.errno == errno.EADDRINUSE and info.value.path == path
         with pytest.raises(AddressInUse, match="another process is listening"):
             await ReverseConnectionListener.bind_uds(path)
         await server.close()  # closing the refused server must not remove the path
