@@ -539,3 +539,22 @@ async def test_request_config_update_rejects_invalid_timeouts(timeout: float) ->
             await server.sessions[0].request_config_update(RequestReload(), timeout=timeout)
         with pytest.raises(ValueError, match="positive finite"):
             await server.request_config_update(RequestReload(), timeout=timeout)
+
+
+async def test_v1_sessions_follow_the_policy_too() -> None:
+    class V1Failing(FailingAgent):
+        async def on_configure(self, config: Any, config_version: str | None) -> bool:
+            raise RuntimeError("configure bug")
+
+    for policy, allowed in ((None, False), (ErrorPolicy.allow(), True)):
+        async with serve(V1Failing(), protocol="v1", on_error=policy) as server:
+            conn = await AgentConnection.open(server.endpoint, agent_id="v1", protocol="v1")
+            try:
+                r = await asyncio.wait_for(conn.request(headers_event("a", "/raise"), "a"), T)
+                assert r.is_allow is allowed and r.audit.tags == ["agent-error"]
+                assert await asyncio.wait_for(conn.configure({"k": 1}), T) is allowed
+                r = await asyncio.wait_for(conn.request(headers_event("b", "/"), "b"), T)
+                assert r.is_allow
+            finally:
+                conn.close()
+                await asyncio.wait_for(conn.wait_closed(), T)
