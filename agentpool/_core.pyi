@@ -60,6 +60,7 @@ class ConnState:
 class ConnectionSet:
     """The ordered connections of one agent and the strategy pick over them (POOL.md §4)."""
 
+    last_error: str | None
     def __init__(self, agent_id: str) -> None: ...
     @property
     def agent_id(self) -> str: ...

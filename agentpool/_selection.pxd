@@ -21,6 +21,7 @@ cdef class ConnState:
 @cython.final
 cdef class ConnectionSet:
     cdef readonly str agent_id
+    cdef public object last_error
     cdef list _states
     cdef uint64_t _rr
     cdef uint64_t _rng

@@ -86,12 +86,19 @@ cdef class ConnState:
         )
 
 
+cdef str _sel_with_last_error(str message, ConnectionSet cs):
+    if cs.last_error is None:
+        return message
+    return f"{message} ({cs.last_error})"
+
+
 @cython.final
 cdef class ConnectionSet:
     """The ordered connections of one agent and the strategy pick over them (POOL.md §4)."""
 
     def __cinit__(self, str agent_id):
         self.agent_id = agent_id
+        self.last_error = None
         self._states = []
         self._rr = 0
         self._rng = <uint64_t>_sel_random.getrandbits(64) | 1
@@ -172,7 +179,9 @@ cdef class ConnectionSet:
         cdef ConnState best = None
         cdef double rate, best_rate = 0.0
         if n == 0:
-            raise _sel_ConnectionFailed(f"No connections available for agent {self.agent_id}")
+            raise _sel_ConnectionFailed(
+                _sel_with_last_error(f"No connections available for agent {self.agent_id}", self)
+            )
         if strategy == _SEL_LEAST_CONNECTIONS:
             for i in range(n):
                 s = <ConnState>PyList_GET_ITEM(states, i)
@@ -191,7 +200,9 @@ cdef class ConnectionSet:
                 if _sel_selectable(<ConnState>PyList_GET_ITEM(states, i)):
                     nh += 1
             if nh == 0:
-                raise _sel_ConnectionFailed(f"No healthy connections for agent {self.agent_id}")
+                raise _sel_ConnectionFailed(
+                    _sel_with_last_error(f"No healthy connections for agent {self.agent_id}", self)
+                )
             if strategy == _SEL_ROUND_ROBIN:
                 k = <Py_ssize_t>(self._rr % <uint64_t>nh)
                 self._rr += 1
@@ -208,7 +219,9 @@ cdef class ConnectionSet:
         else:
             raise ValueError(f"unknown load balance strategy: {strategy!r}")
         if best is None:
-            raise _sel_ConnectionFailed(f"No healthy connections for agent {self.agent_id}")
+            raise _sel_ConnectionFailed(
+                _sel_with_last_error(f"No healthy connections for agent {self.agent_id}", self)
+            )
         return best
 
     def healthy_count(self):

@@ -136,10 +136,12 @@ class ConnState:
 class ConnectionSet:
     """The ordered connections of one agent and the strategy pick over them (POOL.md §4)."""
 
-    __slots__ = ("_agent_id", "_rand", "_rr", "_states")
+    __slots__ = ("_agent_id", "_rand", "_rr", "_states", "last_error")
 
     def __init__(self, agent_id: str) -> None:
         self._agent_id = agent_id
+        # appended to "No connections" errors: what the last connect attempt said, and when
+        self.last_error: str | None = None
         self._states: list[ConnState] = []
         self._rr = 0
         self._rand = random.Random().random
@@ -196,6 +198,9 @@ class ConnectionSet:
     def __contains__(self, state: object) -> bool:
         return any(s is state for s in self._states)
 
+    def _with_last_error(self, message: str) -> str:
+        return message if self.last_error is None else f"{message} ({self.last_error})"
+
     def select(self, strategy: int) -> ConnState:
         """Pick a connection by ``strategy`` (a ``LoadBalanceStrategy``) over the healthy ones.
 
@@ -204,10 +209,14 @@ class ConnectionSet:
         """
         states = self._states
         if not states:
-            raise ConnectionFailed(f"No connections available for agent {self._agent_id}")
+            raise ConnectionFailed(
+                self._with_last_error(f"No connections available for agent {self._agent_id}")
+            )
         healthy = [s for s in states if s.healthy and not s.closed]
         if not healthy:
-            raise ConnectionFailed(f"No healthy connections for agent {self._agent_id}")
+            raise ConnectionFailed(
+                self._with_last_error(f"No healthy connections for agent {self._agent_id}")
+            )
         if strategy == ROUND_ROBIN:
             i = self._rr
             self._rr = (i + 1) & _U64

@@ -23,6 +23,7 @@ import orjson
 from . import codec as _codec
 from ._impl import core
 from ._version import __version__
+from .endpoint import parse_endpoint
 from .enums import CancelReason, FlowAction, HealthState, MessageType
 from .errors import (
     AgentProtocolError,
@@ -97,34 +98,6 @@ class ConnectionListener:
         """The connection is gone (``exc`` None after a local close)."""
 
 
-def parse_endpoint(endpoint: str) -> tuple[str, str | None, int]:
-    """Split an endpoint into ``(kind, host_or_path, port)``.
-
-    ``unix:/p``, ``/abs/path`` and ``x.sock`` are Unix sockets (``("unix", path, 0)``);
-    ``tcp://host:port`` and ``host:port`` are TCP (``("tcp", host, port)``);
-    ``tls://host:port`` is TCP with TLS (``("tls", host, port)``).
-    """
-    ep = endpoint.strip()
-    if ep.startswith("unix:"):
-        path = ep[5:]
-        if path.startswith("//"):
-            path = path[2:]
-        if not path:
-            raise ConnectionFailed(f"invalid endpoint {endpoint!r}: empty socket path")
-        return "unix", path, 0
-    if ep.startswith("/") or ep.endswith(".sock"):
-        return "unix", ep, 0
-    kind = "tcp"
-    if ep.startswith(("tcp://", "tls://")):
-        kind, ep = ep[:3], ep[6:]
-    host, sep, port_s = ep.rpartition(":")
-    if not sep or not host or not port_s.isdigit() or not 0 < int(port_s) < 65536:
-        raise ConnectionFailed(f"invalid endpoint {endpoint!r}: expected unix:/path or host:port")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return kind, host, int(port_s)
-
-
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -171,6 +144,8 @@ class AgentConnection:
         self._closed_fut: asyncio.Future[None] = self._loop.create_future()
         self._hs_waiter: asyncio.Future[None] | None = None
         self._hs_offered: list[str] = []
+        # what open() is doing, for its timeout: "connect", then "handshake"
+        self._phase = "connect"
         self._ping_seq = itertools.count()
         self._pings: dict[int, tuple[asyncio.Future[float], float]] = {}
         self._core: Any = None
@@ -229,7 +204,10 @@ class AgentConnection:
             conn._abort()
             if isinstance(exc, Timeout):
                 raise
-            raise Timeout(connect_timeout) from None
+            raise Timeout(connect_timeout, agent_id=agent_id, phase=conn._phase) from None
+        except (InvalidMessage, MessageTooLarge) as exc:
+            conn._abort()
+            raise conn._not_an_agent(exc) from exc
         except BaseException as exc:
             conn._abort()
             if (ssl is not None or endpoint.startswith("tls://")) and isinstance(
@@ -318,6 +296,8 @@ class AgentConnection:
         ssl: _ssl.SSLContext | None = None,
     ) -> None:
         kind, host, port = parse_endpoint(self.endpoint)
+        if kind not in ("unix", "tcp", "tls"):
+            raise ConnectionFailed(f"{self.endpoint}: no {kind}:// transport for AgentConnection")
         if kind == "tls" and ssl is None:
             from .tls import default_client_context
 
@@ -346,6 +326,7 @@ class AgentConnection:
         if self.protocol == "v1":
             self._connected = True
             return
+        self._phase = "handshake"
         offered = ["msgpack", "json"] if self.requested_encoding == "msgpack" else ["json"]
         self._hs_offered = offered
         self._hs_waiter = self._loop.create_future()
@@ -368,7 +349,12 @@ class AgentConnection:
     def _finish_handshake(self, msg_type: MessageType, payload: bytes) -> None:
         if msg_type != MessageType.HANDSHAKE_RESPONSE:
             raise InvalidMessage(f"Expected HandshakeResponse, got {msg_type.name}")
-        response = _codec.decode_handshake_response(payload)
+        try:
+            response = _codec.decode_handshake_response(payload)
+        except AgentProtocolError as exc:
+            raise ConnectionFailed(
+                f"handshake failed: {self.endpoint} sent an invalid HandshakeResponse: {exc}"
+            ) from exc
         if not response.success:
             raise ConnectionFailed(response.error or "Unknown handshake error")
         chosen = str(getattr(response.encoding, "value", response.encoding))
@@ -380,6 +366,20 @@ class AgentConnection:
         self._set_codec(chosen)
         self.capabilities = response.capabilities
         self.protocol_version = response.protocol_version
+
+    def _not_an_agent(self, exc: InvalidMessage | MessageTooLarge) -> ConnectionFailed:
+        """The peer answered the handshake with something that is not a v2 frame."""
+        if isinstance(exc, MessageTooLarge):
+            # the length prefix is the peer's first four bytes (b'HTTP', b'SSH-'...)
+            head = exc.size.to_bytes(4, "big") if 0 <= exc.size < 1 << 32 else b""
+            what = f"first bytes {head!r}"
+            if head[:1] in (b"\x15", b"\x16") and head[1:2] == b"\x03":
+                what += "; a TLS server? use tls://host:port"
+        else:
+            what = exc.reason
+        return ConnectionFailed(
+            f"handshake failed: {self.endpoint} is not a Zentinel v2 agent ({what})"
+        )
 
     def _set_codec(self, encoding: str) -> None:
         self._codec = _codec.get_codec(encoding)

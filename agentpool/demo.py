@@ -304,7 +304,7 @@ async def _run(args: argparse.Namespace) -> int:
                 if not pool.is_agent_healthy(name):
                     print(f"error: could not connect to the {name} agent", file=sys.stderr)
                     return 1
-            caps = pool.agent_capabilities("waf")
+            caps = await pool.agent_capabilities("waf")
             print(
                 f"pool ready: {len(pool.agent_ids())} agents x {args.connections} connections "
                 f"({config.load_balance_strategy.name}, {args.encoding}); waf = "
@@ -315,7 +315,7 @@ async def _run(args: argparse.Namespace) -> int:
             t0 = time.perf_counter()
             tally = await _drive(pool, args.requests, args.concurrency, progress)
             elapsed = time.perf_counter() - t0
-            await pool.run_maintenance()
+            await pool.run_maintenance_once()
 
             print(
                 f"\n== {args.requests} requests in {elapsed:.2f}s "

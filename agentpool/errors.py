@@ -11,11 +11,13 @@ import errno
 
 __all__ = [
     "AddressInUse",
+    "AgentNotFound",
     "AgentProtocolError",
     "CircuitBreakerOpen",
     "ConnectionClosed",
     "ConnectionFailed",
     "FlowControlPaused",
+    "InvalidEndpoint",
     "InvalidMessage",
     "Io",
     "MessageTooLarge",
@@ -59,6 +61,19 @@ class ConnectionFailed(AgentProtocolError):
         self.reason = message
 
 
+class InvalidEndpoint(ConnectionFailed):
+    """An endpoint string that can never be connected to (bad scheme, missing or bad port...).
+
+    Raised at once by :meth:`AgentPool.add_agent` instead of registering an agent that would
+    be retried forever; ``endpoint`` is the string given.
+    """
+
+    def __init__(self, endpoint: str, problem: str) -> None:
+        super().__init__(f"invalid endpoint {endpoint!r}: {problem}")
+        self.endpoint = endpoint
+        self.problem = problem
+
+
 class ConnectionClosed(AgentProtocolError):
     """The connection closed (EOF, reset, close()) or the waiter was dropped."""
 
@@ -94,12 +109,45 @@ class InvalidMessage(AgentProtocolError):
         self.field = field
 
 
-class Timeout(AgentProtocolError, TimeoutError):
-    """An operation did not finish within its deadline (``timeout`` seconds)."""
+class AgentNotFound(InvalidMessage):
+    """No agent of that id is registered (upstream reports it as an invalid message)."""
 
-    def __init__(self, timeout: float) -> None:
-        super().__init__(f"Timeout after {format_duration(timeout)}")
+    def __init__(self, agent_id: str) -> None:
+        super().__init__(f"Agent {agent_id} not found", field="agent_id")
+        self.agent_id = agent_id
+
+
+class Timeout(AgentProtocolError, TimeoutError):
+    """An operation did not finish within its deadline (``timeout`` seconds).
+
+    ``phase`` says what timed out (``connect``, ``handshake``, ``request``, ``ping``...);
+    ``agent_id`` and ``correlation_id`` name the agent and request when known. The message
+    starts with upstream's text (``Timeout after 5s``) and adds them in parentheses.
+    """
+
+    def __init__(
+        self,
+        timeout: float,
+        *,
+        agent_id: str | None = None,
+        phase: str = "request",
+        correlation_id: str | None = None,
+    ) -> None:
+        message = f"Timeout after {format_duration(timeout)}"
+        details = []
+        if agent_id is not None or correlation_id is not None or phase != "request":
+            details.append(phase)
+        if agent_id is not None:
+            details.append(f"agent {agent_id!r}")
+        if correlation_id is not None:
+            details.append(f"correlation id {correlation_id!r}")
+        if details:
+            message += f" ({', '.join(details)})"
+        super().__init__(message)
         self.timeout = timeout
+        self.agent_id = agent_id
+        self.phase = phase
+        self.correlation_id = correlation_id
 
 
 class Unavailable(AgentProtocolError):

@@ -28,8 +28,10 @@ from .circuit import CircuitBreaker, CircuitState
 from .config import AgentPoolConfig
 from .connection import AgentConnection
 from .control import ConfigPusher, ConfigUpdateHandler
+from .endpoint import parse_endpoint
 from .enums import CancelReason, FlowControlMode, HealthState
 from .errors import (
+    AgentNotFound,
     AgentProtocolError,
     CircuitBreakerOpen,
     ConnectionClosed,
@@ -192,6 +194,12 @@ class _Listener:
         self._pool._on_closed(conn, exc)
 
 
+def _record_connect_error(entry: _AgentEntry, error: BaseException) -> None:
+    """Remember the failure for the agent's "No connections available" errors."""
+    when = time.strftime("%H:%M:%S UTC", time.gmtime())
+    entry.conns.last_error = f"last connect error at {when}: {error or type(error).__name__}"
+
+
 def _conn(st: Any) -> AgentConnection:
     return cast(AgentConnection, st.conn)
 
@@ -249,6 +257,7 @@ class AgentPool:
         self._pushes_in_flight: set[str] = set()
         self._maintenance_task: asyncio.Task[None] | None = None
         self._maintenance_lock: asyncio.Lock | None = None
+        self._maintenance_wakeups: set[asyncio.Future[None]] = set()
         self._affinity_warned = False
         self._closing = False
         self._shutdown_done: asyncio.Future[None] | None = None
@@ -316,10 +325,23 @@ class AgentPool:
         """Ids of the registered agents."""
         return list(self._agents)
 
-    def agent_capabilities(self, agent_id: str) -> AgentCapabilities | None:
-        """Capabilities from the agent's handshake (refreshed on reconnect), or None."""
+    async def agent_capabilities(self, agent_id: str) -> AgentCapabilities | None:
+        """Capabilities from the agent's handshake (refreshed on reconnect), or None.
+
+        A coroutine, as upstream's; :meth:`agent_capabilities_sync` is the plain call.
+        """
+        return self.agent_capabilities_sync(agent_id)
+
+    def agent_capabilities_sync(self, agent_id: str) -> AgentCapabilities | None:
+        """:meth:`agent_capabilities` without the await (for sync code and collectors)."""
         entry = self._agents.get(agent_id)
         return None if entry is None else entry.capabilities
+
+    def _not_found(self, agent_id: str) -> AgentProtocolError:
+        """The error for an unknown agent id: ``Unavailable`` once the pool is shut down."""
+        if self._closing:
+            return Unavailable(f"pool is shut down (agent {agent_id})")
+        return AgentNotFound(agent_id)
 
     def is_agent_healthy(self, agent_id: str) -> bool:
         """True when the agent has a healthy connection and has not reported itself unhealthy."""
@@ -354,19 +376,8 @@ class AgentPool:
             raise Unavailable("pool is shut down")
         if self._maintenance_task is None or self._maintenance_task.done():
             self._maintenance_task = asyncio.get_running_loop().create_task(
-                self._maintenance_loop(), name="agentpool-maintenance"
+                self.run_maintenance(), name="agentpool-maintenance"
             )
-
-    async def _maintenance_loop(self) -> None:
-        interval = self._config.health_check_interval
-        while True:
-            try:
-                await self.run_maintenance()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("agent pool maintenance pass failed")
-            await asyncio.sleep(interval)
 
     async def shutdown(self) -> None:
         """Drain in-flight requests (up to ``drain_timeout``), cancel the rest, close everything.
@@ -385,6 +396,7 @@ class AgentPool:
 
     async def _shutdown(self) -> None:
         self._closing = True
+        self._stop_maintenance()
         if self._in_flight_total() > 0:
             self._drained = asyncio.Event()
             with contextlib.suppress(asyncio.TimeoutError):
@@ -440,8 +452,10 @@ class AgentPool:
         or a ``tls://host:port`` endpoint connects over TLS; reconnects use the same context.
 
         An agent that cannot be reached is still registered (unhealthy) and reconnected by
-        maintenance, as upstream 0.6.41 does. An existing agent of that id is replaced and its
-        connections closed. ``protocol="v1"`` drives a legacy v1 agent.
+        maintenance, as upstream 0.6.41 does; an endpoint that can never work (bad syntax,
+        unknown scheme, no port) raises :class:`~agentpool.errors.InvalidEndpoint` at once.
+        An existing agent of that id is replaced and its connections closed.
+        ``protocol="v1"`` drives a legacy v1 agent.
         """
         if self._closing:
             raise Unavailable("pool is shut down")
@@ -449,6 +463,7 @@ class AgentPool:
             raise InvalidMessage("agent id must not be empty", field="agent_id")
         if protocol not in ("v1", "v2"):
             raise InvalidMessage(f"unknown protocol {protocol!r}", field="protocol")
+        parse_endpoint(endpoint)
         cfg = self._config
         entry = _AgentEntry(
             agent_id,
@@ -464,6 +479,7 @@ class AgentPool:
             if isinstance(result, AgentConnection):
                 opened.append(result)
             else:
+                _record_connect_error(entry, result)
                 log.warning("failed to connect to agent %s at %s: %s", agent_id, endpoint, result)
         if self._closing:
             for conn in opened:
@@ -493,7 +509,7 @@ class AgentPool:
         self._pusher.unregister_agent(agent_id)
         entry = self._agents.pop(agent_id, None)
         if entry is None:
-            raise InvalidMessage(f"Agent {agent_id} not found")
+            raise self._not_found(agent_id)
         await self._close_entry(entry)
         self._refresh_gauges()
 
@@ -782,7 +798,7 @@ class AgentPool:
         self._total_requests += 1
         entry = self._agents.get(agent_id)
         if entry is None:
-            raise InvalidMessage(f"Agent {agent_id} not found")
+            raise self._not_found(agent_id)
         if self._closing and kind & _NEW_REQUEST:
             raise Unavailable("pool is shutting down")
         breaker = None if kind & _NO_BREAKER else entry.breaker
@@ -959,7 +975,7 @@ class AgentPool:
         """
         entry = self._agents.get(agent_id)
         if entry is None:
-            raise InvalidMessage(f"Agent {agent_id} not found")
+            raise self._not_found(agent_id)
         calls = [_conn(st).cancel(correlation_id, reason) for st in entry.conns if not st.closed]
         for result in await asyncio.gather(*calls, return_exceptions=True):
             if isinstance(result, asyncio.CancelledError):
@@ -995,7 +1011,7 @@ class AgentPool:
         """Bind ``session_id`` to a connection of ``agent_id`` chosen by normal selection."""
         entry = self._agents.get(agent_id)
         if entry is None:
-            raise InvalidMessage(f"Agent {agent_id} not found")
+            raise self._not_found(agent_id)
         st = entry.conns.select(self._strategy)
         self._sessions.create(session_id, st, agent_id, _monotonic())
 
@@ -1099,7 +1115,38 @@ class AgentPool:
     # ------------------------------------------------------------------ maintenance
 
     async def run_maintenance(self) -> None:
-        """One maintenance pass (the background task runs it every ``health_check_interval``).
+        """Run :meth:`run_maintenance_once` every ``health_check_interval`` until shutdown.
+
+        As upstream's, meant to be spawned as a background task
+        (``asyncio.create_task(pool.run_maintenance())``); ``async with`` and :meth:`start`
+        spawn it for you. A pass that fails is logged and the loop goes on.
+        """
+        interval = self._config.health_check_interval
+        loop = asyncio.get_running_loop()
+        while not self._closing:
+            try:
+                await self.run_maintenance_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("agent pool maintenance pass failed")
+            if self._closing:
+                break
+            wakeup: asyncio.Future[None] = loop.create_future()
+            self._maintenance_wakeups.add(wakeup)
+            try:
+                await asyncio.wait((wakeup,), timeout=interval)
+            finally:
+                self._maintenance_wakeups.discard(wakeup)
+                wakeup.cancel()
+
+    def _stop_maintenance(self) -> None:
+        for wakeup in self._maintenance_wakeups:
+            if not wakeup.done():
+                wakeup.set_result(None)
+
+    async def run_maintenance_once(self) -> None:
+        """One maintenance pass (:meth:`run_maintenance` runs it every ``health_check_interval``).
 
         Sweeps sessions, affinities and agent metrics; recomputes connection health; pings
         connections marked unhealthy by errors and (``keepalive``) idle ones, replacing those
@@ -1201,6 +1248,7 @@ class AgentPool:
         for conn in opened:
             self._attach(entry, conn)
         if opened:
+            entry.conns.last_error = None
             entry.reconnect_attempts = 0
             entry.next_reconnect_at = 0.0
             self._set_capabilities(entry, opened[0].capabilities)
@@ -1212,6 +1260,8 @@ class AgentPool:
                 entry.was_healthy = True
                 log.info("agent %s recovered", entry.agent_id)
         else:
+            if errors:
+                _record_connect_error(entry, errors[0])
             entry.reconnect_attempts += 1
             delay = self._config.reconnect_delay(entry.reconnect_attempts)
             entry.next_reconnect_at = _monotonic() + delay

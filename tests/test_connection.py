@@ -521,14 +521,18 @@ async def test_fake_agent_handshake_then_reply_and_ping_echo() -> None:
     ("reply", "error", "text"),
     [
         (b"", ConnectionClosed, None),
-        (b"\x00\x00\x00\x00", InvalidMessage, "Zero-length message"),
-        (b"\x02\x00\x00\x00\x02", MessageTooLarge, "Message too large: 33554432 bytes"),
-        (b"\x00\x00\x00\x03\x99{}", InvalidMessage, "Unknown message type: 0x99"),
-        (b"\x00\x00\x00\x03\x20{}", InvalidMessage, "Expected HandshakeResponse"),
-        (b"\x00\x00\x00\x03\x02{}", InvalidMessage, "missing field"),
+        (b"\x00\x00\x00\x00", ConnectionFailed, "not a Zentinel v2 agent (Zero-length message)"),
+        (b"\x02\x00\x00\x00\x02", ConnectionFailed, "(first bytes b'\\x02\\x00\\x00\\x00')"),
+        (b"\x00\x00\x00\x03\x99{}", ConnectionFailed, "Unknown message type: 0x99"),
+        (b"\x00\x00\x00\x03\x20{}", ConnectionFailed, "Expected HandshakeResponse"),
+        (b"\x00\x00\x00\x03\x02{}", ConnectionFailed, "invalid HandshakeResponse"),
         (b"\x00\x00\x01\x00\x02{", ConnectionClosed, None),
+        (b"HTTP/1.0 400 Bad request\r\n\r\n", ConnectionFailed, "(first bytes b'HTTP')"),
+        (b"SSH-2.0-OpenSSH_9.2\r\n", ConnectionFailed, "(first bytes b'SSH-')"),
     ],
-    ids=["close", "zero", "oversize", "unknown", "wrong-type", "bad-json", "partial"],
+    ids=[
+        "close", "zero", "oversize", "unknown", "wrong-type", "bad-json", "partial", "http", "ssh"
+    ],
 )
 async def test_bad_handshake_replies(
     reply: bytes, error: type[Exception], text: str | None
@@ -546,6 +550,20 @@ async def test_bad_handshake_replies(
         assert time.monotonic() - t0 < 2.0
         if text:
             assert text in str(info.value)
+        if error is ConnectionFailed:
+            assert str(info.value).startswith(f"Connection failed: handshake failed: {ep} ")
+
+
+async def test_handshake_timeout_names_agent_and_phase() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(2.0)  # takes the handshake, never answers it
+
+    async with fake_agent(script) as ep:
+        with pytest.raises(Timeout) as info:
+            await bounded(AgentConnection.open(ep, agent_id="waf", connect_timeout=0.2))
+    err = info.value
+    assert (err.phase, err.agent_id, err.correlation_id) == ("handshake", "waf", None)
+    assert str(err) == "Timeout after 200ms (handshake, agent 'waf')"
 
 
 async def test_handshake_refused_and_encoding_not_offered() -> None:

@@ -312,7 +312,7 @@ async def test_agent_metrics_expire_in_maintenance(obs: ObsAgentProc) -> None:
         await send(pool, "x1", x_obs_metrics=json.dumps(REPORT))
         await until(lambda: pool.metrics_collector.series_count() == 7)
         await asyncio.sleep(0.25)
-        await pool.run_maintenance()
+        await pool.run_maintenance_once()
         assert pool.metrics_collector.series_count() == 0
         text = pool.export_prometheus()
         assert agent_part(text) == {}
@@ -708,7 +708,7 @@ async def test_flow_control_reflected_in_gauges(obs: ObsAgentProc) -> None:
         # the pause frame precedes the reply on the wire; the resume follows 0.8 s later
         await send(pool, "p", x_obs_action="pause,after:0.8:resume")
         assert pool.protocol_metrics.snapshot().paused_connections == 1
-        await pool.run_maintenance()
+        await pool.run_maintenance_once()
         text = pool.export_prometheus()
         assert value(text, f"{P}_paused_connections") == 1
         assert value(text, f"{P}_flow_control_pauses_total") == 1
@@ -724,7 +724,7 @@ async def test_flow_control_reflected_in_gauges(obs: ObsAgentProc) -> None:
         assert value(pool.export_prometheus(), f"{P}_flow_control_rejections_total") == 0
 
         await until(lambda: pool.protocol_metrics.snapshot().paused_connections == 0)
-        await pool.run_maintenance()
+        await pool.run_maintenance_once()
         text = pool.export_prometheus()
         assert value(text, f"{P}_paused_connections") == 0
         assert value(text, f"{P}_flow_control_pauses_total") == 1
@@ -737,13 +737,13 @@ async def test_health_reports_reflected_in_gauges(obs: ObsAgentProc) -> None:
     async with AgentPool(cfg(2)) as pool:
         await pool.add_agent(AGENT_ID, obs.endpoint)
         await send(pool, "d", x_obs_action="health:2")  # degraded still serves
-        await pool.run_maintenance()
+        await pool.run_maintenance_once()
         assert value(pool.export_prometheus(), f"{P}_healthy_connections") == 2
 
         # unhealthy now, healthy again 0.8 s later (same connection)
         await send(pool, "h", x_obs_action="health:4,after:0.8:health:1")
         assert not pool.is_agent_healthy(AGENT_ID)
-        await pool.run_maintenance()
+        await pool.run_maintenance_once()
         text = pool.export_prometheus()
         assert value(text, f"{P}_healthy_connections") == 0
         scraped = scrape(pool)
@@ -758,7 +758,7 @@ async def test_health_reports_reflected_in_gauges(obs: ObsAgentProc) -> None:
             await send(pool, "refused")
 
         await until(lambda: pool.is_agent_healthy(AGENT_ID))
-        await pool.run_maintenance()
+        await pool.run_maintenance_once()
         text = pool.export_prometheus()
         assert value(text, f"{P}_healthy_connections") == 2
         scraped = scrape(pool)
@@ -779,6 +779,6 @@ async def test_unspecified_health_report_changes_nothing(obs: ObsAgentProc) -> N
         await send(pool, "h", x_obs_action="health:4,after:0.1:health:0")
         assert not pool.is_agent_healthy(AGENT_ID)
         await until(lambda: conn.last_health is not None and conn.last_health.state == 0)
-        await pool.run_maintenance()
+        await pool.run_maintenance_once()
         assert not pool.is_agent_healthy(AGENT_ID)
         assert value(pool.export_prometheus(), f"{P}_healthy_connections") == 0

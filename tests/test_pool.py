@@ -201,7 +201,7 @@ async def test_empty_pool() -> None:
     assert await pool.stats() == []
     assert await pool.agent_stats("nonexistent") is None
     assert pool.is_agent_healthy("nonexistent") is False
-    assert pool.agent_capabilities("nonexistent") is None
+    assert await pool.agent_capabilities("nonexistent") is None
     assert pool.sticky_session_count() == 0
     assert pool.has_sticky_session("nonexistent") is False
     pool.clear_sticky_session("nonexistent")
@@ -229,7 +229,7 @@ async def test_add_agent_and_decisions(waf: AgentProc) -> None:
         await pool.add_agent("waf", waf.endpoint)
         assert pool.agent_ids() == ["waf"]
         assert pool.is_agent_healthy("waf")
-        caps = pool.agent_capabilities("waf")
+        caps = await pool.agent_capabilities("waf")
         assert caps is not None and caps.name == "agentpool example WAF"
         assert pool.config_pusher.get_agent("waf") is not None
         stats = await pool.agent_stats("waf")
@@ -708,7 +708,7 @@ async def test_three_consecutive_errors_mark_connection_unhealthy(control: Agent
         with pytest.raises(ConnectionFailed, match="No healthy connections for agent c"):
             await pool.send_request_headers("c", "e4", hdrs("e4"))
         # maintenance probes it with a ping; the agent answers, so it is back on probation
-        await pool.run_maintenance()
+        await pool.run_maintenance_once()
         assert st.healthy is True and pool.is_agent_healthy("c")
         r = await pool.send_request_headers("c", "e5", hdrs("e5"))
         assert isinstance(r.decision, Allow) and st.consecutive_errors == 0
@@ -742,7 +742,7 @@ async def test_health_report_takes_effect(control: AgentProc) -> None:
         await _until(lambda: not pool.is_agent_healthy("c"))
         with pytest.raises(ConnectionFailed, match="No healthy connections"):
             await pool.send_request_headers("c", "h2", hdrs("h2"))
-        await pool.run_maintenance()  # still reported unhealthy
+        await pool.run_maintenance_once()  # still reported unhealthy
         assert not pool.is_agent_healthy("c")
         assert (await pool.agent_stats("c")).is_healthy is False  # type: ignore[union-attr]
 

@@ -215,7 +215,7 @@ async def test_push_unanswered_is_retried_then_expired(push_agent: PushAgentProc
         deadline = time.monotonic() + 5.0
         while status(pool, push_id) is PushStatus.SENT and time.monotonic() < deadline:
             await asyncio.sleep(0.12)
-            await pool.run_maintenance()
+            await pool.run_maintenance_once()
         result = pool.config_pusher.get_result(push_id)
         assert result is not None and result.status is PushStatus.EXPIRED
         assert result.attempts == 3
@@ -237,7 +237,7 @@ async def test_push_expires_after_ack_timeout(push_agent: PushAgentProc) -> None
         t0 = time.monotonic()
         while status(pool, push_id) is PushStatus.SENT and time.monotonic() - t0 < 5.0:
             await asyncio.sleep(0.05)
-            await pool.run_maintenance()
+            await pool.run_maintenance_once()
         assert status(pool, push_id) is PushStatus.EXPIRED
         assert 0.3 <= time.monotonic() - t0 < 2.0
 
@@ -290,7 +290,7 @@ async def test_push_to_unreachable_agent_is_retried_on_reconnect() -> None:
             await agent.arestart()
             deadline = time.monotonic() + 5.0
             while status(pool, push_id) is PushStatus.SENT and time.monotonic() < deadline:
-                await pool.run_maintenance()
+                await pool.run_maintenance_once()
                 await asyncio.sleep(0.06)
             assert status(pool, push_id) is PushStatus.ACKNOWLEDGED
     finally:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from agents import AgentProc, aspawn_agent, spawn_agent
 
-from agentpool import ConnectionClosed, ConnectionFailed, InvalidMessage, Timeout, Unavailable
+from agentpool import ConnectionClosed, ConnectionFailed, Timeout, Unavailable
 from agentpool.config import AgentPoolConfig
 from agentpool.connection import AgentConnection
 from agentpool.messages import (
@@ -108,7 +108,7 @@ async def test_failover_when_a_connection_dies(control: AgentProc) -> None:
         )
         assert isinstance(r.decision, Allow)
         assert_nothing_left(pool, seen)
-        await pool.run_maintenance()
+        await pool.run_maintenance_once()
         conns = states(pool, "c")
         assert len(conns) == 4 and victim not in conns
         assert all(st.healthy and not st.closed for st in conns)
@@ -129,13 +129,13 @@ async def test_agent_restart_is_back_after_one_maintenance_pass() -> None:
         await until(lambda: not pool.is_agent_healthy("c"))
         with pytest.raises(ConnectionFailed, match="No healthy connections for agent c"):
             await pool.send_request_headers("c", "down", hdrs("down"))
-        await pool.run_maintenance()  # agent still down: the attempt fails and backs off
+        await pool.run_maintenance_once()  # agent still down: the attempt fails and backs off
         assert not pool.is_agent_healthy("c")
         assert pool._agents["c"].reconnect_attempts == 1
         await agent.arestart()
         assert agent.pid != pid_before
         await asyncio.sleep(0.06)  # past the reconnect backoff
-        await pool.run_maintenance()
+        await pool.run_maintenance_once()
         assert pool.is_agent_healthy("c")
         assert len(states(pool, "c")) == 4
         r = await pool.send_request_headers("c", "after", hdrs("after"))
@@ -151,7 +151,7 @@ async def test_unreachable_agent_is_registered_and_retried() -> None:
             await pool.add_agent("late", f"unix:{agent.path}")
             assert pool.agent_ids() == ["late"]
             assert not pool.is_agent_healthy("late")
-            assert pool.agent_capabilities("late") is None
+            assert await pool.agent_capabilities("late") is None
             with pytest.raises(ConnectionFailed, match="No connections available for agent late"):
                 await pool.send_request_headers("late", "x", hdrs("x"))
             stats = await pool.agent_stats("late")
@@ -159,9 +159,9 @@ async def test_unreachable_agent_is_registered_and_retried() -> None:
             agent.start()
             await agent.await_ready()
             await asyncio.sleep(0.06)
-            await pool.run_maintenance()
+            await pool.run_maintenance_once()
             assert pool.is_agent_healthy("late")
-            assert pool.agent_capabilities("late") is not None
+            assert await pool.agent_capabilities("late") is not None
             assert pool.config_pusher.get_agent("late") is not None
             r = await pool.send_request_headers("late", "y", hdrs("y"))
             assert isinstance(r.decision, Allow)
@@ -187,7 +187,7 @@ async def test_reconnect_backoff_grows_and_never_gives_up() -> None:
         entry = pool._agents["gone"]
         for _ in range(8):
             await asyncio.sleep(max(0.0, entry.next_reconnect_at - time.monotonic()) + 0.005)
-            await pool.run_maintenance()
+            await pool.run_maintenance_once()
         assert entry.reconnect_attempts >= 8
         assert entry.next_reconnect_at - time.monotonic() <= 0.04 + 0.01
 
@@ -227,7 +227,7 @@ async def test_drain_timeout_cancels_leftovers(control: AgentProc) -> None:
     with pytest.raises(ConnectionClosed):
         await stuck
     assert pool.protocol_metrics.snapshot().in_flight_requests == 0
-    with pytest.raises(InvalidMessage, match="Agent c not found"):
+    with pytest.raises(Unavailable, match="pool is shut down"):
         await pool.send_request_body_chunk(
             "c", "stuck", RequestBodyChunkEvent(correlation_id="stuck", data=b"", is_last=True)
         )
@@ -256,7 +256,7 @@ async def test_nothing_left_behind_after_failures() -> None:
         assert pool.correlation_affinity_count() == 0
         stats = await pool.agent_stats("c")
         assert stats is not None and stats.total_in_flight == 0
-        await pool.run_maintenance()
+        await pool.run_maintenance_once()
         assert_nothing_left(pool, seen)
         assert pool.protocol_metrics.snapshot().in_flight_requests == 0
 
@@ -276,7 +276,7 @@ async def test_reverse_connection_joins_and_leaves(control: AgentProc) -> None:
         )
         await pool.add_reverse_connection("rev", conn, caps)
         assert pool.agent_ids() == ["rev"]
-        assert pool.agent_capabilities("rev") is caps
+        assert await pool.agent_capabilities("rev") is caps
         r = await pool.send_request_headers("rev", "r1", hdrs("r1"))
         assert isinstance(r.decision, Allow)
         extra = await AgentConnection.open(control.endpoint, agent_id="rev")
@@ -290,7 +290,7 @@ async def test_reverse_connection_joins_and_leaves(control: AgentProc) -> None:
         await until(lambda: "rev" not in pool.agent_ids())
         assert pool.config_pusher.get_agent("rev") is None
         donor.close()
-        await pool.run_maintenance()
+        await pool.run_maintenance_once()
         assert pool.agent_ids() == []
 
 
@@ -331,7 +331,7 @@ async def test_health_report_recovers_and_is_forgotten_after_restart() -> None:
             await pool.send_request_headers("c", "h2", hdrs("h2"))
         await agent.arestart()
         await until(lambda: all(st.closed for st in states(pool, "c")))
-        await pool.run_maintenance()
+        await pool.run_maintenance_once()
         assert pool.is_agent_healthy("c")
         r = await pool.send_request_headers("c", "h3", hdrs("h3"))
         assert r.routing_metadata["pid"] == str(agent.pid)
@@ -350,19 +350,19 @@ async def test_keepalive_replaces_connections_of_a_frozen_agent() -> None:
             await pool.add_agent("c", agent.endpoint)
             first = states(pool, "c")
             await asyncio.sleep(0.06)
-            await pool.run_maintenance()  # idle connections are pinged and answer
+            await pool.run_maintenance_once()  # idle connections are pinged and answer
             assert all(st.conn.last_rtt is not None for st in first)
             assert states(pool, "c") == first
             os.kill(agent.pid, signal.SIGSTOP)
             try:
                 await asyncio.sleep(0.06)
-                await pool.run_maintenance()  # pings time out: replaced; handshakes time out
+                await pool.run_maintenance_once()  # pings time out: replaced; handshakes time out
                 assert all(st.closed for st in first)
                 assert not pool.is_agent_healthy("c")
             finally:
                 os.kill(agent.pid, signal.SIGCONT)
             await asyncio.sleep(0.1)
-            await pool.run_maintenance()
+            await pool.run_maintenance_once()
             assert pool.is_agent_healthy("c") and len(states(pool, "c")) == 2
             r = await pool.send_request_headers("c", "k", hdrs("k"))
             assert isinstance(r.decision, Allow)

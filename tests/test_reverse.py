@@ -336,7 +336,7 @@ async def test_good_registration_joins_pool(sock_path: str) -> None:
         assert doc["proxy_version"] == agentpool.__version__
         assert re.fullmatch(r"agent-1-[0-9a-f]+", doc["connection_id"])
         assert pool.agent_ids() == ["agent-1"]
-        caps = pool.agent_capabilities("agent-1")
+        caps = await pool.agent_capabilities("agent-1")
         assert caps is not None and caps.name == "agent-1 agent"
         assert [s.agent_id for s in await pool.stats()] == ["agent-1"]
         assert listener.connection_count("agent-1") == 1
