@@ -38,7 +38,7 @@ from typing import Any, TypeVar, cast
 
 import orjson
 
-__all__ = ["main", "run_agent", "run_grpc_server", "run_loop"]
+__all__ = ["main", "run", "run_agent", "run_grpc_server", "run_loop"]
 
 _T = TypeVar("_T")
 
@@ -1199,69 +1199,19 @@ def _run_memory(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m agentpool bench",
-        description="Round-trip benchmark: agentpool pool vs a raw uvloop client vs grpcio aio.",
-    )
-    p.add_argument("--quick", action="store_true", help="smoke run (~15 s): 2 short repetitions")
-    p.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default 5)")
-    p.add_argument(
-        "--duration",
-        type=float,
-        default=None,
-        help="seconds measured per scenario and repetition (default 1.0)",
-    )
-    p.add_argument(
-        "--warmup",
-        type=float,
-        default=None,
-        help="warm-up seconds before each measurement (default 0.25)",
-    )
-    p.add_argument(
-        "--in-flight", type=int, default=64, help="concurrency of the wide scenarios (default 64)"
-    )
-    p.add_argument(
-        "--only",
-        default="",
-        help="comma list of kinds (raw,pool,grpc) or scenario names (e.g. pool-json-64x4) to run",
-    )
-    p.add_argument("--no-grpc", action="store_true", help="skip the grpcio scenarios")
-    p.add_argument(
-        "--agent",
-        choices=("auto", "builtin", "example"),
-        default="auto",
-        help="benchmark agent: the built-in minimal one, or "
-        "`python -m agentpool agent --example bench` (auto: the example when available)",
-    )
-    p.add_argument(
-        "--keep-affinity",
-        action="store_true",
-        help="do not clear the correlation affinity after each pool request",
-    )
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    p.add_argument(
-        "--memory",
-        type=int,
-        nargs="?",
-        const=10_000,
-        default=None,
-        metavar="N",
-        help="instead: measure the pool's memory for N requests in flight (default 10000)",
-    )
-    p.add_argument("--serve-agent", metavar="PATH", help=argparse.SUPPRESS)
-    p.add_argument("--hold", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--serve-grpc", metavar="PATH", help=argparse.SUPPRESS)
-    return p
-
-
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m agentpool bench``."""
-    args = _parser().parse_args(argv)
+    """``agentpool bench`` with ``argv`` as its options."""
+    from .cli import main as cli_main
+
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark with parsed ``agentpool bench`` options (declared in agentpool.cli)."""
     if args.serve_agent:
         return run_agent(args.serve_agent, hold=args.hold)
     if args.serve_grpc:
@@ -1292,6 +1242,9 @@ def main(argv: list[str] | None = None) -> int:
         impl = "example" if _example_available() else "builtin"
 
     scenarios = build_scenarios(args)
+    if not scenarios:
+        print(f"bench: --only {args.only}: nothing left to run without grpcio", file=sys.stderr)
+        return 2
     tmp = tempfile.mkdtemp(prefix="apbench-", dir="/tmp")
     agent_path = os.path.join(tmp, "agent.sock")
     grpc_path = os.path.join(tmp, "grpc.sock")

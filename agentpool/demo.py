@@ -37,7 +37,7 @@ from .messages import (
 )
 from .pool import AgentPool
 
-__all__ = ["main"]
+__all__ = ["main", "run"]
 
 _READY = "agentpool agent listening on "
 _PATHS = (
@@ -359,26 +359,11 @@ async def _run(args: argparse.Namespace) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the demo; returns the process exit code (0 when every request succeeded)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m agentpool demo",
-        description="Drive a pool of two example agents (waf, echo) with realistic traffic.",
-    )
-    parser.add_argument("--requests", type=int, default=3000, help="requests to send (3000)")
-    parser.add_argument("--concurrency", type=int, default=32, help="concurrent requests (32)")
-    parser.add_argument("--connections", type=int, default=4, help="connections per agent (4)")
-    parser.add_argument(
-        "--strategy",
-        default="round_robin",
-        choices=[s.name.lower() for s in LoadBalanceStrategy],
-    )
-    parser.add_argument("--encoding", default="json", choices=("json", "msgpack"))
-    parser.add_argument("--loop", default="auto", choices=("auto", "asyncio", "uvloop"))
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    if args.requests < 1 or args.concurrency < 1 or args.connections < 1:
-        parser.error("--requests, --concurrency and --connections must be >= 1")
+def run(args: argparse.Namespace) -> int:
+    """Run the demo with parsed ``agentpool demo`` options; the process exit code.
+
+    0 when every request succeeded. Options are declared in :mod:`agentpool.cli`.
+    """
     use_uvloop = args.loop == "uvloop"
     if args.loop == "auto":
         try:
@@ -387,11 +372,15 @@ def main(argv: list[str] | None = None) -> int:
             use_uvloop = True
         except ImportError:
             use_uvloop = False
-    try:
-        if use_uvloop:
-            import uvloop
+    if use_uvloop:
+        import uvloop
 
-            return uvloop.run(_run(args))
-        return asyncio.run(_run(args))
-    except KeyboardInterrupt:
-        return 130
+        return uvloop.run(_run(args))
+    return asyncio.run(_run(args))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``agentpool demo`` with ``argv`` as its options."""
+    from .cli import main as cli_main
+
+    return cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])

@@ -31,7 +31,7 @@ import ssl as _ssl
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -1134,53 +1134,9 @@ class AgentServer:
 # -- command line ------------------------------------------------------------------------
 
 
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    from .examples import EXAMPLES
-
-    p = argparse.ArgumentParser(
-        prog="python -m agentpool agent", description="Run an example Zentinel v2 agent."
-    )
-    p.add_argument("--socket", help="Unix socket path to listen on")
-    p.add_argument("--tcp", metavar="HOST:PORT", help="listen on TCP instead (port 0 = any)")
-    p.add_argument(
-        "--reverse",
-        metavar="TARGET",
-        help="dial a proxy's reverse listener instead (unix:/path or host:port)",
-    )
-    p.add_argument("--auth-token", default=None, help="token for --reverse registration")
-    p.add_argument("--example", default="waf", choices=sorted(EXAMPLES))
-    p.add_argument(
-        "--encoding",
-        default="json",
-        choices=("json", "msgpack"),
-        help="json: JSON only; msgpack: MessagePack preferred, JSON too",
-    )
-    p.add_argument("--protocol", default="v2", choices=("v2", "v1"))
-    p.add_argument("--agent-id", default=None)
-    p.add_argument("--delay", type=float, default=0.0, help="seconds to wait before each reply")
-    p.add_argument("--loop", choices=("asyncio", "uvloop"), default=None)
-    p.add_argument("--v1-reply-version", type=int, default=2)
-    p.add_argument("--v1-sdk-replies", action="store_true")
-    p.add_argument("--log-level", default="WARNING")
-    p.add_argument(
-        "--tls-cert",
-        default=None,
-        help="serve --tcp over TLS with this PEM chain (--reverse: our client certificate)",
-    )
-    p.add_argument("--tls-key", default=None, help="private key for --tls-cert")
-    p.add_argument(
-        "--tls-ca",
-        default=None,
-        help="require client certificates from this CA (--reverse: trust this CA)",
-    )
-    args = p.parse_args(argv)
-    if (args.tls_key or (args.tls_ca and not args.reverse)) and not args.tls_cert:
-        p.error("--tls-key and --tls-ca need --tls-cert")
-    if (args.tls_cert or args.tls_ca) and args.socket:
-        p.error("TLS options need --tcp or --reverse")
-    if sum(bool(x) for x in (args.socket, args.tcp, args.reverse)) != 1:
-        p.error("give exactly one of --socket, --tcp or --reverse")
-    return args
+def _stopped_by(stop: asyncio.Event, args: argparse.Namespace, sig: int) -> None:
+    args.stopped_by = sig  # the command line exits 130 after Ctrl-C
+    stop.set()
 
 
 async def _serve(args: argparse.Namespace) -> None:
@@ -1217,7 +1173,7 @@ async def _serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, _stopped_by, stop, args, sig)
     print(f"agentpool agent listening on {server.endpoint}", flush=True)
     try:
         await stop.wait()
@@ -1248,7 +1204,7 @@ async def _serve_reverse(agent: Agent, args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, _stopped_by, stop, args, sig)
     print(f"agentpool agent registered with {args.reverse}", flush=True)
     closed = asyncio.ensure_future(conn.wait_closed())
     stopped = asyncio.ensure_future(stop.wait())
@@ -1261,21 +1217,10 @@ async def _serve_reverse(agent: Agent, args: argparse.Namespace) -> None:
 
 
 def main_agent(argv: list[str] | None = None) -> int:
-    """``python -m agentpool agent``: run an example agent until SIGTERM/SIGINT."""
-    args = _parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr)
-    use_uvloop = args.loop == "uvloop" or (args.loop is None and args.example == "bench")
-    runner: Callable[[Coroutine[Any, Any, None]], None] = asyncio.run
-    if use_uvloop:
-        try:
-            import uvloop
+    """``agentpool agent`` with ``argv`` as its options (the command line is agentpool.cli)."""
+    from .cli import main
 
-            runner = uvloop.run
-        except ImportError:  # pragma: no cover - uvloop is a Linux dependency
-            pass
-    with contextlib.suppress(KeyboardInterrupt):
-        runner(_serve(args))
-    return 0
+    return main(["agent", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,194 @@
+"""The ``agentpool`` command line, run as a real process (console script and ``-m``).
+
+Usage errors are one line on stderr with exit status 2; errors while running are one line
+with status 1; Ctrl-C exits 130; no traceback anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from agents import aspawn_agent, short_socket_dir
+
+import agentpool
+
+SCRIPT = Path(sys.executable).with_name("agentpool")
+T = 60.0
+
+
+def _argv(*args: str) -> list[str]:
+    assert SCRIPT.exists(), f"console script missing next to {sys.executable}"
+    return [str(SCRIPT), *args]
+
+
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        _argv(*args),
+        capture_output=True,
+        text=True,
+        timeout=T,
+        stdin=subprocess.DEVNULL,
+        cwd=tempfile.gettempdir(),
+        env=env,
+    )
+
+
+def _one_line_error(result: subprocess.CompletedProcess[str], status: int, *needles: str) -> str:
+    assert result.returncode == status, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_version_and_python_m() -> None:
+    result = _run("--version")
+    assert result.returncode == 0
+    assert result.stdout.startswith(f"agentpool {agentpool.__version__} (core: ")
+    same = subprocess.run(
+        [sys.executable, "-m", "agentpool", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=T,
+        cwd=tempfile.gettempdir(),
+    )
+    assert same.returncode == 0 and same.stdout == result.stdout
+
+
+def test_help_shows_defaults() -> None:
+    top = _run("--help")
+    assert top.returncode == 0
+    for name in ("demo", "agent", "bench"):
+        assert name in top.stdout
+    agent = _run("agent", "--help").stdout
+    assert "(default: waf)" in agent and "(default: WARNING)" in agent
+    assert "(default: 3000)" in _run("demo", "--help").stdout
+    assert "(default: 64)" in _run("bench", "--help").stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        ((), "required: <command>"),
+        (("nonsense",), "invalid choice: 'nonsense'"),
+        (("agent", "--tcp", "localhost"), "--tcp: expected HOST:PORT"),
+        (("agent", "--socket", "/tmp/x.sock", "--log-level", "verbose"), "--log-level"),
+        (("agent",), "exactly one of --socket, --tcp or --reverse"),
+        (("agent", "--reverse", "tpc://127.0.0.1:1"), "unknown scheme 'tpc'"),
+        (("agent", "--socket", "/tmp/x.sock", "--example", "nope"), "invalid choice: 'nope'"),
+        (("demo", "--requests", "0"), "--requests: must be at least 1"),
+        (("bench", "--only", "nonsense"), "--only: unknown scenario 'nonsense'"),
+        (("bench", "--only", "pool,nonsense"), "'nonsense'"),
+    ],
+)
+def test_usage_errors_are_one_line(args: tuple[str, ...], needle: str) -> None:
+    line = _one_line_error(_run(*args), 2, needle)
+    assert line.startswith("agentpool")
+
+
+def test_uvloop_missing_is_a_usage_error(tmp_path: Path) -> None:
+    (tmp_path / "uvloop.py").write_text("raise ImportError('uvloop is not here')\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    _one_line_error(_run("demo", "--loop", "uvloop", env=env), 2, "uvloop is not installed")
+    _one_line_error(
+        _run("agent", "--socket", "/tmp/x.sock", "--loop", "uvloop", env=env),
+        2,
+        "uvloop is not installed",
+    )
+
+
+def test_runtime_errors_are_one_line() -> None:
+    _one_line_error(
+        _run("agent", "--socket", "/nonexistent-dir/waf.sock"),
+        1,
+        "/nonexistent-dir/waf.sock",
+        "no directory /nonexistent-dir",
+    )
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        _one_line_error(_run("agent", "--tcp", f"127.0.0.1:{port}"), 1, "address already in use")
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+        port = closed.getsockname()[1]
+        _one_line_error(_run("agent", "--reverse", f"127.0.0.1:{port}"), 1, f"127.0.0.1:{port}")
+
+
+def _wait_for(proc: subprocess.Popen[str], needle: str, timeout: float = 30.0) -> str:
+    """Read ``proc``'s stderr until a line contains ``needle``; what was read."""
+    assert proc.stderr is not None
+    seen = ""
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stderr, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    while needle not in seen:
+        assert time.monotonic() < deadline, f"no {needle!r} in {seen!r}"
+        if sel.select(0.2):
+            line = proc.stderr.readline()
+            assert line, f"process ended before {needle!r}: {seen!r}"
+            seen += line
+    sel.close()
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("args", "ready"),
+    [
+        (("agent", "--socket", "{dir}/a.sock"), None),
+        (("demo", "--requests", "10000000", "--quiet"), "pool ready"),
+        (("bench", "--quick", "--no-grpc", "--only", "raw", "--duration", "30"), "scenarios x"),
+    ],
+    ids=["agent", "demo", "bench"],
+)
+def test_ctrl_c_exits_130_without_traceback(args: tuple[str, ...], ready: str | None) -> None:
+    tmp = short_socket_dir()
+    argv = _argv(*(a.replace("{dir}", tmp) for a in args))
+    # a terminal's Ctrl-C signals the whole foreground process group
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE if ready is None else subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        cwd=tempfile.gettempdir(),
+    )
+    try:
+        if ready is None:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().startswith("agentpool agent listening on")
+        else:
+            _wait_for(proc, ready)
+        time.sleep(0.3)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=T)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for name in os.listdir(tmp):
+            os.unlink(os.path.join(tmp, name))
+        os.rmdir(tmp)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+
+
+async def test_agent_command_serves_a_pool() -> None:
+    """``agentpool agent`` (what the README's Quick look points at) answers a pool."""
+    from agentpool import AgentPool, AgentPoolConfig
+
+    async with aspawn_agent("waf") as agent, AgentPool(AgentPoolConfig()) as pool:
+        await pool.add_agent("waf", agent.endpoint)
+        assert pool.is_agent_healthy("waf")
