@@ -58,7 +58,7 @@ class ConnState:
 
 @final
 class ConnectionSet:
-    """The ordered connections of one agent and the strategy pick over them (POOL.md §4)."""
+    """The ordered connections of one agent and the strategy pick over them (docs/pool.md)."""
 
     last_error: str | None
     def __init__(self, agent_id: str) -> None: ...
@@ -84,7 +84,7 @@ class ConnectionSet:
 
 @final
 class AffinityMap:
-    """Correlation id -> connection, bounded (POOL.md §6)."""
+    """Correlation id -> connection, bounded (docs/pool.md "Correlation affinity")."""
 
     def __init__(self, max_entries: int = 100_000) -> None: ...
     @property
@@ -138,7 +138,7 @@ class Histogram:
 
 @final
 class ProtocolMetrics:
-    """Proxy-side protocol counters, gauges and histograms (POOL.md §10), pool-global."""
+    """Proxy-side protocol counters, gauges and histograms (docs/observability.md), pool-global."""
 
     def __init__(self) -> None: ...
     def inc_requests(self) -> None: ...

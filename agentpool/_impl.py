@@ -14,16 +14,34 @@ NO_EXTENSIONS = bool(os.environ.get("AGENTPOOL_NO_EXTENSIONS")) or (
     sys.implementation.name != "cpython"
 )
 
+
+
+def _core_missing(exc: ImportError) -> str:
+    """Why the compiled core did not import, and what to do about it."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    built = any(n.startswith("_core.") and n.endswith((".so", ".pyd")) for n in os.listdir(here))
+    if os.path.exists(os.path.join(here, "_core.pyx")) and not built:
+        return (
+            f"agentpool is being imported from its source tree ({here}), where the compiled "
+            "core has not been built. Run from another directory (or use the `agentpool` "
+            "command) to use the installed package, or build the core in place with "
+            "`pip install -e .` or `python setup.py build_ext --inplace`, or set "
+            "AGENTPOOL_NO_EXTENSIONS=1 to use the pure-Python core."
+        )
+    return (
+        f"agentpool's compiled core (agentpool._core in {here}) failed to import ({exc}); "
+        "reinstall or rebuild the package, or set AGENTPOOL_NO_EXTENSIONS=1 to use the "
+        "pure-Python core"
+    )
+
+
 if TYPE_CHECKING or NO_EXTENSIONS:
     from . import _core_py as core
 else:
     try:
         from . import _core as core  # type: ignore[no-redef]
-    except ImportError as exc:  # pragma: no cover - exercised by a broken install only
-        raise ImportError(
-            "agentpool's compiled core (agentpool._core) failed to import; rebuild the "
-            "package or set AGENTPOOL_NO_EXTENSIONS=1 to use the pure-Python core"
-        ) from exc
+    except ImportError as exc:
+        raise ImportError(_core_missing(exc)) from exc
 
 HAS_EXTENSIONS: bool = bool(getattr(core, "COMPILED", False))
 

@@ -1,4 +1,4 @@
-# Proxy-side protocol counters, gauges and µs histograms (POOL.md §10). Twin: _metrics_py.py.
+# Proxy-side protocol counters, gauges and µs histograms (docs/observability.md). Twin: _metrics_py.py.
 # The snapshot classes and the Prometheus renderer are shared with the twin, so both cores
 # produce identical snapshots and text.
 
@@ -110,7 +110,7 @@ cdef inline uint64_t _met_nonneg(int64_t n) noexcept:
 
 @cython.final
 cdef class ProtocolMetrics:
-    """Proxy-side protocol counters, gauges and histograms (POOL.md §10), pool-global."""
+    """Proxy-side protocol counters, gauges and histograms (docs/observability.md), pool-global."""
 
     def __cinit__(self):
         self.serialization_time = Histogram()

@@ -1,8 +1,9 @@
 """Pure-Python twin of ``_metrics.pxi``: proxy-side protocol counters and histograms.
 
-:class:`ProtocolMetrics` carries upstream's counters, gauges and two µs histograms (POOL.md
-§10) with upstream's method names and Prometheus text. The snapshot classes and the text
-renderer defined here are shared with the compiled core, so both render identical output.
+:class:`ProtocolMetrics` carries upstream's counters, gauges and two µs histograms
+(docs/observability.md) with upstream's method names and Prometheus text. The snapshot
+classes and the text renderer defined here are shared with the compiled core, so both render
+identical output.
 """
 
 from __future__ import annotations
@@ -235,7 +236,7 @@ class Histogram:
 
 
 class ProtocolMetrics:
-    """Proxy-side protocol counters, gauges and histograms (POOL.md §10), pool-global."""
+    """Proxy-side protocol counters, gauges and histograms (docs/observability.md), pool-global."""
 
     __slots__ = (
         "_affinity_evictions_total",

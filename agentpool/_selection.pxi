@@ -1,5 +1,5 @@
 # Connection selection over cached per-connection state, correlation affinity and sticky
-# sessions (POOL.md §4, §6, §7). Twin: _selection_py.py.
+# sessions (docs/pool.md: Selection, Correlation affinity and sticky sessions). Twin: _selection_py.py.
 
 cimport cython
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
@@ -94,7 +94,7 @@ cdef str _sel_with_last_error(str message, ConnectionSet cs):
 
 @cython.final
 cdef class ConnectionSet:
-    """The ordered connections of one agent and the strategy pick over them (POOL.md §4)."""
+    """The ordered connections of one agent and the strategy pick over them (docs/pool.md)."""
 
     def __cinit__(self, str agent_id):
         self.agent_id = agent_id
@@ -279,7 +279,7 @@ cdef class _AffinityEntry:
 
 @cython.final
 cdef class AffinityMap:
-    """Correlation id -> connection, bounded (POOL.md §6).
+    """Correlation id -> connection, bounded (docs/pool.md "Correlation affinity").
 
     A new id is refused when the map is full (``rejections`` counts it; ``at_capacity`` is
     set until the next accepted store, so the caller can warn once per episode); re-storing
@@ -380,7 +380,7 @@ cdef class SessionMap:
     """Sticky sessions: session id -> (connection, agent id, created, last accessed) (§7).
 
     A session is expired when ``now - last_accessed > timeout`` (strict); ``timeout=None``
-    never expires. ``lookup`` refreshes or removes; ``has`` only answers (DECISIONS 11).
+    never expires. ``lookup`` refreshes or removes; ``has`` only answers (upstream's refreshes).
     """
 
     def __cinit__(self):

@@ -1,8 +1,8 @@
 """Pure-Python twin of ``_selection.pxi``: connection state, selection, affinity, sessions.
 
 Per-connection cached state (:class:`ConnState`), the per-agent ordered connection list with
-the four load-balancing strategies (:class:`ConnectionSet`, POOL.md §4), the correlation
-affinity map (:class:`AffinityMap`, §6) and sticky sessions (:class:`SessionMap`, §7).
+the four load-balancing strategies (:class:`ConnectionSet`), the correlation affinity map
+(:class:`AffinityMap`) and sticky sessions (:class:`SessionMap`), as docs/pool.md describes.
 Times are monotonic seconds passed in by the caller, so every rule is testable without sleeping.
 """
 
@@ -134,7 +134,7 @@ class ConnState:
 
 
 class ConnectionSet:
-    """The ordered connections of one agent and the strategy pick over them (POOL.md §4)."""
+    """The ordered connections of one agent and the strategy pick over them (docs/pool.md)."""
 
     __slots__ = ("_agent_id", "_rand", "_rr", "_states", "last_error")
 
@@ -282,7 +282,7 @@ def _remove_where(entries: dict[str, Any], doomed: Callable[[Any], bool]) -> int
 
 
 class AffinityMap:
-    """Correlation id -> connection, bounded (POOL.md §6).
+    """Correlation id -> connection, bounded (docs/pool.md "Correlation affinity").
 
     A new id is refused when the map is full (``rejections`` counts it; ``at_capacity`` is
     set until the next accepted store, so the caller can warn once per episode); re-storing
@@ -384,7 +384,7 @@ class SessionMap:
     """Sticky sessions: session id -> (connection, agent id, created, last accessed) (§7).
 
     A session is expired when ``now - last_accessed > timeout`` (strict); ``timeout=None``
-    never expires. ``lookup`` refreshes or removes; ``has`` only answers (DECISIONS 11).
+    never expires. ``lookup`` refreshes or removes; ``has`` only answers (upstream's refreshes).
     """
 
     __slots__ = ("_map",)

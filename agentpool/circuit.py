@@ -1,4 +1,4 @@
-"""Per-agent circuit breaker (POOL.md §8.4, DECISIONS 8).
+"""Per-agent circuit breaker (docs/pool.md, "Circuit breaker").
 
 Upstream keeps one breaker per agent *around* the pool; agentpool's pool keeps one per agent
 and consults it before selecting a connection. Closed lets everything through; enough

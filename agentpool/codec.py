@@ -3,7 +3,7 @@
 Framing is separate (``core.encode_frame`` / ``core.FrameDecoder``); this module only turns
 message objects into payload bytes and back.
 
-Output follows upstream byte for byte where upstream is deterministic (PROTOCOL.md §4):
+Output follows upstream byte for byte where upstream is deterministic (docs/protocol.md):
 events are JSON with keys sorted at every level and the correlation id injected at the top;
 responses, handshakes and control messages keep struct order. MessagePack output uses named
 maps (never positional arrays, never a duplicate key) with raw ``bin`` bodies; MessagePack
@@ -1396,7 +1396,7 @@ def _request_headers_fast(obj: dict[str, Any]) -> RequestHeadersEvent | None:
 
 
 def _first_cid_hook(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
-    """MessagePack map builder: later keys win except ``correlation_id`` (DECISIONS 3)."""
+    """MessagePack map builder: later keys win except ``correlation_id`` (docs/protocol.md)."""
     d = dict(pairs)
     if len(d) != len(pairs) and "correlation_id" in d:
         for k, v in pairs:

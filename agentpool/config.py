@@ -1,7 +1,7 @@
 """Configuration of :class:`agentpool.AgentPool`.
 
-Field names and defaults are upstream's ``AgentPoolConfig`` (POOL.md §2); durations are float
-seconds. The extra fields (``encoding``, ``circuit_breaker``, ``max_reconnect_backoff``,
+Field names and defaults are upstream's ``AgentPoolConfig`` (docs/pool.md); durations are
+float seconds. The extra fields (``encoding``, ``circuit_breaker``, ``max_reconnect_backoff``,
 ``ping_timeout``, ``keepalive``, ``proxy_id``, the sub-configs) are agentpool additions.
 """
 
@@ -57,7 +57,7 @@ def _duration(name: str, value: object, *, allow_zero: bool = True) -> None:
 class AgentPoolConfig:
     """Pool settings; every upstream field with its upstream default (durations in seconds).
 
-    ``max_reconnect_attempts`` no longer stops reconnection (DECISIONS.md 2): the first
+    ``max_reconnect_attempts`` no longer stops reconnection (docs/pool.md): the first
     ``max_reconnect_attempts`` failed attempts are spaced by ``reconnect_interval``, later ones
     back off exponentially up to ``max_reconnect_backoff`` (120 s), forever. With
     ``keepalive``, maintenance pings v2 connections idle for a ``health_check_interval`` and

@@ -1,4 +1,4 @@
-"""Config push ledger and agent config-request handling (POOL.md §9, DECISIONS 7).
+"""Config push ledger and agent config-request handling (docs/pool.md, "Config push").
 
 :class:`ConfigPusher` tracks proxy→agent config pushes: ids, attempts, acknowledgements,
 retries and expiry. It sends nothing itself; the pool transmits each push as a Configure
@@ -132,7 +132,7 @@ class PendingPush:
 
 
 class ConfigPusher:
-    """Ledger of config pushes with upstream's semantics (POOL.md §9.2).
+    """Ledger of config pushes with upstream's semantics (docs/pool.md, "Config push").
 
     Push ids are ``"push-<n>"``, n counting from 1 across all agents. Pushes go only to
     registered agents that support push. Acknowledgements may overwrite any status.

@@ -18,7 +18,7 @@ __all__ = [
 
 
 class MessageType(enum.IntEnum):
-    """v2 UDS frame type bytes (PROTOCOL.md §2.2)."""
+    """v2 UDS frame type bytes (docs/protocol.md, "Wire summary")."""
 
     HANDSHAKE_REQUEST = 0x01
     HANDSHAKE_RESPONSE = 0x02
@@ -61,7 +61,7 @@ class Encoding(str, enum.Enum):
 
 
 class CancelReason(enum.IntEnum):
-    """Why a request is cancelled; the value is the 0-based UDS wire number (DECISIONS.md 4)."""
+    """Why a request is cancelled; the value is the 0-based UDS wire number (docs/protocol.md)."""
 
     CLIENT_DISCONNECT = 0
     TIMEOUT = 1
@@ -98,7 +98,7 @@ class FlowState(enum.IntEnum):
 
 
 class LoadBalanceStrategy(enum.IntEnum):
-    """Connection selection strategies (POOL.md §4)."""
+    """Connection selection strategies (docs/pool.md, "Selection")."""
 
     ROUND_ROBIN = 0
     LEAST_CONNECTIONS = 1
@@ -107,7 +107,7 @@ class LoadBalanceStrategy(enum.IntEnum):
 
 
 class FlowControlMode(enum.IntEnum):
-    """What a send does when its connection is paused by the agent (POOL.md §5)."""
+    """What a send does when its connection is paused by the agent (docs/pool.md)."""
 
     FAIL_CLOSED = 0
     FAIL_OPEN = 1

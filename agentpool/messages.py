@@ -1,4 +1,4 @@
-"""Message classes for every Zentinel v2 agent-protocol message (PROTOCOL.md §3, §5, §7.2).
+"""Message classes for every Zentinel v2 agent-protocol message (docs/protocol.md).
 
 Field names and defaults are upstream's so code written against the Rust crate reads the same.
 These are plain data holders; :mod:`agentpool.codec` turns them into wire payloads and back.
@@ -290,7 +290,7 @@ class GuardrailInspectEvent:
 
 @dataclass(slots=True)
 class ConfigureEvent:
-    """Configuration delivery (0x17); also carries config pushes (DECISIONS 7)."""
+    """Configuration delivery (0x17); also carries config pushes (docs/pool.md)."""
 
     MESSAGE_TYPE: ClassVar[MessageType] = MessageType.CONFIGURE
     EVENT_TYPE: ClassVar[EventType] = EventType.CONFIGURE
@@ -431,7 +431,7 @@ class AgentResponse:
     """An agent's reply to an event.
 
     ``fail_open`` is never on the wire: True marks a synthetic Allow made by the pool
-    because the agent could not be asked (DECISIONS 9).
+    because the agent could not be asked (docs/pool.md, "Fail-open responses are marked").
     """
 
     version: int = 2
@@ -716,7 +716,7 @@ ControlMessage: TypeAlias = (
 
 @dataclass(slots=True)
 class CancelRequest:
-    """Cancel (0x40): ``reason`` is the 0-based UDS number (DECISIONS 4)."""
+    """Cancel (0x40): ``reason`` is the 0-based UDS number (docs/protocol.md)."""
 
     correlation_id: str
     reason: CancelReason

@@ -1,4 +1,4 @@
-"""Agent-reported metrics (POOL.md §11) and the prometheus-client collector (DECISIONS 12).
+"""Agent-reported metrics and the prometheus-client collector (docs/observability.md).
 
 :class:`MetricsCollector` keeps the latest value of every series agents report in
 MetricsReport frames and renders them in upstream's Prometheus text format.
@@ -609,7 +609,7 @@ class AgentPoolCollector:
     """prometheus_client custom collector for one pool.
 
     Register it yourself: ``registry.register(AgentPoolCollector(pool))``. Each scrape reads
-    ``pool.protocol_metrics.snapshot()`` (the ``<prefix>_*`` series of POOL.md §10, same
+    ``pool.protocol_metrics.snapshot()`` (the ``<prefix>_*`` series of docs/observability.md, same
     names and help texts; histograms in seconds with cumulative buckets),
     ``pool.agent_stats_sync()`` (``<prefix>_agent_*`` gauges labelled ``agent_id``) and
     the agent-reported series of ``pool.metrics_collector`` under their own names.

@@ -1,4 +1,4 @@
-"""The agent pool: Zentinel's ``AgentPool`` for asyncio (POOL.md §3–§8, DECISIONS.md).
+"""The agent pool: Zentinel's ``AgentPool`` for asyncio (docs/pool.md).
 
 An :class:`AgentPool` keeps ``connections_per_agent`` connections to each agent, picks one per
 event with the compiled selection core, routes body chunks by correlation affinity and
@@ -68,7 +68,7 @@ log = logging.getLogger(__name__)
 
 _monotonic = time.monotonic
 
-# What a send does, as bit flags (POOL.md §3.3 table).
+# What a send does, as bit flags (the table under "Sending" in docs/pool.md).
 _TRACK = 1  # protocol metrics: requests/responses/in-flight/errors
 _DURATION = 2  # record request_duration
 _FLOW = 4  # flow-control check
@@ -97,7 +97,7 @@ def is_uds_endpoint(endpoint: str) -> bool:
 
 @dataclass(slots=True)
 class AgentPoolStats:
-    """Per-agent statistics, fields as upstream (POOL.md §12.1)."""
+    """Per-agent statistics, fields as upstream's."""
 
     agent_id: str
     active_connections: int
@@ -759,7 +759,7 @@ class AgentPool:
     def send_response_body_chunk(
         self, agent_id: str, correlation_id: str, event: ResponseBodyChunkEvent
     ) -> Coroutine[Any, Any, AgentResponse]:
-        """Send a response body chunk, routed by correlation affinity too (DECISIONS 10)."""
+        """Send a response body chunk, routed by correlation affinity too (docs/pool.md)."""
         return self._send(agent_id, correlation_id, event, _KIND_RESPONSE_BODY, None, None)
 
     def send_guardrail_inspect(
@@ -1020,7 +1020,7 @@ class AgentPool:
         return self._sessions.lookup(session_id, _monotonic(), self._sticky_timeout) is not None
 
     def has_sticky_session(self, session_id: str) -> bool:
-        """Whether a valid session exists; a pure query (DECISIONS 11)."""
+        """Whether a valid session exists; a pure query (upstream's also refreshes it)."""
         return bool(self._sessions.has(session_id, _monotonic(), self._sticky_timeout))
 
     def clear_sticky_session(self, session_id: str) -> None:

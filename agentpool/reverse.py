@@ -1,4 +1,4 @@
-"""Reverse connections: agents dial the proxy and register (PROTOCOL.md §7, DECISIONS.md 13).
+"""Reverse connections: agents dial the proxy and register (docs/reverse.md).
 
 The proxy side is :class:`ReverseConnectionListener`. It listens on a Unix socket (mode 0600)
 or a TCP port, reads exactly one registration frame (0x01) per accepted socket within

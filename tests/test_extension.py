@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
 import os
 import pathlib
+import urllib.parse
 
 import agentpool
 from agentpool import _impl
@@ -20,6 +23,17 @@ def test_expected_core_is_loaded() -> None:
 
 
 def test_tests_run_against_installed_package() -> None:
-    if os.environ.get("AGENTPOOL_ALLOW_SOURCE_TREE"):
-        return
-    assert "site-packages" in agentpool.__file__, agentpool.__file__
+    """The imported package is the installed distribution's, never a stray source tree.
+
+    A regular install imports the copy in site-packages; an editable install (``pip install
+    -e .``) imports the checkout it was made from.
+    """
+    dist = importlib.metadata.distribution("agentpool")
+    here = pathlib.Path(agentpool.__file__).resolve()
+    direct = json.loads(dist.read_text("direct_url.json") or "{}")
+    if direct.get("dir_info", {}).get("editable"):
+        root = pathlib.Path(urllib.parse.unquote(urllib.parse.urlparse(direct["url"]).path))
+        assert here.is_relative_to(root.resolve()), (here, root)
+    else:
+        installed = pathlib.Path(str(dist.locate_file("agentpool/__init__.py"))).resolve()
+        assert here == installed
