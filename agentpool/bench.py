@@ -805,7 +805,11 @@ class Processes:
     def start(self, argv: list[str], path: str, name: str, timeout: float = 15.0) -> int:
         """Start ``argv`` and wait until it accepts on the Unix socket ``path``; its pid."""
         proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=os.path.dirname(path),  # a source tree in the caller's directory would shadow
         )
         self.procs.append(proc)
         deadline = time.monotonic() + timeout

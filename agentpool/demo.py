@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from .cli import CommandError
 from .config import AgentPoolConfig
 from .enums import LoadBalanceStrategy
 from .messages import (
@@ -92,6 +93,7 @@ async def _start_agent(example: str, path: str) -> asyncio.subprocess.Process:
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         env=env,
+        cwd=os.path.dirname(path),  # not the caller's directory: a source tree there would shadow
         start_new_session=True,
     )
     assert proc.stdout is not None
@@ -100,10 +102,11 @@ async def _start_agent(example: str, path: str) -> asyncio.subprocess.Process:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise RuntimeError(f"{example} agent did not start listening within 15 s")
+                raise CommandError(f"the {example} example agent did not listen within 15 s")
             line = await asyncio.wait_for(proc.stdout.readline(), remaining)
             if not line:
-                raise RuntimeError(f"{example} agent exited with {await proc.wait()}")
+                status = await proc.wait()
+                raise CommandError(f"the {example} example agent exited with status {status}")
             if line.decode(errors="replace").startswith(_READY):
                 return proc
     except BaseException:
