@@ -523,7 +523,7 @@ class AgentConnection:
             try:
                 rtt = await asyncio.wait_for(fut, t)
             except asyncio.TimeoutError:
-                raise Timeout(t) from None
+                raise Timeout(t, agent_id=self.agent_id, phase="ping") from None
         finally:
             self._pings.pop(seq, None)
         self.last_rtt = rtt

@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ._impl import HAS_EXTENSIONS
 from .cli import CommandError
 from .config import AgentPoolConfig
 from .enums import LoadBalanceStrategy
@@ -311,7 +312,8 @@ async def _run(args: argparse.Namespace) -> int:
             print(
                 f"pool ready: {len(pool.agent_ids())} agents x {args.connections} connections "
                 f"({config.load_balance_strategy.name}, {args.encoding}); waf = "
-                f"{caps.name if caps else '?'}",
+                f"{caps.name if caps else '?'}; core: "
+                f"{'compiled' if HAS_EXTENSIONS else 'pure Python'}",
                 file=sys.stderr,
             )
             progress = _Progress(args.requests, enabled=not args.quiet)

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -192,3 +193,49 @@ async def test_agent_command_serves_a_pool() -> None:
     async with aspawn_agent("waf") as agent, AgentPool(AgentPoolConfig()) as pool:
         await pool.add_agent("waf", agent.endpoint)
         assert pool.is_agent_healthy("waf")
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_demo_runs_from_the_source_tree() -> None:
+    """The README's first command runs ``agentpool demo`` from the checkout itself."""
+    proc = subprocess.run(
+        _argv("demo", "--requests", "200", "--quiet"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stderr
+    core = "compiled" if agentpool.HAS_EXTENSIONS else "pure Python"
+    assert f"core: {core}" in proc.stderr
+    assert "== 200 requests" in proc.stdout
+
+
+def test_source_tree_without_core_says_so(tmp_path: Path) -> None:
+    package = Path(agentpool.__file__).parent
+    copy = tmp_path / "agentpool"
+    copy.mkdir()
+    for path in package.iterdir():
+        if path.suffix in (".py", ".pyx", ".pxd", ".pxi", ".pyi"):
+            (copy / path.name).write_bytes(path.read_bytes())
+    (copy / "_core.pyx").touch()  # a source checkout: Cython sources, no built extension
+    env = {k: v for k, v in os.environ.items() if k != "AGENTPOOL_NO_EXTENSIONS"}
+    # -S: site-packages only as plain path entries, so an editable install's import hook
+    # cannot supply the missing extension from the checkout it points at
+    paths = sysconfig.get_paths()
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys((paths["purelib"], paths["platlib"])))
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", "import agentpool"],
+        capture_output=True,
+        text=True,
+        timeout=T,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert f"imported from its source tree ({copy})" in last
+    assert "compiled core has not been built" in last and "AGENTPOOL_NO_EXTENSIONS=1" in last

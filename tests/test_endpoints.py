@@ -165,3 +165,20 @@ async def test_calls_after_shutdown_are_unavailable() -> None:
             await pool.cancel_request("waf", "r")
         # run_maintenance() on a shut-down pool returns at once
         await asyncio.wait_for(pool.run_maintenance(), 1.0)
+
+
+def test_timeout_names_phase_agent_and_request() -> None:
+    from agentpool import Timeout
+
+    assert str(Timeout(30.0)) == "Timeout after 30s"  # upstream's text, unchanged
+    err = Timeout(0.5, agent_id="waf", phase="connect")
+    assert str(err) == "Timeout after 500ms (connect, agent 'waf')"
+    err = Timeout(2.0, agent_id="waf", correlation_id="req-7")
+    assert str(err) == "Timeout after 2s (request, agent 'waf', correlation id 'req-7')"
+    assert (err.timeout, err.agent_id, err.phase, err.correlation_id) == (
+        2.0,
+        "waf",
+        "request",
+        "req-7",
+    )
+    assert isinstance(err, TimeoutError)
