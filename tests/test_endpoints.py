@@ -100,7 +100,7 @@ async def test_add_agent_refuses_impossible_endpoints(endpoint: str, problem: st
 async def test_unreachable_agent_registers_says_why_and_reconnects_by_itself() -> None:
     tmp = short_socket_dir()
     path = os.path.join(tmp, "late.sock")
-    pool = AgentPool(_cfg(health_check_interval=0.05))
+    pool = AgentPool(_cfg(health_check_interval=0.05, reconnect_interval=0.05))
     try:
         await pool.add_agent("late", f"unix:{path}")
         assert pool.agent_ids() == ["late"] and not pool.is_agent_healthy("late")
