@@ -93,3 +93,16 @@ def test_relative_links_resolve() -> None:
 def test_fragment_is_valid_python(where: str, code: str) -> None:
     """Fragments are not run, but they are Python (top-level ``await`` allowed)."""
     compile(code, where, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+
+
+def test_readme_starts_with_the_two_commands() -> None:
+    """The README opens with install-and-demo in a venv (no pip into the system Python), then
+    the test command; tests/test_cli.py runs that demo from the checkout."""
+    first = FENCE.search((ROOT / "README.md").read_text(encoding="utf-8"))
+    assert first is not None and first.group(2).strip() == "bash"
+    lines = [ln.split("#")[0].strip() for ln in first.group(3).splitlines()]
+    assert lines[0] == (
+        "python3 -m venv .venv && .venv/bin/pip install . && .venv/bin/agentpool demo"
+    )
+    assert lines[1] == "bash ci/test.sh"
+    assert (ROOT / "ci" / "test.sh").exists()
