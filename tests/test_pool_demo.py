@@ -1,4 +1,4 @@
-"""`python -m agentpool demo` (the README's first command) runs cleanly end to end."""
+"""`agentpool demo` (what the README's first command runs) runs cleanly end to end."""
 
 from __future__ import annotations
 
