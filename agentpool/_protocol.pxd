@@ -11,6 +11,8 @@ cdef class AgentProtocolCore:
     cdef object _decode
     cdef object _encode
     cdef dict _waiters
+    cdef dict _tombs
+    cdef object _encode_cancel
     cdef object _tq
     cdef object _timer
     cdef bytearray _wbuf
@@ -21,6 +23,8 @@ cdef class AgentProtocolCore:
     cdef object _timer_cb
     cdef readonly object transport
     cdef readonly double request_timeout
+    cdef public object agent_id
+    cdef public Py_ssize_t max_abandoned
     cdef public Py_ssize_t max_write_buffer
     cdef readonly bint write_paused
     cdef readonly bint closed
@@ -30,6 +34,9 @@ cdef class AgentProtocolCore:
     cdef readonly unsigned long long unmatched_responses
     cdef readonly unsigned long long decode_errors
     cdef readonly unsigned long long timeouts
+    cdef readonly unsigned long long abandoned
+    cdef readonly unsigned long long late_replies
+    cdef readonly unsigned long long refused
     cdef readonly unsigned long long frames_received
     cdef readonly unsigned long long frames_sent
     cdef readonly unsigned long long bytes_received
@@ -43,6 +50,7 @@ cdef class AgentProtocolCore:
     cdef int _close_transport(self) except -1
     cdef int _arm(self) except -1
     cdef int _expire(self, object cid, object fut, double timeout) except -1
+    cdef int _entomb(self, object cid, int reason) except -1
     cdef int _fatal(self, object error) except -1
     cdef int _shutdown(self, object error) except -1
     cpdef object request(self, int msg_type, object payload, str correlation_id, object timeout=*)

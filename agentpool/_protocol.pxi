@@ -2,6 +2,7 @@
 # coalescing and backpressure (twin: _protocol_py.py).
 
 cimport cython
+from libc.math cimport INFINITY
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
@@ -12,6 +13,12 @@ cdef extern from "Python.h":
         Py_ssize_t ob_alloc
 
 cdef object _pr_AGENT_RESPONSE = _MessageType.AGENT_RESPONSE
+cdef int _pr_CANCEL = 0x40
+# CancelReason values on the wire (0-based, docs/protocol.md)
+REASON_TIMEOUT = 1
+REASON_MANUAL = 5
+cdef int _pr_REASON_TIMEOUT = 1
+cdef int _pr_REASON_MANUAL = 5
 cdef object _pr_deque = _pr_collections.deque
 cdef double _pr_TIMER_SLACK = 0.0005
 # After close(), how long the transport may take to hand its last bytes to the kernel before
@@ -63,13 +70,24 @@ cdef class AgentProtocolCore:
     is dropped (the waiters are already failed) and the transport aborted.
     ``on_lost(exc)`` is called once when the transport is gone, with the error that closed
     it (None after a local ``close()``).
+
+    A request abandoned before its reply (timeout, :meth:`discard`, :meth:`cancel`) leaves a
+    tombstone for its correlation id and queues a Cancel frame; the owed reply, when it
+    comes, is consumed by the tombstone. While an id has a live waiter or a tombstone, a new
+    request with it is refused with DuplicateCorrelationId, so a late reply can never answer
+    another event. Tombstones never expire: more than ``max_abandoned`` of them close the
+    connection as broken (docs/protocol.md, "Abandoned requests").
     """
 
     def __init__(self, loop, on_frame, on_lost, *, double request_timeout=30.0,
                  Py_ssize_t max_write_buffer=4 * 1024 * 1024,
-                 Py_ssize_t max_frame_size=_MAX_MESSAGE_SIZE):
-        if request_timeout <= 0:
-            raise ValueError("request_timeout must be positive")
+                 Py_ssize_t max_frame_size=_MAX_MESSAGE_SIZE,
+                 agent_id=None, Py_ssize_t max_abandoned=1024):
+        if not (request_timeout > 0.0 and request_timeout < INFINITY):
+            raise ValueError(
+                f"request_timeout must be a positive finite number, not {request_timeout!r}")
+        if max_abandoned < 0:
+            raise ValueError("max_abandoned must not be negative")
         self._loop = loop
         self._create_future = loop.create_future
         self._call_soon = loop.call_soon
@@ -80,6 +98,8 @@ cdef class AgentProtocolCore:
         self._decode = None
         self._encode = None
         self._waiters = {}
+        self._tombs = {}
+        self._encode_cancel = None
         self._tq = _pr_deque()
         self._timer = None
         self._wbuf = bytearray()
@@ -90,6 +110,8 @@ cdef class AgentProtocolCore:
         self._timer_cb = self._on_timer
         self.transport = None
         self.request_timeout = request_timeout
+        self.agent_id = agent_id
+        self.max_abandoned = max_abandoned
         self.max_write_buffer = max_write_buffer
         self.write_paused = False
         self.closed = False
@@ -103,9 +125,22 @@ cdef class AgentProtocolCore:
         """Encode events for :meth:`send_event` with ``encode_event(event, cid) -> bytes``."""
         self._encode = encode_event
 
+    def set_cancel_encoder(self, encode_cancel):
+        """Build Cancel payloads for abandoned requests with ``encode_cancel(cid, reason)``."""
+        self._encode_cancel = encode_cancel
+
     @property
     def in_flight(self):
         return len(self._waiters)
+
+    @property
+    def abandoned_pending(self):
+        """Replies still owed to abandoned requests (tombstones)."""
+        return len(self._tombs)
+
+    def is_pending(self, str correlation_id):
+        """Whether ``correlation_id`` has a live waiter or owes a reply on this connection."""
+        return correlation_id in self._waiters or correlation_id in self._tombs
 
     @property
     def write_buffer_size(self):
@@ -150,8 +185,14 @@ cdef class AgentProtocolCore:
                     self._on_frame(msg_type, payload)
                     continue
                 fut = waiters.pop(cid, None)
-                if fut is None or fut.done():
-                    self.unmatched_responses += 1
+                if fut is None:
+                    if self._tombs and self._tombs.pop(cid, None) is not None:
+                        self.late_replies += 1
+                    else:
+                        self.unmatched_responses += 1
+                    continue
+                if fut.done():  # cancelled by its holder: this is the reply it gave up on
+                    self.late_replies += 1
                     continue
                 fut.set_result(response)
                 self.responses_received += 1
@@ -197,22 +238,26 @@ cdef class AgentProtocolCore:
 
     cpdef object request(self, int msg_type, object payload, str correlation_id, object timeout=None):
         """Send an event frame and return the future its AgentResponse will resolve."""
-        cdef object fut, old, handle
-        cdef double t
+        cdef object fut, handle
+        cdef double t = 0.0
+        cdef dict waiters = self._waiters
         if self.closed:
             raise clone_error(self.close_error or _errors.ConnectionClosed())
+        if timeout is not None:
+            t = timeout
+            if not (t > 0.0 and t < INFINITY):
+                raise ValueError(f"timeout must be a positive finite number, not {timeout!r}")
+        if correlation_id in waiters or (self._tombs and correlation_id in self._tombs):
+            self.refused += 1
+            raise _errors.DuplicateCorrelationId(correlation_id, self._where())
         if (PyByteArray_GET_SIZE(self._wbuf) >= self.max_write_buffer
                 or (self.write_paused and self._paused_over_bound())):
             raise _errors.Unavailable("write buffer full: the agent is not reading")
         self._append_frame(msg_type, payload)
         fut = self._create_future()
-        old = self._waiters.get(correlation_id)
-        self._waiters[correlation_id] = fut
-        if old is not None and not old.done():
-            old.set_exception(_errors.ConnectionClosed(
-                "replaced by a newer request with the same correlation id"))
+        waiters[correlation_id] = fut
         self.requests_sent += 1
-        if timeout is None or timeout == self.request_timeout:
+        if timeout is None or t == self.request_timeout:
             tq = self._tq
             while tq and (<tuple>tq[0])[2].done():
                 tq.popleft()
@@ -222,10 +267,8 @@ cdef class AgentProtocolCore:
             elif len(tq) > 2 * len(self._waiters) + 1024:
                 self._tq = _pr_deque([e for e in tq if not (<tuple>e)[2].done()])
         else:
-            t = timeout
-            if t > 0:
-                handle = self._call_later(t, self._expire_cb, correlation_id, fut, t)
-                fut.add_done_callback(_PrTimerCanceller(handle))
+            handle = self._call_later(t, self._expire_cb, correlation_id, fut, t)
+            fut.add_done_callback(_PrTimerCanceller(handle))
         return fut
 
     cpdef object send_event(self, object event, str correlation_id, object timeout=None):
@@ -233,8 +276,11 @@ cdef class AgentProtocolCore:
         encode = self._encode
         if encode is None:
             raise TypeError("no event encoder set")
-        return self.request(event.MESSAGE_TYPE, encode(event, correlation_id), correlation_id,
-                            timeout)
+        try:
+            msg_type = event.MESSAGE_TYPE
+        except AttributeError:
+            raise _errors.Serialization(f"not an event: {type(event).__name__}") from None
+        return self.request(msg_type, encode(event, correlation_id), correlation_id, timeout)
 
     cpdef write_frame(self, int msg_type, object payload):
         """Queue a non-request frame (cancel, ping, config update response...)."""
@@ -242,18 +288,46 @@ cdef class AgentProtocolCore:
             raise clone_error(self.close_error or _errors.ConnectionClosed())
         self._append_frame(msg_type, payload)
 
-    def discard(self, str correlation_id, fut=None):
-        """Forget the waiter for ``correlation_id`` (only if it is ``fut``, when given)."""
+    def discard(self, str correlation_id, fut=None, int reason=_pr_REASON_MANUAL):
+        """Abandon the request waiting on ``correlation_id`` (only if it is ``fut``, when given).
+
+        Its waiter is dropped (failed with RequestCancelled if still pending), a tombstone
+        keeps the reply it owes from answering anything else, and a Cancel frame is queued.
+        """
         cur = self._waiters.get(correlation_id)
         if cur is None or (fut is not None and cur is not fut):
             return False
         del self._waiters[correlation_id]
+        if not cur.done():
+            cur.set_exception(_errors.RequestCancelled(f"request {correlation_id} abandoned"))
+        self._entomb(correlation_id, reason)
+        return True
+
+    def cancel(self, str correlation_id, int reason, exc):
+        """Cancel a live request: fail its waiter with ``exc``, tombstone it, queue a Cancel.
+
+        False (nothing queued) when no request waits on ``correlation_id``.
+        """
+        fut = self._waiters.pop(correlation_id, None)
+        if fut is None:
+            return False
+        if not fut.done():
+            fut.set_exception(exc)
+        self._entomb(correlation_id, reason)
         return True
 
     def fail_waiter(self, str correlation_id, exc):
-        """Fail one live waiter with ``exc``; True if there was one."""
+        """The reply owed to ``correlation_id`` arrived but is unusable: fail its waiter.
+
+        A tombstone for it is cleared instead (its reply has come). True if a live waiter
+        was failed.
+        """
         fut = self._waiters.pop(correlation_id, None)
-        if fut is None or fut.done():
+        if fut is None:
+            if self._tombs.pop(correlation_id, None) is not None:
+                self.late_replies += 1
+            return False
+        if fut.done():
             return False
         fut.set_exception(exc)
         return True
@@ -427,6 +501,8 @@ cdef class AgentProtocolCore:
             fut = entry[2]
             if fut.done():
                 tq.popleft()
+                if self._waiters.get(entry[1]) is fut:
+                    self._expire(entry[1], fut, self.request_timeout)
                 continue
             deadline = entry[0]
             if deadline <= now:
@@ -440,13 +516,40 @@ cdef class AgentProtocolCore:
         self._expire(cid, fut, timeout)
 
     cdef int _expire(self, object cid, object fut, double timeout) except -1:
-        if fut.done():
-            return 0
-        if self._waiters.get(cid) is fut:
+        cdef bint registered = self._waiters.get(cid) is fut
+        if registered:
             del self._waiters[cid]
-        self.timeouts += 1
-        fut.set_exception(_errors.Timeout(timeout))
+        if not fut.done():
+            self.timeouts += 1
+            fut.set_exception(
+                _errors.Timeout(timeout, agent_id=self.agent_id, correlation_id=cid))
+            if registered:
+                self._entomb(cid, _pr_REASON_TIMEOUT)
+        elif registered:  # given up by its holder without discard(): still owes a reply
+            self._entomb(cid, _pr_REASON_MANUAL)
         return 0
+
+    cdef int _entomb(self, object cid, int reason) except -1:
+        """Remember that ``cid`` owes a reply; queue a Cancel; too many owed: broken."""
+        if self.closed:
+            return 0
+        cdef dict tombs = self._tombs
+        tombs[cid] = reason
+        self.abandoned += 1
+        encode = self._encode_cancel
+        if encode is not None:
+            self._append_frame(_pr_CANCEL, encode(cid, reason))
+        if len(tombs) > self.max_abandoned:
+            self._shutdown(_errors.ConnectionClosed(
+                f"the agent owes {len(tombs)} replies to abandoned requests "
+                f"(more than max_abandoned={self.max_abandoned}); connection recycled"))
+            self._close_transport()
+        return 0
+
+    def _where(self):
+        if self.agent_id is None:
+            return "this connection"
+        return f"a connection to agent {self.agent_id!r}"
 
     cdef int _fatal(self, object error) except -1:
         self._shutdown(error)
@@ -464,6 +567,7 @@ cdef class AgentProtocolCore:
             self._timer.cancel()
             self._timer = None
         self._tq.clear()
+        self._tombs.clear()
         waiters = self._waiters
         self._waiters = {}
         for fut in waiters.values():

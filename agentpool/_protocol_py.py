@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +16,10 @@ from .enums import MessageType
 __all__ = ["AgentProtocolCore", "clone_error"]
 
 _AGENT_RESPONSE = MessageType.AGENT_RESPONSE
+_CANCEL = int(MessageType.CANCEL)
+# CancelReason values on the wire (0-based, docs/protocol.md)
+REASON_TIMEOUT = 1
+REASON_MANUAL = 5
 _VALID_TYPES = frozenset(int(t) for t in MessageType)
 _TIMER_SLACK = 0.0005
 # After close(), how long the transport may take to hand its last bytes to the kernel before
@@ -62,10 +67,19 @@ class AgentProtocolCore:
     is dropped (the waiters are already failed) and the transport aborted.
     ``on_lost(exc)`` is called once when the transport is gone, with the error that closed
     it (None after a local ``close()``).
+
+    A request abandoned before its reply (timeout, :meth:`discard`, :meth:`cancel`) leaves a
+    tombstone for its correlation id and queues a Cancel frame; the owed reply, when it
+    comes, is consumed by the tombstone. While an id has a live waiter or a tombstone, a new
+    request with it is refused with DuplicateCorrelationId, so a late reply can never answer
+    another event. Tombstones never expire: more than ``max_abandoned`` of them close the
+    connection as broken (docs/protocol.md, "Abandoned requests").
     """
 
     transport: asyncio.Transport | None
     request_timeout: float
+    agent_id: str | None
+    max_abandoned: int
     max_write_buffer: int
     write_paused: bool
     closed: bool
@@ -75,6 +89,9 @@ class AgentProtocolCore:
     unmatched_responses: int
     decode_errors: int
     timeouts: int
+    abandoned: int
+    late_replies: int
+    refused: int
     frames_received: int
     frames_sent: int
     bytes_received: int
@@ -90,9 +107,15 @@ class AgentProtocolCore:
         request_timeout: float = 30.0,
         max_write_buffer: int = 4 * 1024 * 1024,
         max_frame_size: int = MAX_MESSAGE_SIZE,
+        agent_id: str | None = None,
+        max_abandoned: int = 1024,
     ) -> None:
-        if request_timeout <= 0:
-            raise ValueError("request_timeout must be positive")
+        if not 0.0 < request_timeout < math.inf:
+            raise ValueError(
+                f"request_timeout must be a positive finite number, not {request_timeout!r}"
+            )
+        if max_abandoned < 0:
+            raise ValueError("max_abandoned must not be negative")
         self._loop = loop
         self._create_future = loop.create_future
         self._on_frame = on_frame
@@ -101,6 +124,8 @@ class AgentProtocolCore:
         self._decode: Callable[[bytes], tuple[str, Any]] | None = None
         self._encode: Callable[[Any, str], bytes] | None = None
         self._waiters: dict[str, asyncio.Future[Any]] = {}
+        self._tombs: dict[str, int] = {}
+        self._encode_cancel: Callable[[str, int], bytes] | None = None
         self._tq: collections.deque[tuple[float, str, asyncio.Future[Any]]] = collections.deque()
         self._timer: asyncio.TimerHandle | None = None
         self._wbuf = bytearray()
@@ -109,6 +134,8 @@ class AgentProtocolCore:
         self._drain_waiters: list[asyncio.Future[None]] = []
         self.transport = None
         self.request_timeout = float(request_timeout)
+        self.agent_id = agent_id
+        self.max_abandoned = max_abandoned
         self.max_write_buffer = max_write_buffer
         self.write_paused = False
         self.closed = False
@@ -118,6 +145,9 @@ class AgentProtocolCore:
         self.unmatched_responses = 0
         self.decode_errors = 0
         self.timeouts = 0
+        self.abandoned = 0
+        self.late_replies = 0
+        self.refused = 0
         self.frames_received = 0
         self.frames_sent = 0
         self.bytes_received = 0
@@ -134,9 +164,22 @@ class AgentProtocolCore:
         """Encode events for :meth:`send_event` with ``encode_event(event, cid) -> bytes``."""
         self._encode = encode_event
 
+    def set_cancel_encoder(self, encode_cancel: Callable[[str, int], bytes] | None) -> None:
+        """Build Cancel payloads for abandoned requests with ``encode_cancel(cid, reason)``."""
+        self._encode_cancel = encode_cancel
+
     @property
     def in_flight(self) -> int:
         return len(self._waiters)
+
+    @property
+    def abandoned_pending(self) -> int:
+        """Replies still owed to abandoned requests (tombstones)."""
+        return len(self._tombs)
+
+    def is_pending(self, correlation_id: str) -> bool:
+        """Whether ``correlation_id`` has a live waiter or owes a reply on this connection."""
+        return correlation_id in self._waiters or correlation_id in self._tombs
 
     @property
     def write_buffer_size(self) -> int:
@@ -177,8 +220,14 @@ class AgentProtocolCore:
                     self._on_frame(msg_type, payload)
                     continue
                 fut = waiters.pop(cid, None)
-                if fut is None or fut.done():
-                    self.unmatched_responses += 1
+                if fut is None:
+                    if self._tombs and self._tombs.pop(cid, None) is not None:
+                        self.late_replies += 1
+                    else:
+                        self.unmatched_responses += 1
+                    continue
+                if fut.done():  # cancelled by its holder: this is the reply it gave up on
+                    self.late_replies += 1
                     continue
                 fut.set_result(response)
                 self.responses_received += 1
@@ -228,18 +277,19 @@ class AgentProtocolCore:
         """Send an event frame and return the future its AgentResponse will resolve."""
         if self.closed:
             raise clone_error(self.close_error or _errors.ConnectionClosed())
+        if timeout is not None and not 0.0 < timeout < math.inf:
+            raise ValueError(f"timeout must be a positive finite number, not {timeout!r}")
+        waiters = self._waiters
+        if correlation_id in waiters or (self._tombs and correlation_id in self._tombs):
+            self.refused += 1
+            raise _errors.DuplicateCorrelationId(correlation_id, self._where())
         if len(self._wbuf) >= self.max_write_buffer or (
             self.write_paused and self._paused_over_bound()
         ):
             raise _errors.Unavailable("write buffer full: the agent is not reading")
         self._append_frame(msg_type, payload)
         fut: asyncio.Future[Any] = self._create_future()
-        old = self._waiters.get(correlation_id)
-        self._waiters[correlation_id] = fut
-        if old is not None and not old.done():
-            old.set_exception(
-                _errors.ConnectionClosed("replaced by a newer request with the same correlation id")
-            )
+        waiters[correlation_id] = fut
         self.requests_sent += 1
         if timeout is None or timeout == self.request_timeout:
             tq = self._tq
@@ -250,7 +300,7 @@ class AgentProtocolCore:
                 self._arm()
             elif len(tq) > 2 * len(self._waiters) + 1024:
                 self._compact()
-        elif timeout > 0:
+        else:
             handle = self._loop.call_later(timeout, self._expire, correlation_id, fut, timeout)
             fut.add_done_callback(_TimerCanceller(handle))
         return fut
@@ -262,9 +312,11 @@ class AgentProtocolCore:
         encode = self._encode
         if encode is None:
             raise TypeError("no event encoder set")
-        return self.request(
-            event.MESSAGE_TYPE, encode(event, correlation_id), correlation_id, timeout
-        )
+        try:
+            msg_type = event.MESSAGE_TYPE
+        except AttributeError:
+            raise _errors.Serialization(f"not an event: {type(event).__name__}") from None
+        return self.request(msg_type, encode(event, correlation_id), correlation_id, timeout)
 
     def write_frame(self, msg_type: int, payload: bytes) -> None:
         """Queue a non-request frame (cancel, ping, config update response...)."""
@@ -272,18 +324,51 @@ class AgentProtocolCore:
             raise clone_error(self.close_error or _errors.ConnectionClosed())
         self._append_frame(msg_type, payload)
 
-    def discard(self, correlation_id: str, fut: asyncio.Future[Any] | None = None) -> bool:
-        """Forget the waiter for ``correlation_id`` (only if it is ``fut``, when given)."""
+    def discard(
+        self,
+        correlation_id: str,
+        fut: asyncio.Future[Any] | None = None,
+        reason: int = REASON_MANUAL,
+    ) -> bool:
+        """Abandon the request waiting on ``correlation_id`` (only if it is ``fut``, when given).
+
+        Its waiter is dropped (failed with RequestCancelled if still pending), a tombstone
+        keeps the reply it owes from answering anything else, and a Cancel frame is queued.
+        """
         cur = self._waiters.get(correlation_id)
         if cur is None or (fut is not None and cur is not fut):
             return False
         del self._waiters[correlation_id]
+        if not cur.done():
+            cur.set_exception(_errors.RequestCancelled(f"request {correlation_id} abandoned"))
+        self._entomb(correlation_id, reason)
+        return True
+
+    def cancel(self, correlation_id: str, reason: int, exc: BaseException) -> bool:
+        """Cancel a live request: fail its waiter with ``exc``, tombstone it, queue a Cancel.
+
+        False (nothing queued) when no request waits on ``correlation_id``.
+        """
+        fut = self._waiters.pop(correlation_id, None)
+        if fut is None:
+            return False
+        if not fut.done():
+            fut.set_exception(exc)
+        self._entomb(correlation_id, reason)
         return True
 
     def fail_waiter(self, correlation_id: str, exc: BaseException) -> bool:
-        """Fail one live waiter with ``exc``; True if there was one."""
+        """The reply owed to ``correlation_id`` arrived but is unusable: fail its waiter.
+
+        A tombstone for it is cleared instead (its reply has come). True if a live waiter
+        was failed.
+        """
         fut = self._waiters.pop(correlation_id, None)
-        if fut is None or fut.done():
+        if fut is None:
+            if self._tombs.pop(correlation_id, None) is not None:
+                self.late_replies += 1
+            return False
+        if fut.done():
             return False
         fut.set_exception(exc)
         return True
@@ -428,6 +513,8 @@ class AgentProtocolCore:
             deadline, cid, fut = tq[0]
             if fut.done():
                 tq.popleft()
+                if self._waiters.get(cid) is fut:
+                    self._expire(cid, fut, timeout)
             elif deadline <= now:
                 tq.popleft()
                 self._expire(cid, fut, timeout)
@@ -436,12 +523,42 @@ class AgentProtocolCore:
         self._arm()
 
     def _expire(self, cid: str, fut: asyncio.Future[Any], timeout: float) -> None:
-        if fut.done():
-            return
-        if self._waiters.get(cid) is fut:
+        registered = self._waiters.get(cid) is fut
+        if registered:
             del self._waiters[cid]
-        self.timeouts += 1
-        fut.set_exception(_errors.Timeout(timeout))
+        if not fut.done():
+            self.timeouts += 1
+            fut.set_exception(
+                _errors.Timeout(timeout, agent_id=self.agent_id, correlation_id=cid)
+            )
+            if registered:
+                self._entomb(cid, REASON_TIMEOUT)
+        elif registered:  # given up by its holder without discard(): still owes a reply
+            self._entomb(cid, REASON_MANUAL)
+
+    def _entomb(self, cid: str, reason: int) -> None:
+        """Remember that ``cid`` owes a reply; queue a Cancel; too many owed: broken."""
+        if self.closed:
+            return
+        tombs = self._tombs
+        tombs[cid] = reason
+        self.abandoned += 1
+        encode = self._encode_cancel
+        if encode is not None:
+            self._append_frame(_CANCEL, encode(cid, reason))
+        if len(tombs) > self.max_abandoned:
+            self._shutdown(
+                _errors.ConnectionClosed(
+                    f"the agent owes {len(tombs)} replies to abandoned requests "
+                    f"(more than max_abandoned={self.max_abandoned}); connection recycled"
+                )
+            )
+            self._close_transport()
+
+    def _where(self) -> str:
+        if self.agent_id is None:
+            return "this connection"
+        return f"a connection to agent {self.agent_id!r}"
 
     def _compact(self) -> None:
         self._tq = collections.deque(e for e in self._tq if not e[2].done())
@@ -462,6 +579,7 @@ class AgentProtocolCore:
             self._timer.cancel()
             self._timer = None
         self._tq.clear()
+        self._tombs.clear()
         waiters, self._waiters = self._waiters, {}
         for fut in waiters.values():
             if not fut.done():

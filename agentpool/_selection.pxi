@@ -65,6 +65,11 @@ cdef class ConnState:
         self.in_flight += 1
         self.last_used = now
 
+    def release(self):
+        """End a request that never reached the agent: one fewer in flight, nothing counted."""
+        if self.in_flight > 0:
+            self.in_flight -= 1
+
     def finish(self, bint ok):
         """Account a request end; 3 consecutive failures mark the connection unhealthy."""
         if self.in_flight > 0:

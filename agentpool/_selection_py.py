@@ -112,6 +112,11 @@ class ConnState:
         self._in_flight += 1
         self._last_used = now
 
+    def release(self) -> None:
+        """End a request that never reached the agent: one fewer in flight, nothing counted."""
+        if self._in_flight > 0:
+            self._in_flight -= 1
+
     def finish(self, ok: bool) -> None:
         """Account a request end; 3 consecutive failures mark the connection unhealthy."""
         if self._in_flight > 0:

@@ -136,6 +136,11 @@ class CircuitBreaker:
         elif self._state is CircuitState.HALF_OPEN:
             self._transition(CircuitState.OPEN)
 
+    def release(self) -> None:
+        """A call let through never reached the agent: give a half-open probe slot back."""
+        if self._state is CircuitState.HALF_OPEN and self._half_open_requests > 0:
+            self._half_open_requests -= 1
+
     def reset(self) -> None:
         """Force the breaker closed with fresh counters."""
         self._transition(CircuitState.CLOSED)

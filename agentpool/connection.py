@@ -9,8 +9,10 @@ the lifecycle.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
+import math
 import socket
 import ssl as _ssl
 import time
@@ -31,6 +33,7 @@ from .errors import (
     ConnectionFailed,
     InvalidMessage,
     MessageTooLarge,
+    RequestCancelled,
     Timeout,
     VersionMismatch,
     WrongConnectionType,
@@ -102,6 +105,26 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _cancel_payload(correlation_id: str, reason: int) -> bytes:
+    return _codec.encode_cancel(correlation_id, reason, _now_ms())
+
+
+def check_timeout(timeout: float | None, name: str = "timeout") -> None:
+    """Raise ValueError unless ``timeout`` is None or a positive finite number of seconds."""
+    if timeout is not None and not 0.0 < timeout < math.inf:
+        raise ValueError(f"{name} must be a positive finite number of seconds, not {timeout!r}")
+
+
+# Longest agent-supplied text (handshake refusal) quoted in errors and logs.
+_MAX_QUOTED = 256
+
+
+def _clip(text: str) -> str:
+    if len(text) <= _MAX_QUOTED:
+        return text
+    return f"{text[:_MAX_QUOTED]}... ({len(text)} characters)"
+
+
 class AgentConnection:
     """One live connection to an agent: requests multiplexed by correlation id.
 
@@ -123,6 +146,7 @@ class AgentConnection:
             raise ValueError(f"unknown protocol {protocol!r} (expected 'v2' or 'v1')")
         if encoding not in ("json", "msgpack"):
             raise ValueError(f"unknown encoding {encoding!r} (expected 'json' or 'msgpack')")
+        check_timeout(request_timeout, "request_timeout")
         self.agent_id = agent_id
         self.endpoint = endpoint
         self.protocol = protocol
@@ -134,6 +158,7 @@ class AgentConnection:
         self.protocol_version = 2 if protocol == "v2" else 1
         self.health_state = HealthState.UNSPECIFIED
         self.last_health: HealthStatus | None = None
+        self.last_health_at = 0.0
         self.is_paused = False
         self.last_rtt: float | None = None
         self.created_at = time.monotonic()
@@ -154,9 +179,14 @@ class AgentConnection:
         self.submit: Callable[[Any, str, float | None], asyncio.Future[AgentResponse]]
         if protocol == "v2":
             self._core = core.AgentProtocolCore(
-                self._loop, self._on_frame, self._on_lost, request_timeout=self.request_timeout
+                self._loop,
+                self._on_frame,
+                self._on_lost,
+                request_timeout=self.request_timeout,
+                agent_id=agent_id,
             )
             self._core.set_encoder(self._encode_event)
+            self._core.set_cancel_encoder(_cancel_payload)
             self.submit = self._core.send_event
         else:
             self.submit = self.send
@@ -185,7 +215,8 @@ class AgentConnection:
         handshake raises :class:`~agentpool.tls.TLSHandshakeFailed` naming the reason.
 
         Raises ConnectionFailed (unreachable, refused handshake, encoding not offered),
-        Timeout (connect + handshake too slow), ConnectionClosed (closed during the handshake),
+        VersionMismatch (the agent chose a protocol version that was not offered), Timeout
+        (connect + handshake too slow), ConnectionClosed (closed during the handshake),
         InvalidMessage / MessageTooLarge (the agent sent something that is not a handshake).
         """
         conn = cls(
@@ -356,11 +387,13 @@ class AgentConnection:
                 f"handshake failed: {self.endpoint} sent an invalid HandshakeResponse: {exc}"
             ) from exc
         if not response.success:
-            raise ConnectionFailed(response.error or "Unknown handshake error")
+            raise ConnectionFailed(_clip(response.error or "Unknown handshake error"))
+        if response.protocol_version != 2:
+            raise VersionMismatch(2, response.protocol_version)
         chosen = str(getattr(response.encoding, "value", response.encoding))
         if chosen not in self._hs_offered:
             raise ConnectionFailed(
-                f"agent chose encoding {chosen!r}, which was not offered "
+                f"agent chose encoding {_clip(chosen)!r}, which was not offered "
                 f"({', '.join(self._hs_offered)})"
             )
         self._set_codec(chosen)
@@ -416,6 +449,23 @@ class AgentConnection:
         """The core protocol object (counters: requests_sent, responses_received, ...)."""
         return self._core
 
+    def is_pending(self, correlation_id: str) -> bool:
+        """Whether ``correlation_id`` is in flight here or still owes a reply (abandoned)."""
+        if self._core is not None:
+            return bool(self._core.is_pending(correlation_id))
+        return self._v1 is not None and self._v1.current_cid == correlation_id
+
+    async def wait_writable(
+        self, timeout: float | None = None, correlation_id: str | None = None
+    ) -> None:
+        """Wait until the write queue has room (Timeout after ``timeout``, phase ``write``)."""
+        check_timeout(timeout)
+        c = self._core
+        if c is not None and c.write_queue_full:
+            await self._wait_writable(
+                c, self.request_timeout if timeout is None else timeout, correlation_id
+            )
+
     def supports_event(self, event_type: Any) -> bool:
         return self.capabilities is None or self.capabilities.supports_event(event_type)
 
@@ -426,14 +476,23 @@ class AgentConnection:
     ) -> asyncio.Future[AgentResponse]:
         """Send ``event`` and return the future of its reply (the pool's hot path).
 
-        Same errors as :meth:`request`; encoding errors and a closed connection raise here.
-        Cancelling the returned future abandons the request.
+        Same errors as :meth:`request`; encoding errors, a correlation id still in flight
+        (DuplicateCorrelationId), an invalid ``timeout`` (ValueError) and a closed connection
+        raise here. Cancelling the returned future abandons the request (a Cancel is sent and
+        the reply it still owes is consumed, never taken for another request's).
         """
         if self._core is not None:
-            return self._core.send_event(  # type: ignore[no-any-return]
+            fut: asyncio.Future[AgentResponse] = self._core.send_event(
                 event, correlation_id, timeout
             )
+            fut.add_done_callback(functools.partial(self._abandon_if_cancelled, correlation_id))
+            return fut
+        check_timeout(timeout)
         return asyncio.ensure_future(self._request_v1(event, correlation_id, timeout))
+
+    def _abandon_if_cancelled(self, correlation_id: str, fut: asyncio.Future[Any]) -> None:
+        if fut.cancelled():
+            self._core.discard(correlation_id, fut)
 
     async def request(
         self, event: Any, correlation_id: str, timeout: float | None = None
@@ -445,19 +504,22 @@ class AgentConnection:
         Timeout, ConnectionClosed (EOF, close(), cancel()), InvalidMessage (the agent broke
         the framing, or its reply to this request does not decode), MessageTooLarge.
         """
+        check_timeout(timeout)
         if self._core is None:
             return await self._request_v1(event, correlation_id, timeout)
         c = self._core
         if c.write_queue_full:
-            await self._wait_writable(c, self.request_timeout if timeout is None else timeout)
-        fut = self.send(event, correlation_id, timeout)
+            await self._wait_writable(
+                c, self.request_timeout if timeout is None else timeout, correlation_id
+            )
+        fut = c.send_event(event, correlation_id, timeout)
         try:
-            return await fut
+            return await fut  # type: ignore[no-any-return]
         except asyncio.CancelledError:
             c.discard(correlation_id, fut)
             raise
 
-    async def _wait_writable(self, c: Any, t: float) -> None:
+    async def _wait_writable(self, c: Any, t: float, correlation_id: str | None) -> None:
         deadline = self._loop.time() + t
         while (drained := c.wait_writable()) is not None:
             remaining = deadline - self._loop.time()
@@ -466,7 +528,9 @@ class AgentConnection:
                     raise asyncio.TimeoutError
                 await asyncio.wait_for(drained, remaining)
             except asyncio.TimeoutError:
-                raise Timeout(t) from None
+                raise Timeout(
+                    t, agent_id=self.agent_id, phase="write", correlation_id=correlation_id
+                ) from None
 
     async def configure(
         self,
@@ -483,21 +547,21 @@ class AgentConnection:
         return resp.decision.__class__.__name__ == "Allow"
 
     async def cancel(self, correlation_id: str, reason: CancelReason = CancelReason.MANUAL) -> bool:
-        """Send Cancel for ``correlation_id`` and fail its local waiter (ConnectionClosed).
+        """Send Cancel for ``correlation_id`` and fail its local waiter (RequestCancelled).
 
-        Returns True if a request was waiting.
+        Returns True if a request was waiting; the reply it still owes is then consumed when
+        it comes (docs/protocol.md, "Abandoned requests").
         """
         if self._core is None:
             return self._cancel_v1(correlation_id)
         c = self._core
         if c.closed:
             return False
-        c.write_frame(
-            MessageType.CANCEL, _codec.encode_cancel(correlation_id, int(reason), _now_ms())
-        )
-        return bool(
-            c.fail_waiter(correlation_id, ConnectionClosed(f"request {correlation_id} cancelled"))
-        )
+        error = RequestCancelled(f"request {correlation_id} cancelled")
+        if c.cancel(correlation_id, int(reason), error):
+            return True
+        c.write_frame(MessageType.CANCEL, _cancel_payload(correlation_id, int(reason)))
+        return False
 
     async def cancel_all(self, reason: CancelReason = CancelReason.MANUAL) -> int:
         """Cancel every outstanding request (one Cancel frame each); returns how many."""
@@ -513,6 +577,7 @@ class AgentConnection:
         """Round-trip a Ping; returns (and stores in ``last_rtt``) the RTT in seconds."""
         if self._core is None:
             raise WrongConnectionType("ping is not supported by v1 agents")
+        check_timeout(timeout)
         seq = next(self._ping_seq)
         fut: asyncio.Future[float] = self._loop.create_future()
         t0 = time.perf_counter()
@@ -570,13 +635,16 @@ class AgentConnection:
         try:
             self._handle_frame(msg_type, payload)
         except AgentProtocolError as exc:
-            log.warning("agent %s: bad frame 0x%02x ignored: %s", self.agent_id, msg_type, exc)
+            log.warning("agent %r: bad frame 0x%02x ignored: %s", self.agent_id, msg_type, exc)
         except Exception:
-            log.exception("agent %s: error handling frame 0x%02x", self.agent_id, msg_type)
+            log.exception("agent %r: error handling frame 0x%02x", self.agent_id, msg_type)
 
     def _handle_frame(self, msg_type: MessageType, payload: bytes) -> None:
         hs = self._hs_waiter
         if hs is not None:
+            # Frames the agent wrote right after its HandshakeResponse (in the same read)
+            # are handled below as usual once the handshake is done.
+            self._hs_waiter = None
             if hs.done():
                 return
             try:
@@ -595,6 +663,7 @@ class AgentConnection:
                 if status.state != HealthState.UNSPECIFIED:
                     self.health_state = HealthState(status.state)
                 self.last_health = status
+                self.last_health_at = time.monotonic()
                 self._notify("on_health", status)
         elif msg_type == MessageType.FLOW_CONTROL:
             sig = self._codec.decode_control(msg_type, payload)
@@ -618,7 +687,7 @@ class AgentConnection:
         elif msg_type == MessageType.AGENT_RESPONSE:
             self._bad_response(payload)
         else:
-            log.debug("agent %s: ignoring frame 0x%02x", self.agent_id, int(msg_type))
+            log.debug("agent %r: ignoring frame 0x%02x", self.agent_id, int(msg_type))
 
     def _bad_response(self, payload: bytes) -> None:
         """An AgentResponse the core could not decode: fail its waiter with the reason."""
@@ -630,21 +699,21 @@ class AgentConnection:
         except Exception as exc:
             error = InvalidMessage(f"{type(exc).__name__}: {exc}")
         else:
-            log.warning("agent %s: AgentResponse before a codec was negotiated", self.agent_id)
+            log.warning("agent %r: AgentResponse before a codec was negotiated", self.agent_id)
             return
         cid = _response_correlation_id(self.encoding, payload)
         if cid and self._core.fail_waiter(cid, error):
             log.warning(
-                "agent %s: undecodable AgentResponse for %r: %s", self.agent_id, cid, error
+                "agent %r: undecodable AgentResponse for %r: %s", self.agent_id, cid, error
             )
         else:
-            log.warning("agent %s: undecodable AgentResponse dropped: %s", self.agent_id, error)
+            log.warning("agent %r: undecodable AgentResponse dropped: %s", self.agent_id, error)
 
     def _on_pong(self, payload: bytes) -> None:
         try:
             seq = _codec.decode_ping(payload).sequence
         except AgentProtocolError:
-            log.debug("agent %s: unparseable pong", self.agent_id)
+            log.debug("agent %r: unparseable pong", self.agent_id)
             return
         entry = self._pings.pop(seq, None)
         if entry is not None and not entry[0].done():
@@ -701,7 +770,7 @@ class AgentConnection:
                 raise
             # The late reply would be taken for the next request's: drop the connection.
             v1.close(ConnectionClosed("v1 request timed out"))
-            raise Timeout(t) from None
+            raise Timeout(t, agent_id=self.agent_id, correlation_id=correlation_id) from None
         return _parse_v1_response(doc)
 
     def _cancel_v1(self, correlation_id: str | None) -> bool:
@@ -790,7 +859,7 @@ class _V1Protocol(asyncio.Protocol):
             del self._buf[: 4 + n]
             w = self._waiter
             if w is None or w.done():
-                log.warning("agent %s: unexpected v1 reply dropped", self.conn.agent_id)
+                log.warning("agent %r: unexpected v1 reply dropped", self.conn.agent_id)
                 continue
             w.set_result(doc)
 

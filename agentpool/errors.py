@@ -16,11 +16,13 @@ __all__ = [
     "CircuitBreakerOpen",
     "ConnectionClosed",
     "ConnectionFailed",
+    "DuplicateCorrelationId",
     "FlowControlPaused",
     "InvalidEndpoint",
     "InvalidMessage",
     "Io",
     "MessageTooLarge",
+    "RequestCancelled",
     "Serialization",
     "Timeout",
     "Unavailable",
@@ -148,6 +150,28 @@ class Timeout(AgentProtocolError, TimeoutError):
         self.agent_id = agent_id
         self.phase = phase
         self.correlation_id = correlation_id
+
+
+class RequestCancelled(ConnectionClosed):
+    """The proxy cancelled the request (``cancel_request``, ``cancel``, shutdown).
+
+    A :class:`ConnectionClosed` for compatibility; it never counts as an agent failure.
+    """
+
+
+class DuplicateCorrelationId(AgentProtocolError):
+    """Refused before sending: the correlation id is still in flight (or owes a reply).
+
+    A reply is matched to its request by correlation id only, so a second request with an id
+    whose reply is still owed could receive the first one's verdict (docs/protocol.md).
+    """
+
+    def __init__(self, correlation_id: str, where: str) -> None:
+        super().__init__(
+            f"Duplicate correlation id: {correlation_id!r} is still in flight on {where}"
+        )
+        self.correlation_id = correlation_id
+        self.where = where
 
 
 class Unavailable(AgentProtocolError):

@@ -36,8 +36,10 @@ from .errors import (
     CircuitBreakerOpen,
     ConnectionClosed,
     ConnectionFailed,
+    DuplicateCorrelationId,
     FlowControlPaused,
     InvalidMessage,
+    RequestCancelled,
     Serialization,
     Timeout,
     Unavailable,
@@ -85,6 +87,9 @@ _KIND_GUARDRAIL = _TRACK | _FLOW | _NEW_REQUEST
 _KIND_CONFIGURE = _NO_BREAKER
 
 _UNHEALTHY_REPORTS = (HealthState.UNHEALTHY, HealthState.DRAINING)
+# Failures that never reached the agent (refused or cancelled by us): they count toward
+# neither the consecutive-error rule nor the breaker nor ``total_errors``.
+_LOCAL_ERRORS = (DuplicateCorrelationId, RequestCancelled, Serialization, ValueError, TypeError)
 # serialization time (encode + frame into the write buffer) is sampled on 1 send in 64
 _SERIALIZATION_SAMPLE = 63
 _CLOSE_WAIT = 1.0
@@ -120,6 +125,7 @@ class _AgentEntry:
         "capabilities",
         "conns",
         "endpoint",
+        "health_at",
         "next_reconnect_at",
         "protocol",
         "reconnect_attempts",
@@ -156,6 +162,7 @@ class _AgentEntry:
         self.next_reconnect_at = 0.0
         self.reconnecting = False
         self.reported_ok = True
+        self.health_at = 0.0
         self.retired_requests = 0
         self.retired_errors = 0
         self.was_healthy = True
@@ -251,7 +258,7 @@ class AgentPool:
         self._limit = cfg.max_concurrent_per_connection
         self._flow_mode = cfg.flow_control_mode
         self._sticky_timeout = cfg.sticky_session_timeout
-        self._slot_waiters: dict[Any, deque[asyncio.Future[None]]] = {}
+        self._slot_waiters: dict[Any, deque[asyncio.Future[bool]]] = {}
         self._resume_events: dict[Any, asyncio.Event] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._pushes_in_flight: set[str] = set()
@@ -260,7 +267,7 @@ class AgentPool:
         self._maintenance_wakeups: set[asyncio.Future[None]] = set()
         self._affinity_warned = False
         self._closing = False
-        self._shutdown_done: asyncio.Future[None] | None = None
+        self._shutdown_task: asyncio.Task[None] | None = None
         self._drained: asyncio.Event | None = None
         self._total_requests = 0
         self._total_errors = 0
@@ -383,16 +390,16 @@ class AgentPool:
         """Drain in-flight requests (up to ``drain_timeout``), cancel the rest, close everything.
 
         New request headers and guardrail calls are refused with ``Unavailable`` while draining;
-        chunks of requests already in progress still go through.
+        chunks of requests already in progress still go through. The shutdown runs as its
+        own task: cancelling a caller does not stop it, and every call (a second one too)
+        returns only once it is complete.
         """
-        if self._shutdown_done is not None:
-            await asyncio.shield(self._shutdown_done)
-            return
-        self._shutdown_done = asyncio.get_running_loop().create_future()
-        try:
-            await self._shutdown()
-        finally:
-            self._shutdown_done.set_result(None)
+        task = self._shutdown_task
+        if task is None:
+            task = self._shutdown_task = asyncio.get_running_loop().create_task(
+                self._shutdown(), name="agentpool-shutdown"
+            )
+        await asyncio.shield(task)
 
     async def _shutdown(self) -> None:
         self._closing = True
@@ -480,7 +487,7 @@ class AgentPool:
                 opened.append(result)
             else:
                 _record_connect_error(entry, result)
-                log.warning("failed to connect to agent %s at %s: %s", agent_id, endpoint, result)
+                log.warning("failed to connect to agent %r at %s: %s", agent_id, endpoint, result)
         if self._closing:
             for conn in opened:
                 conn.close()
@@ -491,14 +498,14 @@ class AgentPool:
             self._attach(entry, conn)
         if opened:
             self._set_capabilities(entry, opened[0].capabilities)
-            log.info("agent %s added with %d connection(s)", agent_id, len(opened))
+            log.info("agent %r added with %d connection(s)", agent_id, len(opened))
         else:
             self._pusher.unregister_agent(agent_id)
             entry.reconnect_attempts = 1
             entry.next_reconnect_at = _monotonic() + cfg.reconnect_delay(1)
             entry.was_healthy = False
             log.warning(
-                "agent %s unreachable at %s; registered unhealthy, will retry", agent_id, endpoint
+                "agent %r unreachable at %s; registered unhealthy, will retry", agent_id, endpoint
             )
         if old is not None:
             await self._close_entry(old)
@@ -608,7 +615,18 @@ class AgentPool:
             st.closed = True
             st.healthy = False
         else:
+            # What the agent reported on this connection before it joined (right after the
+            # handshake, or while add_agent was opening the others) is carried over.
             st.paused = bool(conn.is_paused)
+            if st.paused:
+                self._metrics.record_flow_pause()
+            status = conn.last_health
+            if (
+                status is not None
+                and status.state != HealthState.UNSPECIFIED
+                and conn.last_health_at >= entry.health_at
+            ):
+                self._apply_health(entry, status, conn.last_health_at)
             st.healthy = entry.reported_ok
         return st
 
@@ -670,9 +688,9 @@ class AgentPool:
         if st.closed:
             return
         if exc is not None:
-            log.warning("connection to agent %s closed: %s", entry.agent_id, exc)
+            log.warning("connection to agent %r closed: %s", entry.agent_id, exc)
         else:
-            log.info("connection to agent %s closed", entry.agent_id)
+            log.info("connection to agent %r closed", entry.agent_id)
         st.closed = True
         st.healthy = False
         entry.affinity.drop_state(st)
@@ -683,7 +701,7 @@ class AgentPool:
             if len(entry.conns) == 0 and self._agents.get(entry.agent_id) is entry:
                 del self._agents[entry.agent_id]
                 self._pusher.unregister_agent(entry.agent_id)
-                log.info("reverse agent %s disconnected; removed from the pool", entry.agent_id)
+                log.info("reverse agent %r disconnected; removed from the pool", entry.agent_id)
         self._refresh_gauges()
 
     def _on_flow_control(self, conn: AgentConnection, paused: bool) -> None:
@@ -707,16 +725,19 @@ class AgentPool:
         item = self._conn_index.get(conn)
         if item is None or status.state == HealthState.UNSPECIFIED:
             return
-        entry = item[0]
+        self._apply_health(item[0], status, conn.last_health_at)
+
+    def _apply_health(self, entry: _AgentEntry, status: HealthStatus, at: float) -> None:
+        entry.health_at = at
         ok = status.state not in _UNHEALTHY_REPORTS
         if ok == entry.reported_ok:
             return
         entry.reported_ok = ok
         if ok:
-            log.info("agent %s reports healthy again", entry.agent_id)
+            log.info("agent %r reports healthy again", entry.agent_id)
         else:
             log.warning(
-                "agent %s reports %s: %s", entry.agent_id, status.state.name, status.message or ""
+                "agent %r reports %s: %s", entry.agent_id, status.state.name, status.message or ""
             )
         for st in entry.conns:
             st.healthy = ok and self._conn_usable(st)
@@ -731,7 +752,7 @@ class AgentPool:
         if waiters:
             for fut in waiters:
                 if not fut.done():
-                    fut.set_result(None)
+                    fut.set_result(False)
         event = self._resume_events.pop(st, None)
         if event is not None:
             event.set()
@@ -801,6 +822,12 @@ class AgentPool:
             raise self._not_found(agent_id)
         if self._closing and kind & _NEW_REQUEST:
             raise Unavailable("pool is shutting down")
+        if kind & _STORE_AFFINITY:
+            # A new request whose id is still in flight (or owed a reply) on a connection of
+            # this agent is refused: its replies and body chunks could cross (docs/protocol.md).
+            prev = entry.affinity.peek(correlation_id)
+            if prev is not None and not prev.closed and _conn(prev).is_pending(correlation_id):
+                raise DuplicateCorrelationId(correlation_id, f"agent {agent_id!r}")
         breaker = None if kind & _NO_BREAKER else entry.breaker
         if breaker is not None and not entry.breaker_clean and not breaker.is_closed():
             raise CircuitBreakerOpen(agent_id)
@@ -824,11 +851,11 @@ class AgentPool:
                     return AgentResponse(fail_open=True)
                 if st.closed:
                     st = entry.conns.select(self._strategy)
-            while st.in_flight >= self._limit:
-                await self._acquire_slot(st)
-                if st.closed:  # closed while we waited: the event never left, pick another
-                    st = entry.conns.select(self._strategy)
-            st.begin(started)
+            if st.in_flight >= self._limit or (self._slot_waiters and st in self._slot_waiters):
+                st = await self._acquire_slot(entry, st, correlation_id, timeout)
+            else:
+                st.begin(started)
+            local = True  # until the event is on the wire
             try:
                 if kind & _STORE_AFFINITY and not entry.affinity.store(correlation_id, st, started):
                     self._affinity_rejected()
@@ -841,20 +868,30 @@ class AgentPool:
                     else:
                         fut = conn.submit(event, correlation_id, timeout)
                 except Unavailable:
-                    # write buffer full: request() waits for the agent to drain it
-                    response: AgentResponse = await conn.request(event, correlation_id, timeout)
-                else:
-                    try:
-                        response = await fut
-                    except asyncio.CancelledError:
-                        proto = conn.protocol_core
-                        if proto is not None:
-                            proto.discard(correlation_id, fut)
-                        raise
+                    # write buffer full: wait (bounded) for the agent to drain it
+                    local = False
+                    await conn.wait_writable(timeout, correlation_id)
+                    local = True
+                    fut = conn.submit(event, correlation_id, timeout)
+                local = False
+                try:
+                    response: AgentResponse = await fut
+                except asyncio.CancelledError:
+                    proto = conn.protocol_core
+                    if proto is not None:
+                        proto.discard(correlation_id, fut)
+                    raise
             except asyncio.CancelledError:
-                st.finish(True)
+                st.release()
                 raise
             except BaseException as exc:
+                if (local and not isinstance(exc, ConnectionClosed)) or isinstance(
+                    exc, _LOCAL_ERRORS
+                ):
+                    st.release()
+                    if tracked and isinstance(exc, Serialization):
+                        pm.inc_serialization_errors()
+                    raise
                 st.finish(False)
                 self._total_errors += 1
                 if breaker is not None and isinstance(exc, AgentProtocolError):
@@ -896,7 +933,7 @@ class AgentPool:
                 and not entry.breaker_clean
                 and breaker.state is CircuitState.HALF_OPEN
             ):
-                breaker.record_failure()
+                breaker.release()  # never reached the agent: the probe slot goes back
 
     def _unpaused_alternative(self, entry: _AgentEntry, chosen: Any) -> Any:
         for st in entry.conns:
@@ -925,34 +962,67 @@ class AgentPool:
             return False
         raise FlowControlPaused(entry.agent_id)
 
-    async def _acquire_slot(self, st: Any) -> None:
-        """Wait until the connection is below ``max_concurrent_per_connection``."""
+    async def _acquire_slot(
+        self, entry: _AgentEntry, st: Any, correlation_id: str, timeout: float | None
+    ) -> Any:
+        """Wait for a slot below ``max_concurrent_per_connection``; the connection it got.
+
+        Waiters are served first come, first served: a freed slot is taken on behalf of the
+        oldest waiter before it wakes (:meth:`_wake_slot`), so later callers cannot take it
+        first. The wait is bounded by the request timeout (Timeout, phase ``slot``); a closed
+        connection sends its waiters to another one.
+        """
         loop = asyncio.get_running_loop()
-        while st.in_flight >= self._limit and not st.closed:
+        t = self._config.request_timeout if timeout is None else timeout
+        deadline = loop.time() + t
+        while True:
+            if st.closed or _conn(st).is_closed:
+                st = entry.conns.select(self._strategy)
             waiters = self._slot_waiters.get(st)
+            if st.in_flight < self._limit and not waiters:
+                st.begin(_monotonic())
+                return st
             if waiters is None:
                 waiters = self._slot_waiters[st] = deque()
-            fut: asyncio.Future[None] = loop.create_future()
+            fut: asyncio.Future[bool] = loop.create_future()
             waiters.append(fut)
             try:
-                await fut
-            except asyncio.CancelledError:
-                if fut.done() and not fut.cancelled():
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise asyncio.TimeoutError
+                handed = await asyncio.wait_for(fut, remaining)
+            except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
+                if fut.done() and not fut.cancelled() and fut.result():
+                    st.release()  # a slot was handed over as we gave up: pass it on
                     self._wake_slot(st)
                 else:
                     with contextlib.suppress(ValueError):
                         waiters.remove(fut)
-                raise
+                    if not waiters and self._slot_waiters.get(st) is waiters:
+                        del self._slot_waiters[st]
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                raise Timeout(
+                    t, agent_id=entry.agent_id, phase="slot", correlation_id=correlation_id
+                ) from None
+            if handed:
+                if not _conn(st).is_closed:
+                    return st
+                st.release()  # the connection died as the slot was handed over
 
     def _wake_slot(self, st: Any) -> None:
+        """Hand freed slots of ``st`` to its oldest waiters (taken for them before they run)."""
         waiters = self._slot_waiters.get(st)
         if waiters is None:
             return
-        while waiters:
+        if st.closed or _conn(st).is_closed:
+            self._wake_all(st)  # its waiters go elsewhere
+            return
+        while waiters and st.in_flight < self._limit:
             fut = waiters.popleft()
             if not fut.done():
-                fut.set_result(None)
-                break
+                st.begin(_monotonic())
+                fut.set_result(True)
         if not waiters:
             del self._slot_waiters[st]
 
@@ -981,7 +1051,7 @@ class AgentPool:
             if isinstance(result, asyncio.CancelledError):
                 raise result
             if isinstance(result, BaseException):
-                log.debug("cancel of %s on agent %s failed: %s", correlation_id, agent_id, result)
+                log.debug("cancel of %s on agent %r failed: %s", correlation_id, agent_id, result)
 
     # ------------------------------------------------------------------ affinity and sessions
 
@@ -1098,7 +1168,7 @@ class AgentPool:
                 agent_id, push_id, event, _KIND_CONFIGURE, None, max(attempt_timeout, 0.001)
             )
         except AgentProtocolError as exc:
-            log.info("config push %s to agent %s not delivered: %s", push_id, agent_id, exc)
+            log.info("config push %s to agent %r not delivered: %s", push_id, agent_id, exc)
             return
         finally:
             self._pushes_in_flight.discard(push_id)
@@ -1168,7 +1238,7 @@ class AgentPool:
                     if isinstance(result, asyncio.CancelledError):
                         raise result
                     if isinstance(result, BaseException):
-                        log.error("maintenance of agent %s failed: %r", entry.agent_id, result)
+                        log.error("maintenance of agent %r failed: %r", entry.agent_id, result)
             for agent_id, request in self._pusher.get_retryable():
                 self._spawn_push(agent_id, request)
             self._pusher.expire_old()
@@ -1202,7 +1272,7 @@ class AgentPool:
             for st, result in zip(probes, results):
                 if isinstance(result, BaseException):
                     log.warning(
-                        "connection to agent %s failed its ping (%s); replacing it",
+                        "connection to agent %r failed its ping (%s); replacing it",
                         entry.agent_id,
                         result,
                     )
@@ -1223,9 +1293,9 @@ class AgentPool:
         if healthy != entry.was_healthy:
             entry.was_healthy = healthy
             if healthy:
-                log.info("agent %s recovered", entry.agent_id)
+                log.info("agent %r recovered", entry.agent_id)
             else:
-                log.warning("agent %s marked unhealthy", entry.agent_id)
+                log.warning("agent %r marked unhealthy", entry.agent_id)
         missing = self._config.connections_per_agent - len(entry.conns)
         if missing > 0 and not entry.reconnecting and _monotonic() >= entry.next_reconnect_at:
             await self._reconnect(entry, missing)
@@ -1255,10 +1325,10 @@ class AgentPool:
             if not had_live and entry.breaker is not None:
                 entry.breaker.reset()
                 entry.breaker_clean = True
-            log.info("reconnected %d connection(s) to agent %s", len(opened), entry.agent_id)
+            log.info("reconnected %d connection(s) to agent %r", len(opened), entry.agent_id)
             if entry.is_healthy() and not entry.was_healthy:
                 entry.was_healthy = True
-                log.info("agent %s recovered", entry.agent_id)
+                log.info("agent %r recovered", entry.agent_id)
         else:
             if errors:
                 _record_connect_error(entry, errors[0])
@@ -1266,7 +1336,7 @@ class AgentPool:
             delay = self._config.reconnect_delay(entry.reconnect_attempts)
             entry.next_reconnect_at = _monotonic() + delay
             log.warning(
-                "reconnect to agent %s failed (attempt %d, next in %.1fs): %s",
+                "reconnect to agent %r failed (attempt %d, next in %.1fs): %s",
                 entry.agent_id,
                 entry.reconnect_attempts,
                 delay,

@@ -29,6 +29,7 @@ from agentpool.enums import CancelReason, HealthState, MessageType
 from agentpool.errors import (
     ConnectionClosed,
     ConnectionFailed,
+    DuplicateCorrelationId,
     InvalidMessage,
     MessageTooLarge,
     Timeout,
@@ -303,14 +304,16 @@ async def test_caller_cancellation_cleans_up(control_agent: AgentProc) -> None:
         assert conn.in_flight == 0
 
 
-async def test_duplicate_correlation_id_replaces_waiter(control_agent: AgentProc) -> None:
+async def test_duplicate_correlation_id_is_refused(control_agent: AgentProc) -> None:
     async with connect(control_agent.endpoint) as conn:
         first = asyncio.ensure_future(conn.request(event("dup", action="no-reply"), "dup"))
         await asyncio.sleep(0.02)
-        second = asyncio.ensure_future(conn.request(event("dup"), "dup"))
-        with pytest.raises(ConnectionClosed):
-            await bounded(first, 2.0)
-        assert (await bounded(second)).routing_metadata["cid"] == "dup"
+        sent = conn.protocol_core.requests_sent
+        with pytest.raises(DuplicateCorrelationId, match="'dup'"):
+            await bounded(conn.request(event("dup"), "dup"))
+        assert conn.protocol_core.requests_sent == sent  # nothing written
+        assert not first.done()
+        first.cancel()
 
 
 async def test_ping_rtt(control_agent: AgentProc) -> None:
@@ -608,7 +611,9 @@ async def test_undecodable_response_fails_its_waiter_at_once(encoding: str) -> N
         writer.write(handshake_reply(encoding))
         codec = get_codec(encoding)
         while True:
-            _, payload = await read_frame(reader)
+            msg_type, payload = await read_frame(reader)
+            if msg_type == MessageType.CANCEL:  # sent for the timed-out "u1"
+                continue
             cid = codec.event_correlation_id(payload)
             custom = {"custom": {"correlation_id": cid}}
             if cid == "u1":  # no id anywhere, then a valid reply for someone else
