@@ -222,9 +222,9 @@ cdef class HeadersEventEncoder:
 
     The slots of the event and its metadata are read directly (layout checked once, here).
     The common shape (plain ASCII strings, ints, None, headers as lists of strings) is written
-    directly; anything else is built as maps and serialized with ``dumps(obj, None, option)``.
-    ``encode`` returns None for what it does not handle at all (another class, an unset slot);
-    the caller then takes the generic path.
+    directly, each field checked against its declared type as it is written (validation costs
+    no extra pass). ``encode`` returns None for anything else (a wrong type, non-ASCII text,
+    another class, an unset slot); the caller then validates and takes the generic path.
     """
 
     def __init__(self, type event_cls, type metadata_cls, object dumps, object option):
@@ -258,32 +258,7 @@ cdef class HeadersEventEncoder:
             mv[i] = _cd_get(m, self._m_off[i])
             if mv[i] == NULL:
                 return None
-        cdef object fast = _cd_headers_json(correlation_id, ev, mv)
-        if fast is not None:
-            return fast
-        cdef dict md = {
-            "client_ip": <object>mv[2],
-            "client_port": <object>mv[3],
-            "correlation_id": correlation_id,
-            "protocol": <object>mv[5],
-            "request_id": <object>mv[1],
-            "route_id": <object>mv[8],
-            "server_name": <object>mv[4],
-            "timestamp": <object>mv[10],
-            "tls_cipher": <object>mv[7],
-            "tls_version": <object>mv[6],
-            "upstream_id": <object>mv[9],
-        }
-        if <object>mv[11] is not None:
-            md["traceparent"] = <object>mv[11]
-        cdef dict d = {
-            "correlation_id": correlation_id,
-            "headers": <object>ev[3],
-            "metadata": md,
-            "method": <object>ev[1],
-            "uri": <object>ev[2],
-        }
-        return self._dumps(d, None, self._option)
+        return _cd_headers_json(correlation_id, ev, mv)
 
 
 # Direct JSON writer for the common RequestHeaders shape, byte-identical to
@@ -374,36 +349,41 @@ cdef inline int _cd_str(_CdBuf* b, PyObject* o) except -1:
     return 0
 
 
-cdef int _cd_value(_CdBuf* b, PyObject* o) except -1:
-    """Append a scalar; 1 when written, 0 when the shape is not handled."""
-    cdef int overflow = 0
-    cdef long long v
-    cdef char tmp[24]
-    cdef int i = 24
-    cdef unsigned long long u
-    if o == <PyObject*>None:
-        _cd_raw(b, "null", 4)
-        return 1
+cdef inline int _cd_req_str(_CdBuf* b, PyObject* o) except -1:
+    """Append a required string field; 1 when written, 0 when not handled (or mistyped)."""
     if _cd_clean(o):
         _cd_str(b, o)
         return 1
-    if _cd_int_exact(o):
-        v = _cd_as_ll(o, &overflow)
-        if overflow:
-            return 0
-        u = (0ULL - <unsigned long long>v) if v < 0 else <unsigned long long>v
-        while True:
-            i -= 1
-            tmp[i] = <char>(48 + u % 10)
-            u //= 10
-            if u == 0:
-                break
-        if v < 0:
-            i -= 1
-            tmp[i] = 45
-        _cd_raw(b, tmp + i, 24 - i)
-        return 1
     return 0
+
+
+cdef inline int _cd_opt_str(_CdBuf* b, PyObject* o) except -1:
+    """Append an optional string field (None is null); 1 when written, 0 when not handled."""
+    if o == <PyObject*>None:
+        _cd_raw(b, "null", 4)
+        return 1
+    return _cd_req_str(b, o)
+
+
+cdef int _cd_u16(_CdBuf* b, PyObject* o) except -1:
+    """Append an exact int in 0..65535; 1 when written, 0 when not handled (or mistyped)."""
+    cdef int overflow = 0
+    cdef long long v
+    cdef char tmp[8]
+    cdef int i = 8
+    if not _cd_int_exact(o):
+        return 0
+    v = _cd_as_ll(o, &overflow)
+    if overflow or v < 0 or v > 0xFFFF:
+        return 0
+    while True:
+        i -= 1
+        tmp[i] = <char>(48 + v % 10)
+        v //= 10
+        if v == 0:
+            break
+    _cd_raw(b, tmp + i, 8 - i)
+    return 1
 
 
 cdef inline bint _cd_key_lt(PyObject* a, PyObject* b):
@@ -482,46 +462,46 @@ cdef object _cd_headers_json(object cid, PyObject** ev, PyObject** mv):
         if not _cd_headers(&b, ev[3]):
             return None
         _cd_raw(&b, ',"metadata":{"client_ip":', 25)
-        if not _cd_value(&b, mv[2]):
+        if not _cd_req_str(&b, mv[2]):
             return None
         _cd_raw(&b, ',"client_port":', 15)
-        if not _cd_value(&b, mv[3]):
+        if not _cd_u16(&b, mv[3]):
             return None
         _cd_raw(&b, ',"correlation_id":', 18)
         _cd_str(&b, c)
         _cd_raw(&b, ',"protocol":', 12)
-        if not _cd_value(&b, mv[5]):
+        if not _cd_req_str(&b, mv[5]):
             return None
         _cd_raw(&b, ',"request_id":', 14)
-        if not _cd_value(&b, mv[1]):
+        if not _cd_req_str(&b, mv[1]):
             return None
         _cd_raw(&b, ',"route_id":', 12)
-        if not _cd_value(&b, mv[8]):
+        if not _cd_opt_str(&b, mv[8]):
             return None
         _cd_raw(&b, ',"server_name":', 15)
-        if not _cd_value(&b, mv[4]):
+        if not _cd_opt_str(&b, mv[4]):
             return None
         _cd_raw(&b, ',"timestamp":', 13)
-        if not _cd_value(&b, mv[10]):
+        if not _cd_req_str(&b, mv[10]):
             return None
         _cd_raw(&b, ',"tls_cipher":', 14)
-        if not _cd_value(&b, mv[7]):
+        if not _cd_opt_str(&b, mv[7]):
             return None
         _cd_raw(&b, ',"tls_version":', 15)
-        if not _cd_value(&b, mv[6]):
+        if not _cd_opt_str(&b, mv[6]):
             return None
         if mv[11] != <PyObject*>None:
             _cd_raw(&b, ',"traceparent":', 15)
-            if not _cd_value(&b, mv[11]):
+            if not _cd_opt_str(&b, mv[11]):
                 return None
         _cd_raw(&b, ',"upstream_id":', 15)
-        if not _cd_value(&b, mv[9]):
+        if not _cd_opt_str(&b, mv[9]):
             return None
         _cd_raw(&b, '},"method":', 11)
-        if not _cd_value(&b, ev[1]):
+        if not _cd_req_str(&b, ev[1]):
             return None
         _cd_raw(&b, ',"uri":', 7)
-        if not _cd_value(&b, ev[2]):
+        if not _cd_req_str(&b, ev[2]):
             return None
         _cd_raw(&b, "}", 1)
         return _cd_bytes_from(b.data, b.size)

@@ -135,13 +135,42 @@ class ResponseFactory:
         return None
 
 
+_REQUIRED_STR = ("client_ip", "protocol", "request_id", "timestamp")
+_OPTIONAL_STR = ("route_id", "server_name", "tls_cipher", "tls_version", "upstream_id")
+
+
+def _typed(md: dict[str, Any], correlation_id: object, traceparent: object) -> bool:
+    port = md["client_port"]
+    return (
+        correlation_id.__class__ is str
+        and port.__class__ is int
+        and 0 <= port <= 0xFFFF
+        and all(md[k].__class__ is str for k in _REQUIRED_STR)
+        and all(md[k] is None or md[k].__class__ is str for k in _OPTIONAL_STR)
+        and (traceparent is None or traceparent.__class__ is str)
+    )
+
+
+def _headers_typed(headers: object) -> bool:
+    if headers.__class__ is not dict:
+        return False
+    for name, values in headers.items():  # type: ignore[attr-defined]
+        if name.__class__ is not str or values.__class__ is not list:
+            return False
+        for v in values:
+            if v.__class__ is not str:
+                return False
+    return True
+
+
 class HeadersEventEncoder:
     """Encodes a RequestHeadersEvent to upstream's JSON, byte-identical to ``dumps`` of the map
     with sorted keys at every level.
 
-    ``encode`` builds the maps in sorted key order and serializes them with
-    ``dumps(obj, None, option)``; it returns None for what it does not handle at all (another
-    class, an unset slot): the caller then takes the generic path.
+    ``encode`` checks every field against its declared type, builds the maps in sorted key
+    order and serializes them with ``dumps(obj, None, option)``; it returns None for anything
+    else (a wrong type, another class, an unset slot): the caller then validates and takes
+    the generic path.
     """
 
     __slots__ = ("_dumps", "_event_cls", "_md_cls", "_option")
@@ -188,6 +217,13 @@ class HeadersEventEncoder:
             }
             traceparent = m.traceparent
         except AttributeError:
+            return None
+        if not (
+            _typed(md, correlation_id, traceparent)
+            and method.__class__ is str
+            and uri.__class__ is str
+            and _headers_typed(headers)
+        ):
             return None
         if traceparent is not None:
             md["traceparent"] = traceparent
