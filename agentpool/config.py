@@ -90,6 +90,9 @@ class AgentPoolConfig:
     handshake_config: Any = None
     metrics: MetricsCollectorConfig = field(default_factory=MetricsCollectorConfig)
     config_push: ConfigPusherConfig = field(default_factory=ConfigPusherConfig)
+    # replies a connection may owe to abandoned requests before it is recycled
+    # (docs/protocol.md, "Abandoned requests")
+    max_abandoned_replies: int = 1024
 
     def __post_init__(self) -> None:
         self.validate()
@@ -101,6 +104,7 @@ class AgentPoolConfig:
         _positive_int("channel_buffer_size", self.channel_buffer_size)
         _positive_int("max_correlation_affinities", self.max_correlation_affinities)
         _non_negative_int("max_reconnect_attempts", self.max_reconnect_attempts)
+        _non_negative_int("max_abandoned_replies", self.max_abandoned_replies)
         try:
             self.load_balance_strategy = LoadBalanceStrategy(self.load_balance_strategy)
         except ValueError:

@@ -141,6 +141,7 @@ class AgentConnection:
         protocol: str = "v2",
         request_timeout: float = 30.0,
         listener: Any = None,
+        max_abandoned: int = 1024,
     ) -> None:
         if protocol not in ("v2", "v1"):
             raise ValueError(f"unknown protocol {protocol!r} (expected 'v2' or 'v1')")
@@ -184,6 +185,7 @@ class AgentConnection:
                 self._on_lost,
                 request_timeout=self.request_timeout,
                 agent_id=agent_id,
+                max_abandoned=max_abandoned,
             )
             self._core.set_encoder(self._encode_event)
             self._core.set_cancel_encoder(_cancel_payload)
@@ -208,11 +210,14 @@ class AgentConnection:
         config: Any = None,
         listener: Any = None,
         ssl: _ssl.SSLContext | None = None,
+        max_abandoned: int = 1024,
     ) -> AgentConnection:
         """Connect to ``endpoint`` and handshake, all within ``connect_timeout`` seconds.
 
         ``ssl`` (or a ``tls://`` endpoint, default context) runs TLS first; a failed TLS
         handshake raises :class:`~agentpool.tls.TLSHandshakeFailed` naming the reason.
+        ``max_abandoned``: replies the connection may owe to abandoned requests before it is
+        closed as broken (docs/protocol.md, "Abandoned requests").
 
         Raises ConnectionFailed (unreachable, refused handshake, encoding not offered),
         VersionMismatch (the agent chose a protocol version that was not offered), Timeout
@@ -226,6 +231,7 @@ class AgentConnection:
             protocol=protocol,
             request_timeout=request_timeout,
             listener=listener,
+            max_abandoned=max_abandoned,
         )
         try:
             await asyncio.wait_for(

@@ -603,6 +603,7 @@ class AgentPool:
                 config=cfg.handshake_config,
                 listener=self._listener,
                 ssl=entry.ssl,
+                max_abandoned=cfg.max_abandoned_replies,
             ),
             cfg.connect_timeout + 1.0,
         )
