@@ -296,7 +296,7 @@ async def test_local_errors_count_neither_toward_health_nor_the_breaker() -> Non
             held = asyncio.ensure_future(pool.send_request_headers("a", f"h{i}", hdrs(f"h{i}")))
             await agent.wait_for(lambda i=i: f"{H}:h{i}:" in agent.events)
             await pool.cancel_request("a", f"h{i}")
-            with pytest.raises(RequestCancelled):
+            with pytest.raises(ConnectionClosed):  # RequestCancelled since 439a0df
                 await held
             with pytest.raises(Serialization):
                 await pool.send_request_headers("a", f"u{i}", hdrs(f"u{i}", uri="/\udcff"))
@@ -413,3 +413,22 @@ async def test_agent_ids_are_logged_quoted(caplog: pytest.LogCaptureFixture) -> 
             await pool.add_agent("evil\nINFO forged line", agent.endpoint)
         text = "\n".join(r.getMessage() for r in caplog.records)
         assert "\nINFO forged line" not in text and "'evil\\nINFO forged line'" in text
+
+
+async def test_cancel_tombstones_the_request_and_consumes_its_reply() -> None:
+    async with cue_agent(lambda *a: "hold") as agent:
+        conn = await AgentConnection.open(agent.endpoint, agent_id="a")
+        try:
+            fut = conn.send(hdrs("k"), "k")
+            await agent.wait_for(lambda: len(agent.events) == 1)
+            assert await conn.cancel("k", CancelReason.CLIENT_DISCONNECT)
+            with pytest.raises(RequestCancelled):
+                await fut
+            await agent.wait_for(lambda: agent.cancels == [("k", 0)])
+            assert conn.is_pending("k") and conn.protocol_core.abandoned_pending == 1
+            agent.release(f"{H}:k:")
+            await until(lambda: not conn.is_pending("k"))
+            assert conn.protocol_core.late_replies == 1
+            assert conn.protocol_core.unmatched_responses == 0
+        finally:
+            conn.close()

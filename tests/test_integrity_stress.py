@@ -111,6 +111,7 @@ async def test_no_verdict_reaches_the_wrong_event_under_misbehaviour() -> None:
         health_check_interval=0.05,
         circuit_breaker=None,
         keepalive=False,
+        max_abandoned_replies=200,  # so the never-answered replies recycle connections
     )
     with StressAgentProc(late=TIMEOUT * 1.2, seed=total) as agent:
         async with AgentPool(config) as pool:
