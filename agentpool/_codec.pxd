@@ -24,3 +24,4 @@ cdef class HeadersEventEncoder:
     cdef Py_ssize_t _e_off[4]
     cdef Py_ssize_t _m_off[12]
     cpdef object encode(self, object event, object correlation_id)
+    cpdef bint check(self, object event, object correlation_id) except -1

@@ -260,6 +260,49 @@ cdef class HeadersEventEncoder:
                 return None
         return _cd_headers_json(correlation_id, ev, mv)
 
+    cpdef bint check(self, object event, object correlation_id) except -1:
+        """True when every field of ``event`` has exactly its declared type (no pass over
+        anything else); False sends the caller to the validator that names the bad field."""
+        if type(event) is not self._event_cls or not _cd_str_exact(<PyObject*>correlation_id):
+            return False
+        cdef Py_ssize_t i, j, m, pos = 0
+        cdef PyObject* ev[4]
+        cdef PyObject* mv[12]
+        cdef PyObject* k
+        cdef PyObject* v
+        cdef int overflow = 0
+        cdef long long port
+        for i in range(4):
+            ev[i] = _cd_get(event, self._e_off[i])
+            if ev[i] == NULL:
+                return False
+        if type(<object>ev[0]) is not self._md_cls:
+            return False
+        for i in range(12):
+            mv[i] = _cd_get(<object>ev[0], self._m_off[i])
+            if mv[i] == NULL:
+                return False
+        if not (_cd_str_exact(ev[1]) and _cd_str_exact(ev[2]) and _cd_str_exact(mv[0])
+                and _cd_str_exact(mv[1]) and _cd_str_exact(mv[2]) and _cd_str_exact(mv[5])
+                and _cd_str_exact(mv[10]) and _cd_int_exact(mv[3])):
+            return False
+        port = _cd_as_ll(mv[3], &overflow)
+        if overflow or port < 0 or port > 0xFFFF:
+            return False
+        for i in (4, 6, 7, 8, 9, 11):
+            if mv[i] != <PyObject*>None and not _cd_str_exact(mv[i]):
+                return False
+        if not _cd_dict_exact(ev[3]):
+            return False
+        while _cd_dict_next(ev[3], &pos, &k, &v):
+            if not _cd_str_exact(k) or not _cd_list_exact(v):
+                return False
+            m = _cd_list_size(v)
+            for j in range(m):
+                if not _cd_str_exact(_cd_list_item(v, j)):
+                    return False
+        return True
+
 
 # Direct JSON writer for the common RequestHeaders shape, byte-identical to
 # orjson.dumps(..., option=OPT_SORT_KEYS): only printable-ASCII strings without '"' or '\\',

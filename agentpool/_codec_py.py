@@ -190,6 +190,39 @@ class HeadersEventEncoder:
         self._dumps = dumps
         self._option = option
 
+    def check(self, event: object, correlation_id: object) -> bool:
+        """True when every field of ``event`` has exactly its declared type; False sends the
+        caller to the validator that names the bad field."""
+        if event.__class__ is not self._event_cls:
+            return False
+        e: Any = event
+        try:
+            m: Any = e.metadata
+            md_cls: type = m.__class__
+            if md_cls is not self._md_cls:
+                return False
+            md = {
+                "client_ip": m.client_ip,
+                "client_port": m.client_port,
+                "protocol": m.protocol,
+                "request_id": m.request_id,
+                "route_id": m.route_id,
+                "server_name": m.server_name,
+                "timestamp": m.timestamp,
+                "tls_cipher": m.tls_cipher,
+                "tls_version": m.tls_version,
+                "upstream_id": m.upstream_id,
+            }
+            return (
+                m.correlation_id.__class__ is str
+                and _typed(md, correlation_id, m.traceparent)
+                and e.method.__class__ is str
+                and e.uri.__class__ is str
+                and _headers_typed(e.headers)
+            )
+        except AttributeError:
+            return False
+
     def encode(self, event: object, correlation_id: object) -> bytes | None:
         """The JSON payload of ``event`` routed to ``correlation_id``, or None (not handled)."""
         if event.__class__ is not self._event_cls:

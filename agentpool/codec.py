@@ -1081,7 +1081,9 @@ _RESPONSES: Final = core.ResponseFactory(
 )
 _json_allow_fast = _RESPONSES.match_json
 _msgpack_allow_fast = _RESPONSES.match_msgpack
-_headers_json = core.HeadersEventEncoder(RequestHeadersEvent, RequestMetadata, _dumps, _SORT).encode
+_HEADERS_ENCODER = core.HeadersEventEncoder(RequestHeadersEvent, RequestMetadata, _dumps, _SORT)
+_headers_json = _HEADERS_ENCODER.encode
+_headers_typed = _HEADERS_ENCODER.check
 
 
 # --------------------------------------------------------------------------------------------
@@ -1254,21 +1256,32 @@ def _v_str_map(v: Any, where: str) -> None:
         _v_str(item, f"{where}[{key!r}]")
 
 
-def _validate_metadata(m: Any, where: str) -> None:
-    if m.__class__ is not RequestMetadata and not isinstance(m, RequestMetadata):
+def _validate_metadata(m: Any) -> None:
+    where = "RequestHeadersEvent.metadata"
+    if not isinstance(m, RequestMetadata):
         _bad_field(where, "a RequestMetadata", m)
-    _v_str(m.correlation_id, f"{where}.correlation_id")
-    _v_str(m.request_id, f"{where}.request_id")
-    _v_str(m.client_ip, f"{where}.client_ip")
+    for name in ("correlation_id", "request_id", "client_ip", "protocol", "timestamp"):
+        _v_str(getattr(m, name), f"{where}.{name}")
     _v_uint(m.client_port, f"{where}.client_port", _U16)
-    _v_opt_str(m.server_name, f"{where}.server_name")
-    _v_str(m.protocol, f"{where}.protocol")
-    _v_opt_str(m.tls_version, f"{where}.tls_version")
-    _v_opt_str(m.tls_cipher, f"{where}.tls_cipher")
-    _v_opt_str(m.route_id, f"{where}.route_id")
-    _v_opt_str(m.upstream_id, f"{where}.upstream_id")
-    _v_str(m.timestamp, f"{where}.timestamp")
+    for name in ("server_name", "tls_version", "tls_cipher", "route_id", "upstream_id"):
+        _v_opt_str(getattr(m, name), f"{where}.{name}")
     _v_opt_str(m.traceparent, f"{where}.traceparent")
+
+
+def _chunk_typed(e: Any, correlation_id: Any) -> bool:
+    """The body-chunk fields have exactly their declared types (the common, fast case)."""
+    count = e.bytes_received if e.__class__ is RequestBodyChunkEvent else e.bytes_sent
+    index, total = e.chunk_index, e.total_size
+    return bool(
+        e.data.__class__ is bytes
+        and e.is_last.__class__ is bool
+        and count.__class__ is int
+        and index.__class__ is int
+        and correlation_id.__class__ is str
+        and 0 <= count <= _U64
+        and 0 <= index <= _U32
+        and (total is None or (total.__class__ is int and 0 <= total <= _U64))
+    )
 
 
 def validate_event(event: Any, correlation_id: Any = "") -> None:
@@ -1276,6 +1289,13 @@ def validate_event(event: Any, correlation_id: Any = "") -> None:
 
     Called by the encoders on every path that does not check types while writing.
     """
+    cls = event.__class__
+    if cls is RequestHeadersEvent:
+        if _headers_typed(event, correlation_id):
+            return
+    elif cls is RequestBodyChunkEvent or cls is ResponseBodyChunkEvent:
+        if _chunk_typed(event, correlation_id):
+            return
     _v_str(correlation_id, "correlation_id")
     try:
         _validate_event(event)
@@ -1286,7 +1306,7 @@ def validate_event(event: Any, correlation_id: Any = "") -> None:
 def _validate_event(e: Any) -> None:
     cls = e.__class__
     if cls is RequestHeadersEvent or isinstance(e, RequestHeadersEvent):
-        _validate_metadata(e.metadata, "RequestHeadersEvent.metadata")
+        _validate_metadata(e.metadata)
         _v_str(e.method, "RequestHeadersEvent.method")
         _v_str(e.uri, "RequestHeadersEvent.uri")
         _v_headers(e.headers, "RequestHeadersEvent.headers")

@@ -19,6 +19,7 @@ import pytest
 from agentpool import AgentPool, AgentPoolConfig
 from agentpool._impl import core
 from agentpool.circuit import CircuitBreakerConfig
+from agentpool.codec import get_codec
 from agentpool.connection import AgentConnection
 from agentpool.enums import CancelReason
 from agentpool.errors import (
@@ -432,3 +433,40 @@ async def test_cancel_tombstones_the_request_and_consumes_its_reply() -> None:
             assert conn.protocol_core.unmatched_responses == 0
         finally:
             conn.close()
+
+
+def test_headers_type_check_is_the_same_in_both_cores() -> None:
+    import dataclasses
+
+    from agentpool import _core_py
+
+    cores = [_core_py] + ([core] if getattr(core, "COMPILED", False) else [])
+    checkers = [
+        c.HeadersEventEncoder(RequestHeadersEvent, RequestMetadata, orjson.dumps, None).check
+        for c in cores
+    ]
+    good = hdrs("g")
+    cases: list[tuple[Any, bool]] = [(good, True), ({"uri": "/"}, False)]
+    for name, value in [("method", 1), ("uri", None), ("headers", {"h": "v"}), ("headers", [])]:
+        cases.append((dataclasses.replace(good, **{name: value}), False))
+    cases.append((dataclasses.replace(good, headers={"h": ["v", 2]}), False))
+    meta = good.metadata
+    for name, value in [
+        ("client_port", 70000),
+        ("client_port", -1),
+        ("client_port", True),
+        ("client_ip", None),
+        ("server_name", 3),
+        ("traceparent", b"x"),
+        ("timestamp", None),
+    ]:
+        bad_meta = dataclasses.replace(meta, **{name: value})
+        cases.append((dataclasses.replace(good, metadata=bad_meta), False))
+    for event, expected in cases:
+        for check in checkers:
+            assert check(event, "g") is expected, (event, check)
+        if not expected:
+            with pytest.raises(Serialization):
+                get_codec("msgpack").encode_event(event, "g")
+    for check in checkers:
+        assert not check(good, 1)
