@@ -1150,6 +1150,18 @@ class AgentPool:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _push_correlation_id(self, agent_id: str, push_id: str) -> str:
+        """The push id, or ``<push id>/retry-<n>`` while an earlier attempt still owes a reply
+        (a retry with the same id would be refused; docs/protocol.md, "Abandoned requests")."""
+        entry = self._agents.get(agent_id)
+        if entry is None:
+            return push_id
+        cid, n = push_id, 0
+        while any(not st.closed and _conn(st).is_pending(cid) for st in entry.conns):
+            n += 1
+            cid = f"{push_id}/retry-{n}"
+        return cid
+
     async def _deliver_push(self, agent_id: str, request: ConfigUpdateRequest) -> None:
         """One attempt: a Configure event whose reply acknowledges (Allow) or rejects (Block).
 
@@ -1157,8 +1169,9 @@ class AgentPool:
         pushes stay ``Sent`` for maintenance to retry or expire.
         """
         push_id = request.request_id
+        cid = self._push_correlation_id(agent_id, push_id)
         event = ConfigureEvent(
-            config=config_update_payload(request), config_version=push_id, correlation_id=push_id
+            config=config_update_payload(request), config_version=push_id, correlation_id=cid
         )
         policy = self._config.config_push
         attempt_timeout = policy.ack_timeout
@@ -1166,7 +1179,7 @@ class AgentPool:
             attempt_timeout = policy.retry_interval
         try:
             response = await self._send(
-                agent_id, push_id, event, _KIND_CONFIGURE, None, max(attempt_timeout, 0.001)
+                agent_id, cid, event, _KIND_CONFIGURE, None, max(attempt_timeout, 0.001)
             )
         except AgentProtocolError as exc:
             log.info("config push %s to agent %r not delivered: %s", push_id, agent_id, exc)
