@@ -545,7 +545,10 @@ class AgentProtocolCore:
         self.abandoned += 1
         encode = self._encode_cancel
         if encode is not None:
-            self._append_frame(_CANCEL, encode(cid, reason))
+            try:
+                self._append_frame(_CANCEL, encode(cid, reason))
+            except Exception:  # the tombstone alone keeps the owed reply from crossing
+                pass
         if len(tombs) > self.max_abandoned:
             self._shutdown(
                 _errors.ConnectionClosed(

@@ -270,6 +270,7 @@ class AgentConnection:
         initial_data: bytes = b"",
         listener: Any = None,
         endpoint: str | None = None,
+        max_abandoned: int = 1024,
     ) -> AgentConnection:
         """Adopt an accepted, already registered socket (reverse connections; no handshake)."""
         if endpoint is None:
@@ -284,6 +285,7 @@ class AgentConnection:
             encoding=encoding,
             request_timeout=request_timeout,
             listener=listener,
+            max_abandoned=max_abandoned,
         )
         conn._set_codec(encoding)
         conn.capabilities = capabilities

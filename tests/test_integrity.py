@@ -470,3 +470,21 @@ def test_headers_type_check_is_the_same_in_both_cores() -> None:
                 get_codec("msgpack").encode_event(event, "g")
     for check in checkers:
         assert not check(good, 1)
+
+
+async def test_a_cancel_that_cannot_be_encoded_keeps_the_timer_running() -> None:
+    async with cue_agent(lambda *a: "none") as agent:
+        conn = await AgentConnection.open(agent.endpoint, agent_id="a", request_timeout=0.1)
+        try:
+            core_ = conn.protocol_core
+            odd = core_.request(0x10, b"{}", "\udcff")  # an id the Cancel's JSON cannot carry
+            normal = conn.send(hdrs("n"), "n")
+            for fut in (odd, normal):
+                with pytest.raises(Timeout):
+                    await asyncio.wait_for(fut, 2.0)
+            assert core_.abandoned_pending == 2 and conn.is_connected
+            later = conn.send(hdrs("n2"), "n2")
+            with pytest.raises(Timeout):
+                await asyncio.wait_for(later, 2.0)
+        finally:
+            conn.close()
