@@ -15,6 +15,12 @@ from typing import Any
 
 import orjson
 import pytest
+from integrity_agent import (
+    FLOW_CONTROL,
+    HEALTH_STATUS,
+    CueAgent,
+    cue_agent,
+)
 
 from agentpool import AgentPool, AgentPoolConfig
 from agentpool._impl import core
@@ -39,12 +45,6 @@ from agentpool.messages import (
     RequestBodyChunkEvent,
     RequestHeadersEvent,
     RequestMetadata,
-)
-from tests.integrity_agent import (
-    FLOW_CONTROL,
-    HEALTH_STATUS,
-    CueAgent,
-    cue_agent,
 )
 
 H = 0x10  # RequestHeaders

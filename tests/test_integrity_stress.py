@@ -19,12 +19,12 @@ import time
 from typing import Any
 
 import pytest
+from integrity_agent import StressAgentProc
 
 from agentpool import AgentPool, AgentPoolConfig
 from agentpool._impl import HAS_EXTENSIONS
 from agentpool.errors import AgentProtocolError, ConnectionFailed
 from agentpool.messages import RequestBodyChunkEvent, RequestHeadersEvent, RequestMetadata
-from tests.integrity_agent import StressAgentProc
 
 CONCURRENCY = 256
 TIMEOUT = 0.25
