@@ -57,9 +57,11 @@ from .messages import (
     HealthStatus,
     MetricsReport,
     RequestBodyChunkEvent,
+    RequestCompleteEvent,
     RequestHeadersEvent,
     ResponseBodyChunkEvent,
     ResponseHeadersEvent,
+    WebSocketFrameEvent,
     now_ms,
 )
 from .metrics import MetricsCollector
@@ -84,6 +86,8 @@ _KIND_BODY = _FLOW | _USE_AFFINITY
 _KIND_RESPONSE_HEADERS = 0
 _KIND_RESPONSE_BODY = _FLOW | _USE_AFFINITY
 _KIND_GUARDRAIL = _TRACK | _FLOW | _NEW_REQUEST
+_KIND_COMPLETE = _USE_AFFINITY
+_KIND_WEBSOCKET = _FLOW
 _KIND_CONFIGURE = _NO_BREAKER
 
 _UNHEALTHY_REPORTS = (HealthState.UNHEALTHY, HealthState.DRAINING)
@@ -789,6 +793,35 @@ class AgentPool:
     ) -> Coroutine[Any, Any, AgentResponse]:
         """Send a guardrail inspection event."""
         return self._send(agent_id, correlation_id, event, _KIND_GUARDRAIL, None, None)
+
+    def send_request_complete(
+        self, agent_id: str, correlation_id: str, event: RequestCompleteEvent
+    ) -> Coroutine[Any, Any, AgentResponse]:
+        """Send the end-of-request summary, on the request's connection (affinity).
+
+        An agentpool addition (upstream has no pool method for it); call it before
+        :meth:`clear_correlation_affinity`.
+        """
+        return self._send(agent_id, correlation_id, event, _KIND_COMPLETE, None, None)
+
+    async def send_websocket_frame(
+        self,
+        agent_id: str,
+        correlation_id: str,
+        event: WebSocketFrameEvent,
+        session_id: str | None = None,
+    ) -> AgentResponse:
+        """Send a WebSocket frame, on the connection of sticky session ``session_id``.
+
+        An agentpool addition. Falls back to normal selection when the session is unknown,
+        expired or bound to another agent, like the sticky request-headers send.
+        """
+        st = None
+        if session_id is not None:
+            st = self._sessions.lookup(session_id, _monotonic(), self._sticky_timeout)
+            if st is not None and (st.closed or self._sessions.agent(session_id) != agent_id):
+                st = None
+        return await self._send(agent_id, correlation_id, event, _KIND_WEBSOCKET, st, None)
 
     async def send_request_headers_with_sticky_session(
         self,

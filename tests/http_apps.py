@@ -1,0 +1,136 @@
+"""Applications the HTTP integration tests serve (uvicorn ``--factory``, aiohttp upstream).
+
+``AP_TEST_AGENT`` is the script agent's endpoint (tests/http_agent.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import orjson
+
+from agentpool.asgi import AgentMiddleware
+from agentpool.http import AgentRule, HeaderGuard, Route
+
+
+def routes() -> list[Route]:
+    return [
+        Route("/skip/*", []),
+        Route("/open/*", ["script"], failure="open", timeout=0.5),
+        Route("/retry/*", ["script"], failure=503, retry_after=7, timeout=0.5),
+        Route("/body/*", [AgentRule("script", request_body="stream")], timeout=2.0),
+        Route(
+            "/bodybuf/*",
+            [AgentRule("script", request_body="buffer", max_body_size=64)],
+            timeout=2.0,
+        ),
+        Route("/limit/*", ["script"], max_body_size=16),
+        Route("/respbuf*", [AgentRule("script", response_body="buffer")], timeout=2.0),
+        Route("/resp*", [AgentRule("script", response_body="stream")], timeout=2.0),
+        Route("*", ["script"], timeout=0.5),
+    ]
+
+
+async def echo_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Echoes path, headers and body as JSON; ``/slow`` waits 1 s; ``/resp*`` streams."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    if scope["type"] == "websocket":
+        await _ws_echo(receive, send)
+        return
+    body = b""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    path = scope["path"]
+    if path.endswith("/slow"):
+        await asyncio.sleep(1.0)
+    if path.startswith("/resp"):
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/plain")],
+            }
+        )
+        await send({"type": "http.response.body", "body": b"hello upstream ", "more_body": True})
+        await send({"type": "http.response.body", "body": b"bye upstream", "more_body": False})
+        return
+    headers: dict[str, list[str]] = {}
+    for k, v in scope["headers"]:
+        headers.setdefault(k.decode("latin-1"), []).append(v.decode("latin-1"))
+    payload = orjson.dumps(
+        {
+            "path": path,
+            "headers": headers,
+            "body": body.decode("latin-1"),
+            "pid": os.getpid(),
+            "agentpool": scope.get("agentpool"),
+        }
+    )
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})
+
+
+async def _ws_echo(receive: Any, send: Any) -> None:
+    message = await receive()
+    assert message["type"] == "websocket.connect"
+    await send({"type": "websocket.accept"})
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        text = message.get("text")
+        if text == "say-hidden":
+            await send({"type": "websocket.send", "text": "hidden"})
+            await send({"type": "websocket.send", "text": "visible"})
+        else:
+            await send({"type": "websocket.send", "text": f"echo:{text}"})
+
+
+def asgi() -> AgentMiddleware:
+    """uvicorn factory: the echo app behind the script agent."""
+    return AgentMiddleware(
+        echo_app,
+        agents={"script": os.environ["AP_TEST_AGENT"]},
+        routes=routes(),
+        guard=HeaderGuard(deny=["x-forbidden-*"]),
+    )
+
+
+def starlette() -> Any:
+    """uvicorn factory: a Starlette app wrapped by ``add_middleware`` with the example WAF."""
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route as SRoute
+
+    async def home(request: Request) -> JSONResponse:
+        return JSONResponse({"checked": request.headers.get("x-agentpool-checked")})
+
+    return Starlette(
+        routes=[SRoute("/{path:path}", home)],
+        middleware=[Middleware(AgentMiddleware, agents={"waf": os.environ["AP_TEST_AGENT"]})],
+    )

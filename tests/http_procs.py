@@ -1,0 +1,117 @@
+"""Process helpers for the HTTP integration tests: agents, uvicorn, the proxy, bounded waits."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import agentpool
+
+TESTS = str(Path(__file__).resolve().parent)
+ROOT = str(Path(agentpool.__file__).resolve().parent.parent)
+
+
+def env(**extra: str) -> dict[str, str]:
+    out = dict(os.environ)
+    out["PYTHONPATH"] = os.pathsep.join([TESTS, ROOT, out.get("PYTHONPATH", "")])
+    out.update(extra)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(
+    proc: subprocess.Popen[bytes], check: str | tuple[str, int], timeout: float = 20.0
+) -> None:
+    """Wait until a Unix socket path exists / a TCP port accepts, or fail with the output."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            out = proc.stdout.read().decode() if proc.stdout else ""
+            raise RuntimeError(f"process exited with {proc.returncode}: {out}")
+        if isinstance(check, str):
+            if os.path.exists(check):
+                with socket.socket(socket.AF_UNIX) as s, contextlib.suppress(OSError):
+                    s.connect(check)
+                    return
+        else:
+            with contextlib.suppress(OSError), socket.create_connection(check, timeout=0.2):
+                return
+        time.sleep(0.03)
+    stop(proc)
+    raise RuntimeError(f"not ready after {timeout} s: {check}")
+
+
+def spawn(args: list[str], **extra: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        args, env=env(**extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=TESTS
+    )
+
+
+def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    if proc.stdout:
+        proc.stdout.close()
+    return int(proc.returncode)
+
+
+def script_agent(path: str) -> subprocess.Popen[bytes]:
+    proc = spawn([sys.executable, os.path.join(TESTS, "http_agent.py"), path])
+    wait_ready(proc, path)
+    return proc
+
+
+def example_agent(path: str, example: str = "waf") -> subprocess.Popen[bytes]:
+    proc = spawn(
+        [sys.executable, "-m", "agentpool", "agent", "--example", example, "--socket", path]
+    )
+    wait_ready(proc, path)
+    return proc
+
+
+def uvicorn(factory: str, agent: str, *, workers: int = 1) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    args = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        factory,
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--timeout-graceful-shutdown",
+        "10",
+    ]
+    if workers > 1:
+        args += ["--workers", str(workers)]
+    proc = spawn(args, AP_TEST_AGENT=agent)
+    wait_ready(proc, ("127.0.0.1", port))
+    return proc, f"http://127.0.0.1:{port}"
+
+
+@contextlib.contextmanager
+def running(*procs: subprocess.Popen[bytes]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for p in procs:
+            stop(p)

@@ -1,0 +1,215 @@
+"""AgentMiddleware under a real uvicorn process, against a real agent process, real clients."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("uvicorn")
+ws_client = pytest.importorskip("websockets.sync.client")
+
+from http_procs import example_agent, script_agent, stop, uvicorn  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    sock = str(tmp_path_factory.mktemp("asgi") / "script.sock")
+    agent = script_agent(sock)
+    proc, url = uvicorn("http_apps:asgi", f"unix:{sock}")
+    try:
+        yield url
+    finally:
+        stop(proc)
+        stop(agent)
+
+
+@pytest.fixture(scope="module")
+def client(server: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server, timeout=10.0) as c:
+        yield c
+
+
+def test_allow_passes_request_with_metadata(client: httpx.Client) -> None:
+    r = client.get("/hello?x=1", headers={"traceparent": "00-abc-def-01", "x-request-id": "rid-1"})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["path"] == "/hello"
+    assert body["agentpool"]["correlation_id"] == "rid-1"
+    meta = body["agentpool"]["routing_metadata"]
+    assert meta == {"seen-path": "/hello", "traceparent": "00-abc-def-01"}
+
+
+def test_block_redirect_challenge(client: httpx.Client) -> None:
+    r = client.get("/block")
+    assert (r.status_code, r.text, r.headers["x-blocked"]) == (403, "blocked by agent", "1")
+    r = client.get("/redirect")
+    assert (r.status_code, r.headers["location"]) == (302, "https://example.test/login")
+    r = client.get("/challenge")
+    assert r.status_code == 401
+    assert r.headers["www-authenticate"] == 'captcha realm="test"'
+    assert r.json() == {"challenge_type": "captcha", "params": {"realm": "test"}}
+
+
+def test_header_edits_and_guard(client: httpx.Client) -> None:
+    r = client.get("/edit", headers={"x-remove-me": "1", "x-request-id": "edit-1"})
+    assert r.status_code == 200
+    headers = r.json()["headers"]
+    assert headers["x-added"] == ["by-agent"]
+    assert "x-remove-me" not in headers
+    assert headers["host"] == [r.request.headers["host"]]  # the guard refused the Host edit
+    assert headers["x-client-ip"] == ["127.0.0.1"]
+    assert headers["x-request-id-seen"] == ["edit-1"]
+    assert r.headers["x-resp-added"] == "yes"
+
+
+def test_request_body_streamed_and_mutated(client: httpx.Client) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield b"one secret, "
+        yield b"two secret"
+
+    r = client.post("/body/x", content=chunks(), headers={"x-needs-more": "1"})
+    assert r.status_code == 200
+    assert r.json()["body"] == "one XXXXXX, two XXXXXX"
+    r = client.post("/body/x", content=b"an attack here")
+    assert (r.status_code, r.text) == (403, "attack in body")
+    r = client.post("/bodybuf/x", content=b"buffered secret")
+    assert r.json()["body"] == "buffered XXXXXX"
+
+
+def test_body_limits_413(client: httpx.Client) -> None:
+    assert client.post("/bodybuf/x", content=b"x" * 65).status_code == 413
+    assert client.post("/limit/x", content=b"x" * 17).status_code == 413
+
+    def chunks() -> Iterator[bytes]:
+        yield b"x" * 10
+        yield b"x" * 10
+
+    assert client.post("/limit/x", content=chunks()).status_code == 413
+    assert client.post("/limit/x", content=b"x" * 16).status_code == 200
+
+
+def test_response_headers_and_body(client: httpx.Client) -> None:
+    r = client.get("/resp")
+    assert r.status_code == 200
+    assert r.text == "hello UPSTREAM bye UPSTREAM"
+    assert r.headers["x-resp-status-seen"] == "200"
+    r = client.get("/respbuf")
+    assert r.text == "hello UPSTREAM bye UPSTREAM"
+    assert r.headers["content-length"] == str(len(r.content))
+    r = client.get("/respblock")
+    assert (r.status_code, r.text) == (451, "response blocked")
+
+
+def test_stalled_agent_policies(client: httpx.Client) -> None:
+    r = client.get("/stall")
+    assert (r.status_code, r.text) == (503, "Service unavailable")
+    r = client.get("/open/stall")
+    assert r.status_code == 200
+    r = client.get("/retry/stall")
+    assert (r.status_code, r.headers["retry-after"]) == (503, "7")
+    assert client.get("/skip/stall").status_code == 200  # route without agents
+
+
+def test_request_complete_reaches_agent(client: httpx.Client) -> None:
+    client.get("/hello", headers={"x-request-id": "complete-me"})
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        seen = client.get("/__completes").json()
+        if "complete-me:200" in seen:
+            break
+        time.sleep(0.05)
+    assert "complete-me:200" in seen
+
+
+def test_duplicate_request_id_gets_own_correlation_id(client: httpx.Client) -> None:
+    r = client.get("/hello", headers={"x-request-id": "same"})
+    assert r.json()["agentpool"]["correlation_id"] == "same"
+
+
+def test_websocket_frames(server: str) -> None:
+    url = server.replace("http://", "ws://") + "/ws"
+    with ws_client.connect(url, open_timeout=5) as ws:
+        ws.send("hi")
+        assert ws.recv(timeout=5) == "echo:hi"
+        ws.send("drop-me")
+        ws.send("say-hidden")
+        assert ws.recv(timeout=5) == "visible"  # "drop-me" never reached the app
+        ws.send("close-me")
+        with pytest.raises(Exception) as info:
+            ws.recv(timeout=5)
+        assert "4000" in str(info.value)
+
+
+def test_websocket_blocked_handshake(server: str) -> None:
+    url = server.replace("http://", "ws://") + "/block"
+    with pytest.raises(Exception) as info:
+        ws_client.connect(url, open_timeout=5)
+    assert "403" in str(info.value)
+
+
+def test_killed_agent_fail_closed_and_open(tmp_path: pytest.TempPathFactory) -> None:
+    sock = str(tmp_path / "kill.sock")  # type: ignore[operator]
+    agent = script_agent(sock)
+    proc, url = uvicorn("http_apps:asgi", f"unix:{sock}")
+    try:
+        with httpx.Client(base_url=url, timeout=10) as c:
+            assert c.get("/hello").status_code == 200
+            agent.send_signal(signal.SIGKILL)
+            agent.wait(5)
+            assert c.get("/hello").status_code == 503
+            assert c.get("/open/hello").status_code == 200
+            r = c.get("/retry/hello")
+            assert (r.status_code, r.headers["retry-after"]) == (503, "7")
+    finally:
+        stop(proc)
+        stop(agent)
+
+
+def test_graceful_shutdown_and_two_workers(tmp_path: pytest.TempPathFactory) -> None:
+    sock = str(tmp_path / "w.sock")  # type: ignore[operator]
+    agent = script_agent(sock)
+    proc, url = uvicorn("http_apps:asgi", f"unix:{sock}", workers=2)
+    results: list[int] = []
+    try:
+        pids: set[int] = set()
+        for _ in range(40):
+            with httpx.Client(base_url=url, timeout=10) as c:
+                pids.add(c.get("/hello").json()["pid"])
+            if len(pids) == 2:
+                break
+        assert len(pids) == 2
+
+        def slow() -> None:
+            with httpx.Client(base_url=url, timeout=10) as c:
+                results.append(c.get("/x/slow").status_code)
+
+        threads = [threading.Thread(target=slow) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(0.4)
+        assert stop(proc, signal.SIGTERM, timeout=15) == 0
+        for t in threads:
+            t.join(10)
+        assert results == [200] * 4
+    finally:
+        stop(proc)
+        stop(agent)
+
+
+def test_starlette_with_example_waf(tmp_path: pytest.TempPathFactory) -> None:
+    sock = str(tmp_path / "waf.sock")  # type: ignore[operator]
+    pytest.importorskip("starlette")
+    agent = example_agent(sock)
+    proc, url = uvicorn("http_apps:starlette", f"unix:{sock}")
+    try:
+        with httpx.Client(base_url=url, timeout=10) as c:
+            assert c.get("/hello").json() == {"checked": "1"}
+            assert c.get("/admin/x").status_code == 403
+    finally:
+        stop(proc)
+        stop(agent)
