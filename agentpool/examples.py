@@ -1,7 +1,7 @@
 """Example agents for ``python -m agentpool agent --example NAME``.
 
-* ``waf``: Block 403 for URI paths starting with ``/admin``; otherwise Allow and set request
-  header ``x-agentpool-checked: 1``.
+* ``waf``: Block 403 for URI paths starting with ``/admin``; Redirect 301 ``/old/X`` to
+  ``/new/X``; otherwise Allow and set request header ``x-agentpool-checked: 1``.
 * ``echo``: Allow and add an ``x-echo-<name>`` request header for every request header value.
 * ``bench``: replies Allow carrying the correlation id straight from the raw payload (no event
   decoding), for round-trip benchmarks.
@@ -49,7 +49,7 @@ class _Example(Agent):
 
 
 class WafAgent(_Example):
-    """Blocks ``/admin*`` with 403, marks everything else as checked."""
+    """Blocks ``/admin*`` with 403, redirects ``/old/*`` to ``/new/*``, marks the rest checked."""
 
     agent_id = "waf"
     name = "agentpool example WAF"
@@ -62,6 +62,8 @@ class WafAgent(_Example):
                 decision=Block(status=403, body="Forbidden"),
                 audit=AuditMetadata(tags=["waf"], rule_ids=["admin-path"]),
             )
+        if path.startswith("/old/"):
+            return AgentResponse.redirect("/new/" + event.uri[5:], 301)
         return AgentResponse(request_headers=[HeaderOp.set("x-agentpool-checked", "1")])
 
 

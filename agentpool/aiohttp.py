@@ -1,0 +1,207 @@
+"""aiohttp middleware: Zentinel agents in front of an aiohttp application.
+
+::
+
+    app = web.Application()
+    agentpool.aiohttp.setup(app, agents={"waf": "unix:/run/waf.sock"})
+
+``setup`` opens the pool on startup, adds the agents, drains on cleanup, and installs a
+middleware that asks the agents about every request (routes, failure policy, header guard
+and body modes as in docs/integrations.md). A body the agents inspect is read by the
+middleware (chunk by chunk, each chunk to the agents) and handed to the handler through
+``await request.read()`` / ``text()`` / ``json()`` / ``post()``. Responses prepared by the
+middleware (any ``web.Response``) can be replaced by a response-phase Block; a handler that
+streams its own response gets the response header edits, and a response-phase Block then
+aborts it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from .config import AgentPoolConfig
+from .http import Exchange, Glue, HeaderGuard, Headers, Reply, Route, Stop
+from .pool import AgentPool
+
+__all__ = ["GLUE_KEY", "exchange_of", "reply_response", "request_exchange", "setup"]
+
+log = logging.getLogger("agentpool.aiohttp")
+
+GLUE_KEY: web.AppKey[Glue] = web.AppKey("agentpool_glue", Glue)
+_EX_KEY = "agentpool_exchange"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def reply_response(reply: Reply) -> web.Response:
+    """A ``web.Response`` for an agent's reply."""
+    headers = CIMultiDict((k, v) for k, v in reply.headers if k != "content-length")
+    return web.Response(status=reply.status, headers=headers, body=reply.body)
+
+
+def _headers(raw: Any) -> Headers:
+    return [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in raw]
+
+
+def request_exchange(glue: Glue, request: web.BaseRequest) -> Exchange | None:
+    """The :class:`~agentpool.http.Exchange` for an aiohttp request, or None (no agents)."""
+    host = request.headers.get("host", "")
+    plan = glue.plan(request.method, host, request.path)
+    if plan is None or not plan.agents:
+        return None
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    client_ip, client_port = ("", 0)
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        client_ip, client_port = str(peer[0]), int(peer[1])
+    ssl = request.transport.get_extra_info("ssl_object") if request.transport else None
+    version = request.version
+    return glue.exchange(
+        plan,
+        method=request.method,
+        uri=request.raw_path,
+        headers=_headers(request.raw_headers),
+        client_ip=client_ip,
+        client_port=client_port,
+        server_name=host.split(":", 1)[0] or None,
+        protocol=f"HTTP/{version.major}.{version.minor}",
+        tls_version=ssl.version() if ssl is not None else None,
+        tls_cipher=ssl.cipher()[0] if ssl is not None and ssl.cipher() else None,
+    )
+
+
+def exchange_of(request: web.BaseRequest) -> Exchange | None:
+    """The exchange the middleware made for ``request`` (correlation id, routing metadata)."""
+    ex: Exchange | None = request.get(_EX_KEY)
+    return ex
+
+
+def setup(
+    app: web.Application,
+    agents: Mapping[str, str | Mapping[str, Any]],
+    routes: Sequence[Route] | None = None,
+    *,
+    guard: HeaderGuard | None = None,
+    request_id_header: str | None = "x-request-id",
+    config: AgentPoolConfig | None = None,
+    pool: AgentPool | None = None,
+) -> Glue:
+    """Put the agents in front of ``app``; returns the :class:`~agentpool.http.Glue`."""
+    glue = Glue(
+        agents, routes, guard=guard, request_id_header=request_id_header, config=config, pool=pool
+    )
+    app[GLUE_KEY] = glue
+
+    async def on_startup(_: web.Application) -> None:
+        await glue.start()
+
+    async def on_cleanup(_: web.Application) -> None:
+        await glue.shutdown()
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    app.on_response_prepare.append(_on_prepare)
+    app.middlewares.append(_middleware(glue))
+    return glue
+
+
+async def _read_body(ex: Exchange, request: web.Request) -> bytes:
+    out: list[bytes] = []
+    inspect = ex.inspects_request_body
+    pending: bytes | None = None
+    async for chunk in request.content.iter_any():
+        if pending is not None:
+            out.append(await ex.request_body(pending, False) if inspect else pending)
+        if not inspect:
+            ex.request_bytes += len(chunk)
+            reply = ex.too_large(ex.request_bytes)
+            if reply is not None:
+                raise Stop(reply)
+        pending = chunk
+    if inspect:
+        out.append(await ex.request_body(pending or b"", True))
+    elif pending is not None:
+        out.append(pending)
+    return b"".join(out)
+
+
+def _middleware(glue: Glue) -> Any:
+    @web.middleware
+    async def agentpool_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        ex = request_exchange(glue, request)
+        if ex is None:
+            return await handler(request)
+        try:
+            reply = await ex.request_headers()
+            if reply is None and request.content_length is not None:
+                reply = ex.too_large(request.content_length)
+            if reply is not None:
+                ex.status = reply.status
+                return reply_response(reply)
+            headers = ex.headers
+            body: bytes | None = None
+            if ex.inspects_request_body or ex.plan.max_request_body is not None:
+                try:
+                    body = await _read_body(ex, request)
+                except Stop as stop:
+                    ex.status = stop.reply.status
+                    return reply_response(stop.reply)
+                headers = [h for h in headers if h[0] != "content-length"]
+                headers.append(("content-length", str(len(body))))
+            if headers != _headers(request.raw_headers) or body is not None:
+                request = request.clone(headers=CIMultiDict(headers))
+                if body is not None:
+                    request._read_bytes = body  # the body as read and passed by the agents
+            request[_EX_KEY] = ex
+            response = await handler(request)
+            if response.prepared or isinstance(response, web.WebSocketResponse):
+                return response
+            reply = await _response_phase(ex, response)
+            if reply is not None:
+                response = reply_response(reply)
+                ex.status = reply.status
+            request[_EX_KEY] = None
+            await response.prepare(request)
+            await response.write_eof()
+            return response
+        finally:
+            ex.finish()
+
+    return agentpool_middleware
+
+
+async def _response_phase(ex: Exchange, response: web.StreamResponse) -> Reply | None:
+    headers = [(k.lower(), v) for k, v in response.headers.items()]
+    try:
+        reply = await ex.response_headers(response.status, headers)
+        if reply is not None:
+            return reply
+        if ex.inspects_response_body and isinstance(response, web.Response):
+            body = response.body
+            data = bytes(body) if isinstance(body, (bytes, bytearray)) else b""
+            response.body = await ex.response_body(data, True)
+        else:
+            ex.response_bytes += response.content_length or 0
+    except Stop as stop:
+        return stop.reply
+    response.headers.clear()
+    response.headers.extend((k, v) for k, v in headers if k != "content-length")
+    return None
+
+
+async def _on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    """Response header edits for responses a handler prepares itself (streaming)."""
+    ex = request.get(_EX_KEY)
+    if ex is None:
+        return
+    request[_EX_KEY] = None
+    headers = [(k.lower(), v) for k, v in response.headers.items()]
+    reply = await ex.response_headers(response.status, headers)
+    if reply is not None:
+        raise web.HTTPBadGateway(text="response refused by an agent")
+    response.headers.clear()
+    response.headers.extend(headers)
