@@ -12,7 +12,7 @@ middleware (chunk by chunk, each chunk to the agents) and handed to the handler 
 ``await request.read()`` / ``text()`` / ``json()`` / ``post()``. Responses prepared by the
 middleware (any ``web.Response``) can be replaced by a response-phase Block; a handler that
 streams its own response gets the response header edits, and a response-phase Block then
-aborts it.
+aborts the connection (the client sees the response cut off).
 """
 
 from __future__ import annotations
@@ -202,6 +202,10 @@ async def _on_prepare(request: web.Request, response: web.StreamResponse) -> Non
     headers = [(k.lower(), v) for k, v in response.headers.items()]
     reply = await ex.response_headers(response.status, headers)
     if reply is not None:
-        raise web.HTTPBadGateway(text="response refused by an agent")
+        # the handler streams this response itself: it cannot be replaced, so it is cut off
+        log.warning("agent refused the streamed response of %s; aborting it", ex.correlation_id)
+        if request.transport is not None:
+            request.transport.abort()
+        raise ConnectionResetError("response refused by an agent")
     response.headers.clear()
     response.headers.extend(headers)

@@ -134,3 +134,94 @@ def starlette() -> Any:
         routes=[SRoute("/{path:path}", home)],
         middleware=[Middleware(AgentMiddleware, agents={"waf": os.environ["AP_TEST_AGENT"]})],
     )
+
+
+async def _aio_echo(request: Any) -> Any:
+    from aiohttp import web
+
+    body = await request.read()
+    path = request.path
+    if path.endswith("/slow"):
+        await asyncio.sleep(1.0)
+    if path.startswith("/respbuf"):
+        return web.Response(text="hello upstream bye upstream")
+    if path.startswith("/resp"):
+        resp = web.StreamResponse(headers={"content-type": "text/plain"})
+        await resp.prepare(request)
+        await resp.write(b"hello upstream ")
+        await asyncio.sleep(0.01)
+        await resp.write(b"bye upstream")
+        await resp.write_eof()
+        return resp
+    headers: dict[str, list[str]] = {}
+    for k, v in request.raw_headers:
+        headers.setdefault(k.decode("latin-1").lower(), []).append(v.decode("latin-1"))
+    return web.json_response(
+        {"path": path, "headers": headers, "body": body.decode("latin-1"), "pid": os.getpid()}
+    )
+
+
+def aiohttp_upstream(argv: Any = None) -> Any:
+    """``python -m aiohttp.web http_apps:aiohttp_upstream``: the echo app for the proxy."""
+    from aiohttp import web
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", _aio_echo)
+    return app
+
+
+def aiohttp_app(argv: Any = None) -> Any:
+    """The echo app behind the script agent through ``agentpool.aiohttp.setup``."""
+    from agentpool.aiohttp import setup
+
+    app = aiohttp_upstream()
+    setup(
+        app,
+        agents={"script": os.environ["AP_TEST_AGENT"]},
+        routes=routes(),
+        guard=HeaderGuard(deny=["x-forbidden-*"]),
+    )
+    return app
+
+
+def proxy_config(agent: str, upstream: str) -> dict[str, Any]:
+    """The proxy's JSON config with the same routes as :func:`routes`."""
+    script = "script"
+    return {
+        "upstream": upstream,
+        "agents": {script: agent},
+        "guard": {"deny": ["x-forbidden-*"]},
+        "routes": [
+            {"path": "/skip/*", "agents": []},
+            {"path": "/open/*", "agents": [script], "failure": "open", "timeout": 0.5},
+            {
+                "path": "/retry/*",
+                "agents": [script],
+                "failure": 503,
+                "retry_after": 7,
+                "timeout": 0.5,
+            },
+            {
+                "path": "/body/*",
+                "agents": [{"agent": script, "request_body": "stream"}],
+                "timeout": 2,
+            },
+            {
+                "path": "/bodybuf/*",
+                "agents": [{"agent": script, "request_body": "buffer", "max_body_size": 64}],
+                "timeout": 2,
+            },
+            {"path": "/limit/*", "agents": [script], "max_body_size": 16},
+            {
+                "path": "/respbuf*",
+                "agents": [{"agent": script, "response_body": "buffer"}],
+                "timeout": 2,
+            },
+            {
+                "path": "/resp*",
+                "agents": [{"agent": script, "response_body": "stream"}],
+                "timeout": 2,
+            },
+            {"path": "*", "agents": [script], "timeout": 0.5},
+        ],
+    }

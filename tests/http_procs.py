@@ -115,3 +115,22 @@ def running(*procs: subprocess.Popen[bytes]) -> Iterator[None]:
     finally:
         for p in procs:
             stop(p)
+
+
+def aiohttp_server(target: str, agent: str = "") -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    proc = spawn(
+        [sys.executable, "-m", "aiohttp.web", "-H", "127.0.0.1", "-P", str(port), target],
+        AP_TEST_AGENT=agent,
+    )
+    wait_ready(proc, ("127.0.0.1", port))
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def proxy(*args: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    proc = spawn(
+        [sys.executable, "-m", "agentpool", "proxy", "--listen", f"127.0.0.1:{port}", *args]
+    )
+    wait_ready(proc, ("127.0.0.1", port))
+    return proc, f"http://127.0.0.1:{port}"
