@@ -182,29 +182,26 @@ class AgentMiddleware:
             await self.app(scope, receive, send)
             return
         try:
-            original = list(ex.headers)
             reply = await ex.request_headers()
-            if reply is None:
-                for name, value in original:
-                    if name == "content-length":
+            if reply is None and ex.plan.max_request_body is not None:
+                for name, value in scope["headers"]:
+                    if name.lower() == b"content-length":
                         reply = ex.too_large(int(value)) if value.isdigit() else None
                         break
             if reply is not None:
                 ex.status = reply.status
                 await _send_reply(send, reply)
                 return
-            await self._forward(ex, scope, receive, send, original)
+            await self._forward(ex, scope, receive, send)
         finally:
             ex.finish()
 
-    async def _forward(
-        self, ex: Exchange, scope: Scope, receive: Receive, send: Send, original: Headers
-    ) -> None:
+    async def _forward(self, ex: Exchange, scope: Scope, receive: Receive, send: Send) -> None:
         inspect_body = ex.inspects_request_body
-        headers = ex.headers
-        if inspect_body:
-            headers = [h for h in headers if h[0] != "content-length"]
-        if headers != original:
+        if inspect_body or ex.edited:
+            headers = ex.headers
+            if inspect_body:
+                headers = [h for h in headers if h[0] != "content-length"]
             scope = dict(scope)
             scope["headers"] = _raw(headers)
         scope["agentpool"] = {
@@ -340,12 +337,11 @@ class AgentMiddleware:
             await self.app(scope, receive, send)
             return
         try:
-            original = list(ex.headers)
             reply = await ex.request_headers(session=True)
             if reply is not None:
                 await self._deny(scope, receive, send, reply)
                 return
-            if ex.headers != original:
+            if ex.edited:
                 scope = dict(scope)
                 scope["headers"] = _raw(ex.headers)
             if not ex.plan.websocket:

@@ -336,7 +336,7 @@ def _glue_kwargs(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
                     base.setdefault(key, value)
             agents[name] = base
     if not agents:
-        raise SystemExit("no agents: give --agent NAME=ENDPOINT or 'agents' in the config")
+        print("agentpool proxy: no agents given; forwarding without checks", file=sys.stderr)
     return upstream, kwargs
 
 
