@@ -36,6 +36,7 @@ _GLUE: web.AppKey[Glue] = web.AppKey("agentpool_proxy_glue", Glue)
 _SESSION: web.AppKey[aiohttp.ClientSession] = web.AppKey(
     "agentpool_proxy_session", aiohttp.ClientSession
 )
+_SMALL_BODY = 64 * 1024
 _REUSE_ENV = "AGENTPOOL_PROXY_REUSE_PORT"
 _DROP_UP = HOP_BY_HOP | {"host", "content-length"}
 _DROP_DOWN = HOP_BY_HOP | {"content-length"}
@@ -195,6 +196,17 @@ class _Proxy:
                         return _response(r.status, r.headers, r.body)
                     return _response(up.status, headers, body)
                 length = None
+        if (
+            length is not None
+            and length <= _SMALL_BODY
+            and (ex is None or not ex.inspects_response_body)
+        ):
+            body = await up.read()  # small and complete: one write downstream
+            if ex is not None:
+                ex.response_bytes += len(body)
+            return web.Response(
+                status=up.status, reason=up.reason, headers=CIMultiDict(headers), body=body
+            )
         response = web.StreamResponse(status=up.status, reason=up.reason)
         response.headers.extend(headers)
         if length is not None:

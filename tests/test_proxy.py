@@ -189,3 +189,32 @@ def test_proxy_demo_command() -> None:
     assert "/admin     -> 403" in text
     assert "/old/page  -> 301 /new/page" in text
     assert "x-echo-x-team: blue" in text
+
+
+def test_loadtest_command_builtin_loop() -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agentpool",
+            "loadtest",
+            "--tool",
+            "builtin",
+            "--duration",
+            "0.3",
+            "--repeat",
+            "1",
+            "--connections",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env(),
+    )
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "load: builtin" in text
+    assert "| ASGI, uvicorn + httptools |" in text
+    assert "| agentpool proxy (aiohttp) |" in text
+    assert "errors" not in text
