@@ -430,16 +430,19 @@ class _Plan:
     websocket: list[_Agent]
     max_request_body: int | None
     sequential: bool
+    final: bool
 
 
 def _plan(
     pool: AgentPool, route: Route | None, rules: Sequence[AgentRule], base: Mapping[str, AgentRule]
 ) -> _Plan:
     agents: list[_Agent] = []
+    final = True
     route_defaults = route._defaults if route is not None else AgentRule("*")
     for given in rules:
         rule = given.merged(route_defaults).merged(base.get(given.agent, AgentRule(given.agent)))
         caps = pool.agent_capabilities(rule.agent)
+        final = final and caps is not None
         supported = set(caps.supported_events) if caps is not None else {EventType.REQUEST_HEADERS}
         if rule.events is not None:
             supported &= {EVENT_NAMES[e] for e in rule.events}
@@ -480,6 +483,7 @@ def _plan(
         websocket=[a for a in agents if a.websocket],
         max_request_body=min(limits) if limits else None,
         sequential=route.sequential if route is not None else False,
+        final=final,
     )
 
 
@@ -640,10 +644,14 @@ class Glue:
     # -- routing
 
     def plan(self, method: str, host: str, path: str) -> _Plan | None:
-        """The resolved agents for a request, or None when no route matches."""
+        """The resolved agents for a request, or None when no route matches.
+
+        Plans are cached once every agent's capabilities are known (an agent unreachable at
+        start gets request headers only until it has connected).
+        """
         if self.routes is None:
             plan = self._plans.get(-1)
-            if plan is None:
+            if plan is None or not plan.final:
                 plan = self._plans[-1] = _plan(
                     self.pool, None, list(self.rules.values()), self.rules
                 )
@@ -651,7 +659,7 @@ class Glue:
         for i, route in enumerate(self.routes):
             if route.matches(method, host, path):
                 plan = self._plans.get(i)
-                if plan is None:
+                if plan is None or not plan.final:
                     rules = [r for r in route.agents if isinstance(r, AgentRule)]
                     plan = self._plans[i] = _plan(self.pool, route, rules, self.rules)
                 return plan
