@@ -13,7 +13,17 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 ws_client = pytest.importorskip("websockets.sync.client")
 
-from http_procs import example_agent, script_agent, stop, uvicorn  # noqa: E402
+import sys  # noqa: E402
+
+from http_procs import (  # noqa: E402
+    example_agent,
+    free_port,
+    script_agent,
+    spawn,
+    stop,
+    uvicorn,
+    wait_ready,
+)
 
 
 @pytest.fixture(scope="module")
@@ -210,6 +220,55 @@ def test_starlette_with_example_waf(tmp_path: pytest.TempPathFactory) -> None:
         with httpx.Client(base_url=url, timeout=10) as c:
             assert c.get("/hello").json() == {"checked": "1"}
             assert c.get("/admin/x").status_code == 403
+    finally:
+        stop(proc)
+        stop(agent)
+
+
+def test_concurrent_requests_with_one_request_id(server: str) -> None:
+    cids: list[str] = []
+
+    def call() -> None:
+        with httpx.Client(base_url=server, timeout=10) as c:
+            r = c.get("/x/slow", headers={"x-request-id": "dup"})
+            cids.append(r.json()["agentpool"]["correlation_id"])
+
+    threads = [threading.Thread(target=call) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(cids) == 3 and len(set(cids)) == 3 and "dup" in cids
+
+
+def test_hypercorn(tmp_path: pytest.TempPathFactory) -> None:
+    pytest.importorskip("hypercorn")
+    sock = str(tmp_path / "h.sock")  # type: ignore[operator]
+    agent = script_agent(sock)
+    port = free_port()
+    proc = spawn(
+        [
+            sys.executable,
+            "-m",
+            "hypercorn",
+            "--bind",
+            f"127.0.0.1:{port}",
+            "http_hypercorn_app:app",
+        ],
+        AP_TEST_AGENT=f"unix:{sock}",
+    )
+    try:
+        wait_ready(proc, ("127.0.0.1", port))
+        url = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=url, timeout=10) as c:
+            assert c.get("/edit").json()["headers"]["x-added"] == ["by-agent"]
+            assert c.get("/block").status_code == 403
+            assert c.post("/body/x", content=b"a secret").json()["body"] == "a XXXXXX"
+            assert c.get("/resp").text == "hello UPSTREAM bye UPSTREAM"
+        with ws_client.connect(url.replace("http://", "ws://") + "/ws", open_timeout=5) as ws:
+            ws.send("drop-me")
+            ws.send("hi")
+            assert ws.recv(timeout=5) == "echo:hi"
     finally:
         stop(proc)
         stop(agent)
