@@ -144,7 +144,9 @@ def _middleware(glue: Glue) -> Any:
                 return reply_response(reply)
             headers = ex.headers
             body: bytes | None = None
-            if ex.inspects_request_body or ex.plan.max_request_body is not None:
+            if request.body_exists and (
+                ex.inspects_request_body or ex.plan.max_request_body is not None
+            ):
                 try:
                     body = await _read_body(ex, request)
                 except Stop as stop:

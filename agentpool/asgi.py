@@ -40,6 +40,15 @@ def _raw(headers: Headers) -> list[tuple[bytes, bytes]]:
     return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
 
 
+def _has_body(headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    """Whether the request announces a body (a non-zero Content-Length or Transfer-Encoding)."""
+    for name, value in headers:
+        name = name.lower()
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
+            return True
+    return False
+
+
 async def _send_reply(send: Send, reply: Reply) -> None:
     headers = [h for h in reply.headers if h[0] != "content-length"]
     headers.append(("content-length", str(len(reply.body))))
@@ -197,7 +206,7 @@ class AgentMiddleware:
             ex.finish()
 
     async def _forward(self, ex: Exchange, scope: Scope, receive: Receive, send: Send) -> None:
-        inspect_body = ex.inspects_request_body
+        inspect_body = ex.inspects_request_body and _has_body(scope["headers"])
         if inspect_body or ex.edited:
             headers = ex.headers
             if inspect_body:

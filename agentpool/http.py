@@ -856,7 +856,12 @@ class Exchange:
             return await _timed(coro, agent.timeout)
         except asyncio.CancelledError:
             raise
-        except (AgentProtocolError, TimeoutError, OSError) as exc:
+        except Exception as exc:
+            return self._failed(agent, exc)
+
+    def _failed(self, agent: _Agent, exc: Exception) -> Reply | None:
+        """Log an agent failure, skip the agent from now on; its policy's Reply or None."""
+        if isinstance(exc, (AgentProtocolError, TimeoutError, OSError)):
             log.warning(
                 "agent %r failed for %s (%s): %s",
                 agent.agent,
@@ -864,8 +869,8 @@ class Exchange:
                 type(exc).__name__,
                 exc,
             )
-        except Exception:
-            log.exception("agent %r call failed for %s", agent.agent, self.correlation_id)
+        else:
+            log.error("agent %r call failed for %s", agent.agent, self.correlation_id, exc_info=exc)
         self.skipped.add(agent.agent)
         return _failure_reply(agent)
 
@@ -908,6 +913,14 @@ class Exchange:
         event = self._event
         if len(agents) == 1 and not session:
             agent = agents[0]
+            if agent.timeout is None:
+                try:  # the common case without the extra coroutine layer of _ask
+                    response = await pool.send_request_headers(agent.agent, cid, event)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    return self._absorb(agent, self._failed(agent, exc), True)
+                return self._absorb(agent, response, True)
             return self._absorb(
                 agent,
                 await self._ask(agent, pool.send_request_headers(agent.agent, cid, event)),

@@ -9,6 +9,7 @@ decision applied), as medians over interleaved repetitions.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import statistics
 import subprocess
@@ -50,7 +51,7 @@ async def _send(message: Any) -> None:
     return None
 
 
-async def _breakdown(sock: str, n: int, reps: int) -> None:
+async def _breakdown(sock: str, n: int, reps: int, concurrency: int) -> None:
     mw = AgentMiddleware(
         _plain,
         agents={"bench": {"endpoint": f"unix:{sock}", "events": ["request_headers"]}},
@@ -61,44 +62,61 @@ async def _breakdown(sock: str, n: int, reps: int) -> None:
     await pool.start()
     await pool.add_agent("bench", f"unix:{sock}")
 
-    async def bare() -> None:
-        for _ in range(n):
+    per = n // concurrency
+
+    async def fan(fn: Any) -> None:
+        await asyncio.gather(*(fn(k) for k in range(concurrency)))
+
+    async def bare_one(k: int) -> None:
+        for _ in range(per):
             await _plain(dict(SCOPE), _receive, _send)
 
-    async def roundtrip() -> None:
-        for i in range(n):
-            cid = f"c{i}"
+    async def roundtrip_one(k: int) -> None:
+        for i in range(per):
+            cid = f"c{k}-{i}"
             event = RequestHeadersEvent(
                 RequestMetadata(cid, cid, "127.0.0.1", 50000), "GET", "/", {"host": ["x"]}
             )
             await pool.send_request_headers("bench", cid, event)
             pool.clear_correlation_affinity(cid)
 
-    async def middleware() -> None:
-        for _ in range(n):
+    async def middleware_one(k: int) -> None:
+        for _ in range(per):
             await mw(dict(SCOPE), _receive, _send)
 
-    cases = {"bare ASGI call": bare, "pool round trip": roundtrip, "middleware call": middleware}
+    cases = {
+        "bare ASGI call": bare_one,
+        "pool round trip": roundtrip_one,
+        "middleware call": middleware_one,
+    }
     results: dict[str, list[float]] = {k: [] for k in cases}
+    cpu: dict[str, list[float]] = {k: [] for k in cases}
     for _ in range(reps):
         for name, fn in cases.items():
             t0 = time.perf_counter()
-            await fn()
-            results[name].append((time.perf_counter() - t0) / n * 1e6)
+            c0 = time.process_time()
+            await fan(fn)
+            results[name].append((time.perf_counter() - t0) / (per * concurrency) * 1e6)
+            cpu[name].append((time.process_time() - c0) / (per * concurrency) * 1e6)
     for name, values in results.items():
         print(
-            f"{name:<18} median {statistics.median(values):6.1f} µs/request"
-            f"  (min {min(values):.1f}, max {max(values):.1f})"
+            f"{name:<18} wall {statistics.median(values):6.1f} µs/request"
+            f" ({min(values):.1f}-{max(values):.1f}),"
+            f" CPU {statistics.median(cpu[name]):6.1f} µs/request"
+            f" ({min(cpu[name]):.1f}-{max(cpu[name]):.1f})"
         )
-    added = [m - b for m, b in zip(results["middleware call"], results["bare ASGI call"])]
-    glue = [m - r for m, r in zip(added, results["pool round trip"])]
-    print(f"{'added by the check':<18} median {statistics.median(added):6.1f} µs")
-    print(f"{'of which glue':<18} median {statistics.median(glue):6.1f} µs (added - round trip)")
+    for what, data in (("wall", results), ("CPU", cpu)):
+        added = [m - b for m, b in zip(data["middleware call"], data["bare ASGI call"])]
+        glue = [m - r for m, r in zip(added, data["pool round trip"])]
+        print(
+            f"{what}: added by the check {statistics.median(added):.1f} µs,"
+            f" of which glue (added - round trip) {statistics.median(glue):.1f} µs"
+        )
     await mw.glue.shutdown()
     await pool.shutdown()
 
 
-def breakdown(n: int = 5000, reps: int = 5) -> None:
+def breakdown(n: int = 6400, reps: int = 5, concurrency: int = 1) -> None:
     tmp = tempfile.mkdtemp()
     sock = os.path.join(tmp, "bench.sock")
     agent = subprocess.Popen(
@@ -108,7 +126,8 @@ def breakdown(n: int = 5000, reps: int = 5) -> None:
         _wait_path(agent, sock)
         import uvloop
 
-        uvloop.run(_breakdown(sock, n, reps))
+        print(f"-- {concurrency} concurrent caller(s), one connection to the bench agent")
+        uvloop.run(_breakdown(sock, n, reps, concurrency))
     finally:
         agent.terminate()
         agent.wait(10)
@@ -116,6 +135,7 @@ def breakdown(n: int = 5000, reps: int = 5) -> None:
 
 if __name__ == "__main__":
     if "--breakdown" in sys.argv:
-        breakdown()
+        breakdown(concurrency=1)
+        breakdown(concurrency=32)
     else:
         sys.exit(loadtest_main(sys.argv[1:]))
