@@ -222,8 +222,10 @@ class AgentMiddleware:
         limited = inspect_body or ex.plan.max_request_body is not None
 
         async def rcv() -> Message:
+            if stopped:  # the agents refused the body: nothing more of it reaches the app
+                return {"type": "http.disconnect"}
             message = await receive()
-            if message["type"] != "http.request" or not limited or stopped:
+            if message["type"] != "http.request" or not limited:
                 return message
             body = message.get("body", b"")
             more = message.get("more_body", False)
@@ -366,8 +368,10 @@ class AgentMiddleware:
 
             async def rcv() -> Message:
                 while True:
+                    if closed:  # closed by an agent: no further frame reaches the app
+                        return {"type": "websocket.disconnect", "code": closed[0].code}
                     message = await receive()
-                    if message["type"] != "websocket.receive" or closed:
+                    if message["type"] != "websocket.receive":
                         return message
                     text = message.get("text")
                     data = text.encode() if text is not None else (message.get("bytes") or b"")

@@ -20,6 +20,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -290,11 +291,22 @@ def _load(url: str, connections: int, duration: float, tool: str) -> Result:
 # ------------------------------------------------------------------- the run
 
 
+def _measure(
+    url: str, server_pid: int, agent_pid: int, load: int, duration: float, tool: str
+) -> Result:
+    before = _cpu([server_pid]), _cpu([agent_pid])
+    r = _load(url, load, duration, tool)
+    after = _cpu([server_pid]), _cpu([agent_pid])
+    if r.requests:
+        r.server_cpu_us = (after[0] - before[0]) * 1e6 / r.requests
+        r.agent_cpu_us = (after[1] - before[1]) * 1e6 / r.requests
+    return r
+
+
 def _span(values: Sequence[float], fmt: str = "{:.0f}") -> str:
-    lo, hi = min(values), max(values)
-    return (
-        fmt.format(lo) if fmt.format(lo) == fmt.format(hi) else f"{fmt.format(lo)}–{fmt.format(hi)}"
-    )
+    """``median (min–max)``."""
+    lo, mid, hi = min(values), statistics.median(values), max(values)
+    return f"{fmt.format(mid)} ({fmt.format(lo)}–{fmt.format(hi)})"
 
 
 def run(
@@ -348,25 +360,22 @@ def run(
             pids[target] = proc.pid
             _load(url, connections, min(1.0, duration), tool)  # warm-up
         for rep in range(repeat):
-            for target in targets:
+            for pair in pairs:
                 for load in (connections, 1):
-                    server_pid = pids[target]
-                    before = _cpu([server_pid]), _cpu([agent.pid])
-                    r = _load(servers[target], load, duration, tool)
-                    after = _cpu([server_pid]), _cpu([agent.pid])
-                    if r.requests:
-                        r.server_cpu_us = (after[0] - before[0]) * 1e6 / r.requests
-                        r.agent_cpu_us = (after[1] - before[1]) * 1e6 / r.requests
-                    results.setdefault(target, {}).setdefault(str(load), []).append(r)
-                    print(
-                        f"  run {rep + 1}/{repeat} {target:<12} c={load:<3} {r.rps:>9.0f} req/s"
-                        f"  p50 {r.p50_us:>7.0f} µs  p99 {r.p99_us:>7.0f} µs"
-                        f"  CPU/req server {r.server_cpu_us:>5.0f} µs"
-                        f" agent {r.agent_cpu_us:>4.0f} µs"
-                        + (f"  errors {r.errors}" if r.errors else ""),
-                        file=out,
-                        flush=True,
-                    )
+                    # bare and checked back to back, order alternating between repetitions
+                    order = (pair, pair + "+agent") if rep % 2 == 0 else (pair + "+agent", pair)
+                    for target in order:
+                        r = _measure(servers[target], pids[target], agent.pid, load, duration, tool)
+                        results.setdefault(target, {}).setdefault(str(load), []).append(r)
+                        print(
+                            f"  run {rep + 1}/{repeat} {target:<12} c={load:<3} {r.rps:>9.0f} req/s"
+                            f"  p50 {r.p50_us:>7.0f} µs  p99 {r.p99_us:>7.0f} µs"
+                            f"  CPU/req server {r.server_cpu_us:>5.0f} µs"
+                            f" agent {r.agent_cpu_us:>4.0f} µs"
+                            + (f"  errors {r.errors}" if r.errors else ""),
+                            file=out,
+                            flush=True,
+                        )
     finally:
         for proc in reversed(procs):
             _stop(proc)
@@ -392,7 +401,7 @@ def table(results: dict[str, dict[str, list[Result]]], connections: int) -> str:
         name = "ASGI, uvicorn + httptools" if pair == "asgi" else "agentpool proxy (aiohttp)"
         lines.append(
             f"| {name} | {_span([r.rps for r in bare[c]])} | {_span([r.rps for r in checked[c]])} "
-            f"| {_span(ratios, '{:.2f}')}× | {_span(p50)} µs | {_span(p99)} µs |"
+            f"| {_span(ratios, '{:.2f}')} | {_span(p50)} µs | {_span(p99)} µs |"
         )
     return "\n".join(lines)
 
