@@ -21,8 +21,13 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
-from aiohttp import web
-from multidict import CIMultiDict
+try:
+    from aiohttp import web
+    from multidict import CIMultiDict
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise ImportError(
+        f"{__name__} needs aiohttp: pip install 'agentpool[aiohttp]' ({exc})"
+    ) from exc
 
 from .config import AgentPoolConfig
 from .http import Exchange, Glue, HeaderGuard, Headers, Reply, Route, Stop
@@ -33,7 +38,10 @@ __all__ = ["GLUE_KEY", "exchange_of", "reply_response", "request_exchange", "set
 log = logging.getLogger("agentpool.aiohttp")
 
 GLUE_KEY: web.AppKey[Glue] = web.AppKey("agentpool_glue", Glue)
-_EX_KEY = "agentpool_exchange"
+_RequestKey = getattr(web, "RequestKey", None)  # aiohttp >= 3.13 warns on plain str keys
+_EX_KEY: Any = (
+    _RequestKey("agentpool_exchange", Exchange) if _RequestKey is not None else "agentpool_exchange"
+)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

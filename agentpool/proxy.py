@@ -22,9 +22,14 @@ import tempfile
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-import aiohttp
-from aiohttp import web
-from multidict import CIMultiDict
+try:
+    import aiohttp
+    from aiohttp import web
+    from multidict import CIMultiDict
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise ImportError(
+        f"{__name__} needs aiohttp: pip install 'agentpool[aiohttp]' ({exc})"
+    ) from exc
 
 from .http import HOP_BY_HOP, AgentRule, Exchange, Glue, Headers, Route, Stop, load_config
 
