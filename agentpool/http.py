@@ -104,6 +104,7 @@ EVENT_NAMES: dict[str, EventType] = {
 }
 """Names of the events a rule may restrict an agent to (``AgentRule.events``)."""
 
+_BAD_VALUE = re.compile(r"[\r\n\0]")
 _HAS_TIMEOUT = hasattr(asyncio, "timeout")
 _BODY_MODES = ("none", "stream", "buffer")
 _DEFAULT_MAX_BODY = 10 * 1024 * 1024
@@ -350,7 +351,10 @@ def apply_header_ops(
 
 
 def decision_reply(response: AgentResponse) -> Reply | None:
-    """The reply a non-Allow decision stands for (None for Allow). Challenge mapping:
+    """The reply a non-Allow decision stands for (None for Allow).
+
+    A Block's own headers never include framing or hop-by-hop headers (:data:`NEVER_MUTABLE`)
+    nor values with CR/LF/NUL; those are dropped. Challenge mapping:
 
     with a ``url`` param: 302 to it plus ``x-agentpool-challenge: <type>``; otherwise 401
     with ``WWW-Authenticate: <type> k="v", ...`` (params sorted); the body is JSON
@@ -360,26 +364,34 @@ def decision_reply(response: AgentResponse) -> Reply | None:
     if isinstance(decision, Allow):
         return None
     if isinstance(decision, Block):
-        headers = [(k.lower(), v) for k, v in (decision.headers or {}).items()]
+        headers = [
+            (k.lower(), v)
+            for k, v in (decision.headers or {}).items()
+            if k.lower() not in NEVER_MUTABLE and not _BAD_VALUE.search(k + v)
+        ]
         body = (decision.body or "").encode()
         if body and not any(k == "content-type" for k, _ in headers):
             headers.append(("content-type", "text/plain; charset=utf-8"))
         return Reply(decision.status, headers, body)
     if isinstance(decision, Redirect):
+        if _BAD_VALUE.search(decision.url) or not 300 <= decision.status <= 399:
+            log.warning("agent sent an invalid redirect (%d %r)", decision.status, decision.url)
+            return Reply(502, [("content-type", "text/plain; charset=utf-8")], b"Bad gateway")
         return Reply(decision.status, [("location", decision.url)])
     if isinstance(decision, Challenge):
         params = decision.params
         body = orjson.dumps({"challenge_type": decision.challenge_type, "params": params})
         headers = [("content-type", "application/json")]
+        kind = decision.challenge_type
         url = params.get("url")
         if url:
-            headers += [("location", url), ("x-agentpool-challenge", decision.challenge_type)]
-            return Reply(302, headers, body)
-        auth = ", ".join(
-            f'{k}="{v}"' for k, v in sorted(params.items()) if '"' not in k + v and "\n" not in v
-        )
-        headers.append(("www-authenticate", f"{decision.challenge_type} {auth}".strip()))
-        return Reply(401, headers, body)
+            headers += [("location", url), ("x-agentpool-challenge", kind)]
+            status = 302
+        else:
+            auth = ", ".join(f'{k}="{v}"' for k, v in sorted(params.items()) if '"' not in k + v)
+            headers.append(("www-authenticate", f"{kind} {auth}".strip()))
+            status = 401
+        return Reply(status, [(k, v) for k, v in headers if not _BAD_VALUE.search(v)], body)
     raise AgentProtocolError(f"unknown decision {decision!r}")
 
 

@@ -23,6 +23,7 @@ from agentpool.http import (
 )
 from agentpool.messages import (
     AgentResponse,
+    Block,
     BodyMutation,
     HeaderOp,
     RequestHeadersEvent,
@@ -103,11 +104,25 @@ def test_decisions() -> None:
     assert block is not None
     assert (block.status, block.body) == (429, b"slow down")
     assert ("content-type", "text/plain; charset=utf-8") in block.headers
+    framing = decision_reply(
+        AgentResponse(
+            decision=Block(
+                403,
+                "x",
+                {"Transfer-Encoding": "chunked", "X-Ok": "1", "X-Bad": "a\r\nb", "Connection": "x"},
+            )
+        )
+    )
+    assert framing is not None and framing.headers[0] == ("x-ok", "1")
+    assert len(framing.headers) == 2  # x-ok and the content type
     redirect = decision_reply(AgentResponse.redirect("/login", 307))
     assert redirect is not None and (redirect.status, redirect.headers) == (
         307,
         [("location", "/login")],
     )
+    for bad in (AgentResponse.redirect("/x\r\nset-cookie: a=b"), AgentResponse.redirect("/x", 200)):
+        invalid = decision_reply(bad)
+        assert invalid is not None and invalid.status == 502
     challenge = decision_reply(AgentResponse.challenge("captcha", {"url": "/captcha", "b": "2"}))
     assert challenge is not None and challenge.status == 302
     assert ("location", "/captcha") in challenge.headers
