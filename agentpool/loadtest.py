@@ -32,6 +32,7 @@ from typing import Any
 __all__ = ["Result", "main"]
 
 _AGENT_ENV = "AGENTPOOL_LOADTEST_AGENT"
+_CONNS_ENV = "AGENTPOOL_LOADTEST_CONNECTIONS_PER_AGENT"
 _BODY = b"hello, world\n"
 
 
@@ -65,10 +66,14 @@ def asgi_plain() -> Any:
 def asgi_checked() -> Any:
     """uvicorn factory: the app behind one agent check (request headers only)."""
     from .asgi import AgentMiddleware
+    from .config import AgentPoolConfig
 
     endpoint = os.environ[_AGENT_ENV]
+    conns = int(os.environ.get(_CONNS_ENV) or AgentPoolConfig.connections_per_agent)
     return AgentMiddleware(
-        _plain, agents={"bench": {"endpoint": endpoint, "events": ["request_headers"]}}
+        _plain,
+        agents={"bench": {"endpoint": endpoint, "events": ["request_headers"]}},
+        config=AgentPoolConfig(connections_per_agent=conns),
     )
 
 
