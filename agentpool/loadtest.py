@@ -69,7 +69,7 @@ def asgi_checked() -> Any:
     from .config import AgentPoolConfig
 
     endpoint = os.environ[_AGENT_ENV]
-    conns = int(os.environ.get(_CONNS_ENV) or AgentPoolConfig.connections_per_agent)
+    conns = int(os.environ.get(_CONNS_ENV) or 4)  # 4: the AgentPoolConfig default
     return AgentMiddleware(
         _plain,
         agents={"bench": {"endpoint": endpoint, "events": ["request_headers"]}},
