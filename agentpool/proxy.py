@@ -109,11 +109,78 @@ class _Proxy:
                 server_name=host.split(":", 1)[0] or None,
                 protocol=f"HTTP/{version.major}.{version.minor}",
             )
+        if request.headers.get("upgrade", "").lower() == "websocket":
+            try:
+                return await self._websocket(request, ex, headers)
+            finally:
+                if ex is not None:
+                    ex.finish_websocket()
         try:
             return await self._handle(request, ex, headers, host, client_ip)
         finally:
             if ex is not None:
                 ex.finish()
+
+    async def _websocket(
+        self, request: web.Request, ex: Exchange | None, headers: Headers
+    ) -> web.StreamResponse:
+        """Proxy a WebSocket: the handshake checked with a sticky session, then every frame."""
+        if ex is not None:
+            reply = await ex.request_headers(session=True)
+            if reply is not None:
+                return _response(reply.status, reply.headers, reply.body)
+            headers = ex.headers
+        skip = _DROP_UP | {"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions"}
+        up_headers = CIMultiDict((k, v) for k, v in headers if k not in skip)
+        protocols = [
+            p.strip() for p in request.headers.get("sec-websocket-protocol", "").split(",")
+        ]
+        up_headers.pop("sec-websocket-protocol", None)
+        session = request.app[_SESSION]
+        url = self.upstream + request.raw_path
+        try:
+            upstream = await session.ws_connect(
+                url, headers=up_headers, protocols=[p for p in protocols if p], autoclose=False
+            )
+        except (aiohttp.ClientError, OSError) as exc:
+            log.warning("upstream WebSocket %s failed: %s", url, exc)
+            return web.Response(status=502, text="Bad gateway")
+        client = web.WebSocketResponse(protocols=[upstream.protocol] if upstream.protocol else ())
+        await client.prepare(request)
+        closing: list[tuple[int, str]] = []
+
+        async def pump(src: Any, dst: Any, client_to_server: bool) -> None:
+            async for msg in src:
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    data, opcode = msg.data.encode(), "text"
+                elif msg.type == aiohttp.WSMsgType.BINARY:
+                    data, opcode = msg.data, "binary"
+                else:
+                    break
+                if ex is not None and ex.plan.websocket:
+                    verdict = await ex.websocket_frame(opcode, data, client_to_server)
+                    if verdict is False:
+                        continue
+                    if verdict is not True:
+                        closing.append((verdict.code, verdict.reason))
+                        break
+                if opcode == "text":
+                    await dst.send_str(msg.data)
+                else:
+                    await dst.send_bytes(msg.data)
+
+        up_task = asyncio.ensure_future(pump(upstream, client, False))
+        down_task = asyncio.ensure_future(pump(client, upstream, True))
+        try:
+            await asyncio.wait({up_task, down_task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (up_task, down_task):
+                task.cancel()
+            await asyncio.gather(up_task, down_task, return_exceptions=True)
+            code, reason = closing[0] if closing else (1000, "")
+            await client.close(code=code, message=reason.encode())
+            await upstream.close()
+        return client
 
     async def _handle(
         self,

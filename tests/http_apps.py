@@ -139,8 +139,18 @@ def starlette() -> Any:
 async def _aio_echo(request: Any) -> Any:
     from aiohttp import web
 
-    body = await request.read()
     path = request.path
+    if path == "/ws":
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.data == "say-hidden":
+                await ws.send_str("hidden")
+                await ws.send_str("visible")
+            else:
+                await ws.send_str(f"echo:{msg.data}")
+        return ws
+    body = await request.read()
     if path.endswith("/slow"):
         await asyncio.sleep(1.0)
     if path.startswith("/respbuf"):

@@ -218,3 +218,23 @@ def test_loadtest_command_builtin_loop() -> None:
     assert "| ASGI, uvicorn + httptools |" in text
     assert "| agentpool proxy (aiohttp) |" in text
     assert "errors" not in text
+
+
+def test_websocket_frames(server: tuple[str, str]) -> None:
+    ws_client = pytest.importorskip("websockets.sync.client")
+    url = server[1].replace("http://", "ws://")
+    if server[0] == "middleware":  # the aiohttp middleware checks the handshake only
+        with pytest.raises(Exception, match="403"):
+            ws_client.connect(url + "/block", open_timeout=5)
+        return
+    with ws_client.connect(url + "/ws", open_timeout=5) as ws:
+        ws.send("hi")
+        assert ws.recv(timeout=5) == "echo:hi"
+        ws.send("drop-me")
+        ws.send("say-hidden")
+        assert ws.recv(timeout=5) == "visible"
+        ws.send("close-me")
+        with pytest.raises(Exception, match="4000"):
+            ws.recv(timeout=5)
+    with pytest.raises(Exception, match="403"):
+        ws_client.connect(url + "/block", open_timeout=5)
