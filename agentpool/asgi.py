@@ -217,9 +217,13 @@ class AgentMiddleware:
             "correlation_id": ex.correlation_id,
             "routing_metadata": ex.routing_metadata,
         }
+        limited = inspect_body or ex.plan.max_request_body is not None
+        if not limited and not ex.inspects_response:
+            counted = self._counting_send(ex, send) if ex.plan.complete else send
+            await self.app(scope, receive, counted)
+            return
         stopped: list[Reply] = []
         started = False
-        limited = inspect_body or ex.plan.max_request_body is not None
 
         async def rcv() -> Message:
             if stopped:  # the agents refused the body: nothing more of it reaches the app
@@ -249,11 +253,6 @@ class AgentMiddleware:
             except Stop as stop:
                 stopped.append(stop.reply)
                 return {"type": "http.disconnect"}
-
-        if not ex.inspects_response and not limited:
-            counted = self._counting_send(ex, send) if ex.plan.complete else send
-            await self.app(scope, receive, counted)
-            return
 
         buffer_body = ex.buffers_response_body
         pending: list[Message] = []
