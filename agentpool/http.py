@@ -949,14 +949,22 @@ class Exchange:
                 if reply is not None:
                     return reply
             return None
-        results = await asyncio.gather(
-            *(self._ask(a, pool.send_request_headers(a.agent, cid, event)) for a in agents)
-        )
-        for agent, result in zip(agents, results):
-            reply = self._absorb(agent, result, True)
-            if reply is not None:
-                return reply
-        return None
+        tasks = [
+            asyncio.ensure_future(self._ask(a, pool.send_request_headers(a.agent, cid, event)))
+            for a in agents
+        ]
+        try:
+            for agent, task in zip(agents, tasks):
+                reply = self._absorb(agent, await task, True)
+                if reply is not None:
+                    return reply  # the agents after it are not waited for
+            return None
+        finally:
+            pending = [t for t in tasks if not t.done()]
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
 
     async def _sticky(self, agent: _Agent) -> AgentResponse:
         self.pool.create_sticky_session(self.correlation_id, agent.agent)

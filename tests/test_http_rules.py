@@ -168,6 +168,8 @@ class _Edits(Agent):
 
     async def on_request_headers(self, event: RequestHeadersEvent) -> AgentResponse:
         await asyncio.sleep(0.05)
+        if "stall" in event.uri:
+            await asyncio.Event().wait()
         return AgentResponse(request_headers=[HeaderOp.set("x-edit", "1")])
 
 
@@ -175,7 +177,7 @@ class _Blocks(Agent):
     agent_id = "blocks"
 
     async def on_request_headers(self, event: RequestHeadersEvent) -> AgentResponse:
-        if event.uri.startswith("/deny"):
+        if "deny" in event.uri:
             return AgentResponse.block(403, "no")
         return AgentResponse(
             request_headers=[HeaderOp.set("x-seen-edit", ",".join(event.headers.get("x-edit", [])))]
@@ -190,6 +192,7 @@ async def test_fan_out_order_and_sequential() -> None:
             {"edits": f"unix:{a}", "blocks": f"unix:{b}"},
             [
                 Route("/seq/*", ["edits", "blocks"], sequential=True),
+                Route("/first/*", ["blocks", "edits"]),
                 Route("*", ["edits", "blocks"]),
             ],
         )
@@ -214,6 +217,13 @@ async def test_fan_out_order_and_sequential() -> None:
             ex = glue.exchange(plan, method="GET", uri="/seq/ok", headers=[("host", "h")])
             assert await ex.request_headers() is None
             assert ("x-seen-edit", "1") in ex.headers  # sequential: blocks saw the edit
+            ex.finish()
+            # a block from an earlier agent answers at once: later agents are not waited for
+            plan = glue.plan("GET", "h", "/first/deny-stall")
+            assert plan is not None
+            ex = glue.exchange(plan, method="GET", uri="/first/deny-stall", headers=[])
+            reply = await asyncio.wait_for(ex.request_headers(), 10)
+            assert reply is not None and reply.status == 403
             ex.finish()
         finally:
             await glue.shutdown()
