@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import time
+import weakref
 from collections.abc import Awaitable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import translate
@@ -104,6 +105,8 @@ EVENT_NAMES: dict[str, EventType] = {
 }
 """Names of the events a rule may restrict an agent to (``AgentRule.events``)."""
 
+# correlation ids in flight, per pool: Glues sharing a pool never reuse one another's
+_ACTIVE: weakref.WeakKeyDictionary[AgentPool, set[str]] = weakref.WeakKeyDictionary()
 _BAD_VALUE = re.compile(r"[\r\n\0]")
 _HAS_TIMEOUT = hasattr(asyncio, "timeout")
 _BODY_MODES = ("none", "stream", "buffer")
@@ -611,7 +614,10 @@ class Glue:
         self._started = False
         self._start_lock: asyncio.Lock | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._active: set[str] = set()
+        active = _ACTIVE.get(self.pool)
+        if active is None:
+            active = _ACTIVE[self.pool] = set()
+        self._active = active  # shared by every Glue on this pool
         self._prefix = f"{os.getpid():x}-{os.urandom(4).hex()}-"
         self._counter = itertools.count(1)
         self.refused_header_ops = 0

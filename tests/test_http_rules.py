@@ -161,6 +161,8 @@ def test_correlation_ids_unique_in_flight() -> None:
     other = glue.correlation_id("r1")
     assert other != "r1" and glue.correlation_id(None) not in (other, "r1")
     assert glue.correlation_id("x" * 201) != "x" * 201
+    shared = Glue({"waf": "unix:/nonexistent"}, pool=glue.pool)  # one pool, one id space
+    assert shared.correlation_id("r1") != "r1"
 
 
 class _Edits(Agent):
