@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import itertools
 import logging
 import os
@@ -431,6 +432,7 @@ class _Agent:
     response_headers: bool
     complete: bool
     websocket: bool
+    body_capable: bool = False
 
 
 @dataclass(slots=True)
@@ -481,6 +483,7 @@ def _plan(
                 response_headers=EventType.RESPONSE_HEADERS in supported,
                 complete=EventType.REQUEST_COMPLETE in supported,
                 websocket=EventType.WEBSOCKET_FRAME in supported,
+                body_capable=EventType.REQUEST_BODY_CHUNK in supported,
             )
         )
     req_body = [a for a in agents if a.request_body != "none"]
@@ -917,6 +920,15 @@ class Exchange:
             )
         if result.response_headers:
             self.response_ops.extend(result.response_headers)
+        if (
+            request_ops
+            and result.needs_more
+            and agent.request_body == "none"
+            and agent.body_capable
+            and all(s.agent.agent != agent.agent for s in self._req_stages)
+        ):
+            # the agent wants the body to decide: it gets the body streamed
+            self._req_stages.append(_BodyStage(dataclasses.replace(agent, request_body="stream")))
         return None
 
     async def request_headers(self, session: bool = False) -> Reply | None:

@@ -16,6 +16,7 @@ from agentpool.http import (
     Glue,
     HeaderGuard,
     Route,
+    Stop,
     _mutated,
     apply_header_ops,
     decision_reply,
@@ -26,6 +27,7 @@ from agentpool.messages import (
     Block,
     BodyMutation,
     HeaderOp,
+    RequestBodyChunkEvent,
     RequestHeadersEvent,
 )
 from agentpool.server import Agent
@@ -261,3 +263,36 @@ async def test_unreachable_agent_fails_closed_then_recovers() -> None:
             ex.finish()
     finally:
         await glue.shutdown()
+
+
+class _NeedsMore(Agent):
+    agent_id = "needs-more"
+
+    async def on_request_headers(self, event: RequestHeadersEvent) -> AgentResponse:
+        return AgentResponse().set_needs_more()
+
+    async def on_request_body_chunk(self, event: RequestBodyChunkEvent) -> AgentResponse:
+        if b"bad" in event.data:
+            return AgentResponse.block(403, "bad body")
+        return AgentResponse()
+
+
+async def test_needs_more_on_headers_streams_the_body() -> None:
+    path = os.path.join(tempfile.mkdtemp(), "nm.sock")
+    async with AgentServer(_NeedsMore(), path=path):
+        glue = Glue({"nm": f"unix:{path}"})  # no body mode configured
+        await glue.start()
+        try:
+            plan = glue.plan("POST", "h", "/upload")
+            assert plan is not None and plan.request_body == []
+            ex = glue.exchange(plan, method="POST", uri="/upload", headers=[])
+            assert not ex.inspects_request_body
+            assert await ex.request_headers() is None
+            assert ex.inspects_request_body  # the agent asked for the body
+            assert await ex.request_body(b"fine ", False) == b"fine "
+            with pytest.raises(Stop) as stop:
+                await ex.request_body(b"bad", True)
+            assert stop.value.reply.status == 403
+            ex.finish()
+        finally:
+            await glue.shutdown()
