@@ -63,6 +63,8 @@ __all__ = [
     "Reply",
     "Route",
     "Stop",
+    "apply_header_ops",
+    "decision_reply",
     "load_config",
 ]
 
@@ -707,6 +709,7 @@ class Glue:
         tls_version: str | None = None,
         tls_cipher: str | None = None,
     ) -> Exchange:
+        """A new :class:`Exchange` for one request routed by ``plan``."""
         return Exchange(
             self,
             plan,
