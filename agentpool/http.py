@@ -770,6 +770,7 @@ class Exchange:
     __slots__ = (
         "_connection_tokens",
         "_event",
+        "_lock",
         "_req_stages",
         "_resp_stages",
         "_ws_index",
@@ -867,6 +868,7 @@ class Exchange:
         self._req_stages = [_BodyStage(a) for a in plan.request_body]
         self._resp_stages = [_BodyStage(a) for a in plan.response_body]
         self._ws_index = 0
+        self._lock: asyncio.Lock | None = None
 
     # -- request headers
 
@@ -1080,7 +1082,8 @@ class Exchange:
                 agent.agent, cid, ResponseBodyChunkEvent(cid, data, last, total, index, stage.seen)
             )
         stage.held.append([index, data])
-        result = await self._ask(agent, coro)
+        async with self._serial():
+            result = await self._ask(agent, coro)
         if result is None:
             stage.disabled = True
         elif isinstance(result, Reply):
@@ -1129,9 +1132,13 @@ class Exchange:
         for name, value in headers:
             hdrs.setdefault(name, []).append(value)
         event = ResponseHeadersEvent(cid, status, hdrs)
-        results = await asyncio.gather(
-            *(self._ask(a, self.pool.send_response_headers(a.agent, cid, event)) for a in agents)
-        )
+        async with self._serial():
+            results = await asyncio.gather(
+                *(
+                    self._ask(a, self.pool.send_response_headers(a.agent, cid, event))
+                    for a in agents
+                )
+            )
         for agent, result in zip(agents, results):
             if result is None or isinstance(result, Reply):
                 if result is not None:
@@ -1152,6 +1159,12 @@ class Exchange:
         self, opcode: str, data: bytes, client_to_server: bool
     ) -> WebSocketClose | bool:
         """Ask the WebSocket agents about one frame: True forward, False drop, or a close."""
+        async with self._serial():
+            return await self._websocket_frame(opcode, data, client_to_server)
+
+    async def _websocket_frame(
+        self, opcode: str, data: bytes, client_to_server: bool
+    ) -> WebSocketClose | bool:
         index = self._ws_index
         self._ws_index += 1
         cid = self.correlation_id
@@ -1174,6 +1187,15 @@ class Exchange:
             if decision == "drop":
                 return False
         return True
+
+    def _serial(self) -> asyncio.Lock:
+        """One event of this request at a time per agent: an agent handles one event per
+        correlation id and a newer one supersedes it (request body chunks, response events
+        and WebSocket frames of both directions can be produced concurrently)."""
+        lock = self._lock
+        if lock is None:
+            lock = self._lock = asyncio.Lock()
+        return lock
 
     # -- end
 

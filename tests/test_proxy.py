@@ -238,3 +238,17 @@ def test_websocket_frames(server: tuple[str, str]) -> None:
             ws.recv(timeout=5)
     with pytest.raises(Exception, match="403"):
         ws_client.connect(url + "/block", open_timeout=5)
+
+
+def test_websocket_frames_both_ways_at_once(server: tuple[str, str]) -> None:
+    """Frames of both directions in flight together are checked one at a time per agent
+    (an agent handles one event per correlation id; a newer one would supersede it)."""
+    if server[0] == "middleware":
+        pytest.skip("the aiohttp middleware checks the handshake only")
+    ws_client = pytest.importorskip("websockets.sync.client")
+    with ws_client.connect(server[1].replace("http://", "ws://") + "/ws", open_timeout=5) as ws:
+        for _ in range(3):
+            ws.send("say-hidden")  # the upstream answers with two frames...
+            ws.send("slow-1")  # ...while this client frame waits 0.2 s for its verdict
+            got = {ws.recv(timeout=5), ws.recv(timeout=5)}
+            assert got == {"visible", "echo:slow-1"}
