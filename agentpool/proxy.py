@@ -250,7 +250,9 @@ class _Proxy:
     ) -> web.StreamResponse:
         headers = [h for h in _headers(up.raw_headers) if h[0] not in _DROP_DOWN]
         length = up.content_length
-        if ex is not None:
+        if ex is not None and not ex.inspects_response:
+            ex.status = up.status
+        elif ex is not None:
             try:
                 reply = await ex.response_headers(up.status, headers)
             except Stop as stop:
