@@ -363,6 +363,60 @@ def _run_bench(args: argparse.Namespace) -> int:
     return bench.run(args)
 
 
+# -- proxy, loadtest (agentpool.proxy, agentpool.loadtest) ------------------------------------
+
+
+def _proxy_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT")
+    p.add_argument("--upstream", metavar="URL", help="e.g. http://127.0.0.1:8000")
+    p.add_argument(
+        "--agent",
+        action="append",
+        default=[],
+        metavar="NAME=ENDPOINT",
+        help="agent to ask (repeatable; endpoint unix:/path or host:port), in order",
+    )
+    p.add_argument("--config", metavar="FILE", help="JSON config: agents, routes, guard, pool")
+    p.add_argument("--timeout", type=float, default=None, help="per-event agent timeout, s")
+    p.add_argument(
+        "--failure",
+        default=None,
+        help="on agent failure: open, closed (the default) or an HTTP status such as 503",
+    )
+    p.add_argument("--workers", type=int, default=1, help="processes sharing the port")
+    p.add_argument("--demo", action="store_true", help="start an upstream and example agents")
+    p.add_argument("--once", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--loop", choices=("asyncio", "uvloop"), default="uvloop")
+    p.add_argument("--log-level", default="WARNING")
+
+
+def _run_proxy(args: argparse.Namespace) -> int:
+    try:
+        from . import proxy
+    except ImportError as exc:
+        raise CommandError(str(exc)) from None
+    return proxy.run(args)
+
+
+def _loadtest_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", choices=("asgi", "proxy", "both"), default="both")
+    p.add_argument("--connections", type=int, default=32, help="connections of the req/s runs")
+    p.add_argument("--duration", type=float, default=3.0, help="seconds per run (max 60)")
+    p.add_argument("--repeat", type=int, default=3, help="interleaved repetitions (max 20)")
+    p.add_argument(
+        "--tool",
+        choices=("auto", "wrk", "builtin"),
+        default="auto",
+        help="load generator (auto: wrk when installed, else a built-in aiohttp loop)",
+    )
+
+
+def _run_loadtest(args: argparse.Namespace) -> int:
+    from . import loadtest
+
+    return loadtest.run_command(args)
+
+
 # -- registry ---------------------------------------------------------------------------------
 
 COMMANDS: list[Command] = [
@@ -386,6 +440,21 @@ COMMANDS: list[Command] = [
         _bench_arguments,
         _run_bench,
         "Round-trip benchmark: agentpool pool vs a raw uvloop client vs grpcio aio.",
+    ),
+    Command(
+        "proxy",
+        "reverse proxy (aiohttp) asking agents about every request (try --demo)",
+        _proxy_arguments,
+        _run_proxy,
+        "Reverse proxy (aiohttp) that asks Zentinel agents about every request; "
+        "--demo starts an upstream and the example agents (docs/integrations.md).",
+    ),
+    Command(
+        "loadtest",
+        "HTTP load with and without one agent check (ASGI under uvicorn, the proxy)",
+        _loadtest_arguments,
+        _run_loadtest,
+        "What one agent check costs an HTTP server end to end (docs/performance.md).",
     ),
 ]
 

@@ -460,7 +460,7 @@ def _plan(
     route_defaults = route._defaults if route is not None else AgentRule("*")
     for given in rules:
         rule = given.merged(route_defaults).merged(base.get(given.agent, AgentRule(given.agent)))
-        caps = pool.agent_capabilities(rule.agent)
+        caps = pool.agent_capabilities_sync(rule.agent)
         final = final and caps is not None
         supported = set(caps.supported_events) if caps is not None else {EventType.REQUEST_HEADERS}
         if rule.events is not None:

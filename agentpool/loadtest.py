@@ -411,28 +411,26 @@ def table(results: dict[str, dict[str, list[Result]]], connections: int) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m agentpool loadtest``."""
-    p = argparse.ArgumentParser(
-        prog="python -m agentpool loadtest",
-        description="HTTP load with and without one agent check (ASGI under uvicorn, proxy).",
-    )
-    p.add_argument("--target", choices=("asgi", "proxy", "both"), default="both")
-    p.add_argument("--connections", type=int, default=32)
-    p.add_argument("--duration", type=float, default=3.0, help="seconds per run (max 60)")
-    p.add_argument("--repeat", type=int, default=3, help="interleaved repetitions (max 20)")
-    p.add_argument("--tool", choices=("auto", "wrk", "builtin"), default="auto")
-    args = p.parse_args(argv)
+def run_command(args: argparse.Namespace) -> int:
+    """Run ``agentpool loadtest`` with parsed options."""
+    from .cli import CommandError
+
     if not 0 < args.duration <= 60 or not 0 < args.repeat <= 20 or args.connections < 1:
-        p.error("--duration must be in (0, 60], --repeat in 1..20, --connections >= 1")
+        raise CommandError(
+            "--duration must be in (0, 60], --repeat in 1..20, --connections >= 1", 2
+        )
     for module in ("uvicorn", "aiohttp"):
         try:
             __import__(module)
         except ImportError:
-            p.error(f"{module} is needed: pip install 'agentpool[asgi,aiohttp]' uvicorn")
+            raise CommandError(
+                f"{module} is needed: pip install 'agentpool[asgi,aiohttp]' uvicorn httptools"
+            ) from None
     tool = args.tool
     if tool == "auto":
         tool = "wrk" if shutil.which("wrk") else "builtin"
+    elif tool == "wrk" and not shutil.which("wrk"):
+        raise CommandError("--tool wrk: wrk is not installed (apt-get install wrk)")
     pairs = ["asgi", "proxy"] if args.target == "both" else [args.target]
     print(
         f"load: {tool}, {args.connections} connections and 1, {args.duration:g} s per run, "
@@ -449,3 +447,10 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table(results, args.connections))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``agentpool loadtest ARGS`` through the command line's conventions."""
+    from .cli import main as cli_main
+
+    return cli_main(["loadtest", *(sys.argv[1:] if argv is None else argv)])

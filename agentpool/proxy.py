@@ -31,6 +31,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
         f"{__name__} needs aiohttp: pip install 'agentpool[aiohttp]' ({exc})"
     ) from exc
 
+from .cli import CommandError
 from .http import HOP_BY_HOP, AgentRule, Exchange, Glue, Headers, Route, Stop, load_config
 
 __all__ = ["build_app", "main", "upstream_app"]
@@ -361,40 +362,6 @@ def upstream_app() -> web.Application:
 # -------------------------------------------------------------------------- command line
 
 
-def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m agentpool proxy",
-        description="Reverse proxy (aiohttp) that asks Zentinel agents about every request.",
-    )
-    p.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT")
-    p.add_argument("--upstream", metavar="URL", help="e.g. http://127.0.0.1:8000")
-    p.add_argument(
-        "--agent",
-        action="append",
-        default=[],
-        metavar="NAME=ENDPOINT",
-        help="agent to ask (repeatable; endpoint unix:/path or host:port), in order",
-    )
-    p.add_argument("--config", metavar="FILE", help="JSON config: agents, routes, guard, pool")
-    p.add_argument("--timeout", type=float, default=None, help="per-event agent timeout, s")
-    p.add_argument(
-        "--failure",
-        default=None,
-        help="on agent failure: open, closed (default) or an HTTP status such as 503",
-    )
-    p.add_argument("--workers", type=int, default=1, help="processes sharing the port")
-    p.add_argument("--demo", action="store_true", help="start an upstream and example agents")
-    p.add_argument("--once", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--loop", choices=("asyncio", "uvloop"), default="uvloop")
-    p.add_argument("--log-level", default="WARNING")
-    args = p.parse_args(argv)
-    if not args.demo and not args.upstream and not args.config:
-        p.error("give --upstream URL (or --config FILE with an upstream, or --demo)")
-    if args.workers < 1:
-        p.error("--workers must be >= 1")
-    return args
-
-
 def _glue_kwargs(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     data: dict[str, Any] = {}
     if args.config:
@@ -402,16 +369,21 @@ def _glue_kwargs(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             data = json.load(f)
     upstream = args.upstream or data.get("upstream")
     if not upstream:
-        raise SystemExit("no upstream: give --upstream or 'upstream' in the config file")
-    kwargs = load_config(data)
+        raise CommandError("no upstream: give --upstream or 'upstream' in the config file", 2)
+    try:
+        kwargs = load_config(data)
+    except (TypeError, ValueError) as exc:
+        raise CommandError(f"{args.config}: {exc}", 2) from None
     agents: dict[str, Any] = kwargs["agents"]
     failure: Any = args.failure
     if failure is not None and failure not in ("open", "closed"):
+        if not failure.isdigit():
+            raise CommandError(f"--failure wants open, closed or a status, got {failure!r}", 2)
         failure = int(failure)
     for spec in args.agent:
         name, sep, endpoint = spec.partition("=")
         if not sep or not name or not endpoint:
-            raise SystemExit(f"--agent wants NAME=ENDPOINT, got {spec!r}")
+            raise CommandError(f"--agent wants NAME=ENDPOINT, got {spec!r}", 2)
         agents[name] = endpoint
     if failure is not None or args.timeout is not None:
         extra = {"failure": failure, "timeout": args.timeout}
@@ -574,9 +546,12 @@ async def _demo(args: argparse.Namespace) -> int:
             os.rmdir(directory)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m agentpool proxy``."""
-    args = _parse(argv)
+def run(args: argparse.Namespace) -> int:
+    """Run ``agentpool proxy`` with parsed options."""
+    if not args.demo and not args.upstream and not args.config:
+        raise CommandError("give --upstream URL (or --config FILE with an upstream, or --demo)", 2)
+    if args.workers < 1:
+        raise CommandError("--workers must be >= 1", 2)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr)
     if args.demo:
         result = 0
@@ -589,23 +564,30 @@ def main(argv: list[str] | None = None) -> int:
             _run(demo(), args.loop)
         return result
     if args.workers > 1:
-        return _supervise(args, list(sys.argv[1:] if argv is None else argv))
+        return _supervise(args)
+    _glue_kwargs(args)  # configuration errors before anything starts
     with contextlib.suppress(KeyboardInterrupt):
         _run(_serve(args), args.loop)
     return 0
 
 
-def _supervise(args: argparse.Namespace, argv: list[str]) -> int:
+def main(argv: list[str] | None = None) -> int:
+    """``agentpool proxy ARGS`` through the command line's conventions."""
+    from .cli import main as cli_main
+
+    return cli_main(["proxy", *(sys.argv[1:] if argv is None else argv)])
+
+
+def _supervise(args: argparse.Namespace) -> int:
     """Run ``--workers`` copies of this proxy on one port (SO_REUSEPORT); forward signals."""
-    child: list[str] = []
-    skip = False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--workers":
-            skip = True
-        elif not a.startswith("--workers="):
-            child.append(a)
+    _glue_kwargs(args)
+    child = ["--listen", args.listen, "--loop", args.loop, "--log-level", args.log_level]
+    for name in ("upstream", "config", "timeout", "failure"):
+        value = getattr(args, name)
+        if value is not None:
+            child += [f"--{name}", str(value)]
+    for spec in args.agent:
+        child += ["--agent", spec]
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "agentpool", "proxy", *child],

@@ -253,7 +253,7 @@ async def test_unreachable_agent_fails_closed_then_recovers() -> None:
         async with AgentServer(_Blocks(), path=path):
             for _ in range(100):
                 await asyncio.sleep(0.05)
-                if glue.pool.agent_capabilities("blocks") is not None:
+                if glue.pool.agent_capabilities_sync("blocks") is not None:
                     break
             plan = glue.plan("GET", "h", "/deny")
             assert plan is not None and plan.final and plan.complete  # full capabilities now
