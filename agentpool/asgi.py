@@ -62,8 +62,8 @@ class AgentMiddleware:
     ``agents`` maps names to endpoints or to ``{"endpoint": ..., <AgentRule fields>}``;
     ``routes`` (a list of :class:`~agentpool.http.Route`) picks the agents per request (none:
     every agent for every path). ``guard`` limits the header edits agents may make.
-    ``request_id_header`` names the header whose value becomes the correlation id (one is
-    generated when absent). Pass ``pool`` to share a started pool you manage yourself.
+    ``request_id_header`` names the header sent to the agents as ``request_id`` (the
+    correlation id is always generated). Pass ``pool`` to share a started pool you manage yourself.
     The request's correlation id and the agents' routing metadata are in
     ``scope["agentpool"]``.
     """

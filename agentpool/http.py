@@ -19,7 +19,6 @@ import logging
 import os
 import re
 import time
-import weakref
 from collections.abc import Awaitable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import translate
@@ -108,8 +107,6 @@ EVENT_NAMES: dict[str, EventType] = {
 }
 """Names of the events a rule may restrict an agent to (``AgentRule.events``)."""
 
-# correlation ids in flight, per pool: Glues sharing a pool never reuse one another's
-_ACTIVE: weakref.WeakKeyDictionary[AgentPool, set[str]] = weakref.WeakKeyDictionary()
 _BAD_VALUE = re.compile(r"[\r\n\0]")
 _HAS_TIMEOUT = hasattr(asyncio, "timeout")
 _BODY_MODES = ("none", "stream", "buffer")
@@ -619,10 +616,6 @@ class Glue:
         self._started = False
         self._start_lock: asyncio.Lock | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        active = _ACTIVE.get(self.pool)
-        if active is None:
-            active = _ACTIVE[self.pool] = set()
-        self._active = active  # shared by every Glue on this pool
         self._prefix = f"{os.getpid():x}-{os.urandom(4).hex()}-"
         self._counter = itertools.count(1)
         self.refused_header_ops = 0
@@ -688,11 +681,13 @@ class Glue:
                 return plan
         return None
 
-    def correlation_id(self, request_id: str | None) -> str:
-        """The request's correlation id: its request-id header, unless absent, too long or in
-        flight already (then a generated one)."""
-        if request_id and len(request_id) <= 200 and request_id not in self._active:
-            return request_id
+    def correlation_id(self) -> str:
+        """A new correlation id: process id, a random per-Glue part and a counter.
+
+        Never the client's request id (that one goes to the agents as ``request_id``): the
+        pool refuses an id still owed a reply on a connection — an abandoned request leaves
+        one — so a client choosing ids could make requests fail, or collide with others.
+        """
         return self._prefix + str(next(self._counter))
 
     def exchange(
@@ -829,8 +824,7 @@ class Exchange:
                 request_id = value
             elif name == "traceparent":
                 traceparent = value
-        cid = glue.correlation_id(request_id)
-        glue._active.add(cid)
+        cid = glue.correlation_id()
         self.correlation_id = cid
         conn = hdrs.get("connection")
         self._connection_tokens = (
@@ -1205,7 +1199,6 @@ class Exchange:
             return
         self.complete_sent = True
         glue = self.glue
-        glue._active.discard(self.correlation_id)
         agents = [a for a in self.plan.complete if a.agent not in self.skipped]
         if not agents:
             self.pool.clear_correlation_affinity(self.correlation_id)
@@ -1214,7 +1207,6 @@ class Exchange:
 
     def finish_websocket(self) -> None:
         """End a WebSocket exchange: drop its sticky sessions and affinity."""
-        self.glue._active.discard(self.correlation_id)
         self.complete_sent = True
         self.pool.clear_sticky_session(self.correlation_id)
         self.pool.clear_correlation_affinity(self.correlation_id)

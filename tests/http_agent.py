@@ -3,8 +3,9 @@
 Behaviour by request path:
 ``/block`` Block 403 with a body and a header; ``/redirect`` Redirect 302;
 ``/challenge`` Challenge captcha; ``/edit`` request header edits (one forbidden: Host) and a
-response header; ``/stall`` never answers; ``/__completes`` answers 200 with the correlation
-ids of the RequestComplete events seen so far (the test reads the agent's state over HTTP).
+response header; ``/stall`` never answers; ``/__completes`` answers 200 with the request ids
+(``request_id:status``) of the RequestComplete events seen so far (the test reads the
+agent's state over HTTP).
 Request body chunks: ``attack`` blocks 403, ``secret`` is replaced by ``XXXXXX``; with
 ``x-needs-more: 1`` every non-last chunk answers needs_more. Response body chunks: ``upstream``
 becomes ``UPSTREAM``; ``/respblock`` blocks on response headers. WebSocket frames: ``drop-me``
@@ -49,11 +50,13 @@ class ScriptAgent(Agent):
         self.completes: list[str] = []
         self.needs_more: set[str] = set()
         self.paths: dict[str, str] = {}
+        self.rids: dict[str, str] = {}
 
     async def on_request_headers(self, event: RequestHeadersEvent) -> AgentResponse:
         path = event.uri.split("?", 1)[0]
         cid = event.metadata.correlation_id
         self.paths[cid] = path
+        self.rids[cid] = event.metadata.request_id
         if event.headers.get("x-needs-more") == ["1"]:
             self.needs_more.add(cid)
         meta = {"seen-path": path, "traceparent": event.metadata.traceparent or ""}
@@ -110,7 +113,7 @@ class ScriptAgent(Agent):
         return resp
 
     async def on_request_complete(self, event: RequestCompleteEvent) -> AgentResponse:
-        self.completes.append(f"{event.correlation_id}:{event.status}")
+        self.completes.append(f"{self.rids.pop(event.correlation_id, '')}:{event.status}")
         self.paths.pop(event.correlation_id, None)
         return AgentResponse()
 
