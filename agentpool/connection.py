@@ -125,6 +125,11 @@ def _clip(text: str) -> str:
     return f"{text[:_MAX_QUOTED]}... ({len(text)} characters)"
 
 
+def _is_grpc(endpoint: str) -> bool:
+    """gRPC endpoints are served by agentpool.grpc (imported lazily, with grpcio)."""
+    return endpoint.lstrip().startswith(("grpc://", "grpcs://"))
+
+
 class AgentConnection:
     """One live connection to an agent: requests multiplexed by correlation id.
 
@@ -209,7 +214,7 @@ class AgentConnection:
         proxy_version: str = __version__,
         config: Any = None,
         listener: Any = None,
-        ssl: _ssl.SSLContext | None = None,
+        ssl: Any = None,
         max_abandoned: int = 1024,
     ) -> AgentConnection:
         """Connect to ``endpoint`` and handshake, all within ``connect_timeout`` seconds.
@@ -223,7 +228,26 @@ class AgentConnection:
         VersionMismatch (the agent chose a protocol version that was not offered), Timeout
         (connect + handshake too slow), ConnectionClosed (closed during the handshake),
         InvalidMessage / MessageTooLarge (the agent sent something that is not a handshake).
+        ``grpc://`` / ``grpcs://`` endpoints open an :class:`agentpool.grpc.GrpcAgentConnection`
+        (for ``grpcs://``, ``ssl`` may also be an :class:`agentpool.grpc.GrpcTLS`); grpcio is
+        imported only then.
         """
+        if _is_grpc(endpoint):
+            from .grpc import GrpcAgentConnection
+
+            return await GrpcAgentConnection.open(
+                endpoint,
+                agent_id=agent_id,
+                protocol=protocol,
+                connect_timeout=connect_timeout,
+                request_timeout=request_timeout,
+                proxy_id=proxy_id,
+                proxy_version=proxy_version,
+                config=config,
+                listener=listener,
+                ssl=ssl,
+                max_abandoned=max_abandoned,
+            )
         conn = cls(
             endpoint,
             agent_id=agent_id,
