@@ -264,6 +264,8 @@ class GrpcAgentServer:
         self.host = host
         self.port = port
         self.tls = tls
+        #: Largest message sent or received (grpcio's default receive limit).
+        self.max_message_size = _convert.MAX_MESSAGE_SIZE
         self._server: Any = None
         self._sessions: set[GrpcSession] = set()
 
@@ -289,7 +291,7 @@ class GrpcAgentServer:
 
     async def start(self) -> None:
         grpc = grpc_module()
-        limit = _convert.MAX_MESSAGE_SIZE
+        limit = self.max_message_size
         server = grpc.aio.server(
             options=[
                 ("grpc.max_send_message_length", limit),
