@@ -592,3 +592,20 @@ async def test_cli_agent_serves_grpc_and_uds_with_the_same_handlers() -> None:
                 await closing(conn)
     finally:
         proc.cleanup()
+
+
+def test_docs_example_runs(tmp_path: Path) -> None:
+    """The runnable example of docs/protocol.md's gRPC section runs as pasted."""
+    import re
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text()
+    section = text.split("## gRPC transport", 1)[1].split("### Runnable example", 1)[1]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match is not None
+    script = tmp_path / "example.py"
+    script.write_text(match.group(1))
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["/index.html Allow", "/admin/users Block"]
