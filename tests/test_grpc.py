@@ -442,8 +442,9 @@ async def test_message_size_limit(agent: GrpcAgentProc) -> None:
         r = await conn.request(ok, "s2")
         assert r.audit.custom["size"] == str(4 * 1024 * 1024 - 100)
         # a reply over the limit fails the call with a typed error, never a verdict
-        with pytest.raises(MessageTooLarge):
+        with pytest.raises(MessageTooLarge) as info:
             await conn.request(hdrs("s3", actions="huge"), "s3")
+        assert info.value.size > info.value.max == 4 * 1024 * 1024
         await asyncio.wait_for(conn.wait_closed(), T)
         assert not conn.is_connected
     finally:

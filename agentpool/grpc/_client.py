@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -111,7 +112,11 @@ def _rpc_error(exc: Any, where: str) -> AgentProtocolError:
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return MessageTooLarge(0, _convert.MAX_MESSAGE_SIZE)
+        # grpcio says "Received message larger than max (<size> vs. <max>)"
+        m = re.search(r"\((\d+) vs\. (\d+)\)", details or "")
+        if m is not None:
+            return MessageTooLarge(int(m.group(1)), int(m.group(2)))
+        return MessageTooLarge(_convert.MAX_MESSAGE_SIZE + 1, _convert.MAX_MESSAGE_SIZE)
     name = getattr(code, "name", "UNKNOWN")
     return ConnectionClosed(f"{where}: gRPC {name}: {details}")
 
