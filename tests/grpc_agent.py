@@ -11,8 +11,9 @@ a body mutation, which gRPC cannot carry), ``cancelled`` (reply listing the canc
 Replies carry ``audit.custom["cid"]``, ``["pid"]`` and ``["headers"]`` (the request headers as
 JSON). URIs starting with ``/admin`` are blocked 403 and ``/old`` redirected 301. Request body
 chunks ask for more until the last one, then block if the body contains ``evil``.
-``--tls-dir`` serves TLS with ``server.pem``/``server.key`` (and requires client
-certificates signed by ``ca.pem`` when ``--mtls``).
+``--refuse TEXT`` refuses every handshake. ``--tls-dir`` serves TLS with
+``server.pem``/``server.key`` (and requires client certificates signed by ``ca.pem`` when
+``--mtls``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from agentpool.messages import (
     Block,
     BodyMutation,
     CounterMetric,
+    HandshakeRequest,
     HeaderOp,
     MetricsReport,
     Redirect,
@@ -53,9 +55,13 @@ class GrpcTestAgent(Agent):
     agent_id = "grpc-test"
     name = "agentpool gRPC test agent"
 
-    def __init__(self) -> None:
+    def __init__(self, refuse: str | None = None) -> None:
         self.cancelled: list[str] = []
         self.bodies: dict[str, bytearray] = {}
+        self.refuse = refuse
+
+    def on_handshake(self, request: HandshakeRequest) -> str | None:
+        return self.refuse
 
     async def on_cancel(self, correlation_id: str, reason: CancelReason) -> None:
         self.cancelled.append(f"{correlation_id}:{int(reason)}")
@@ -150,6 +156,7 @@ async def main() -> None:
     p.add_argument("--tls-dir", default=None)
     p.add_argument("--mtls", action="store_true")
     p.add_argument("--max-message", type=int, default=None)
+    p.add_argument("--refuse", default=None, help="refuse every handshake with this error")
     args = p.parse_args()
     host, _, port = args.listen.rpartition(":")
     tls = None
@@ -160,7 +167,7 @@ async def main() -> None:
             private_key=(d / "server.key").read_bytes(),
             root_certificates=(d / "ca.pem").read_bytes() if args.mtls else None,
         )
-    server = GrpcAgentServer(GrpcTestAgent(), host=host, port=int(port), tls=tls)
+    server = GrpcAgentServer(GrpcTestAgent(args.refuse), host=host, port=int(port), tls=tls)
     if args.max_message:
         server.max_message_size = args.max_message
     await server.start()

@@ -520,6 +520,18 @@ async def test_pool_features_on_grpc(agent: GrpcAgentProc) -> None:
         assert pool.is_agent_healthy("g")
 
 
+async def test_refused_handshake_is_connection_failed() -> None:
+    proc = await spawn("--refuse", "proxy not allowed")
+    try:
+        with pytest.raises(ConnectionFailed, match="proxy not allowed"):
+            await open_conn(proc.endpoint)
+        async with AgentPool(AgentPoolConfig(connections_per_agent=1)) as pool:
+            await pool.add_agent("r", proc.endpoint)  # registered unhealthy, retried later
+            assert not pool.is_agent_healthy("r")
+    finally:
+        proc.cleanup()
+
+
 async def test_tls_and_mutual_tls(tmp_path: Path) -> None:
     trustme = pytest.importorskip("trustme")
     ca = trustme.CA()
@@ -610,3 +622,39 @@ def test_docs_example_runs(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["/index.html Allow", "/admin/users Block"]
+
+
+async def test_agent_side_ignores_garbage_and_events_before_the_handshake(
+    agent: GrpcAgentProc,
+) -> None:
+    """A raw grpcio client: the agent drops what it cannot read and keeps the stream."""
+    import grpc
+
+    from agentpool.grpc import PROCESS_STREAM
+    from agentpool.grpc import agent_v2_pb2 as pb
+    from agentpool.grpc._convert import encode_event
+
+    async with grpc.aio.insecure_channel(agent.endpoint.removeprefix("grpc://")) as channel:
+        call = channel.stream_stream(PROCESS_STREAM)()
+        await call.write(encode_event(hdrs("early"), "early"))  # before the handshake: ignored
+        await call.write(b"\xff\xff\xff not protobuf")  # undecodable: ignored
+        hs = pb.ProxyToAgent()
+        hs.handshake.supported_versions.append(2)
+        await call.write(hs.SerializeToString())
+        reply = pb.AgentToProxy.FromString(await asyncio.wait_for(call.read(), T))
+        assert reply.WhichOneof("message") == "handshake" and reply.handshake.success
+        await call.write(b"\x12\x05garbage")  # a truncated event: ignored
+        await call.write(encode_event(hdrs("late"), "late"))
+        reply = pb.AgentToProxy.FromString(await asyncio.wait_for(call.read(), T))
+        assert reply.response.correlation_id == "late"  # nothing answered "early"
+        await call.done_writing()
+        assert await asyncio.wait_for(call.read(), T) is grpc.aio.EOF
+
+        # a proxy that does not offer version 2 is refused in the handshake
+        call = channel.stream_stream(PROCESS_STREAM)()
+        hs = pb.ProxyToAgent()
+        hs.handshake.supported_versions.append(1)
+        await call.write(hs.SerializeToString())
+        reply = pb.AgentToProxy.FromString(await asyncio.wait_for(call.read(), T))
+        assert not reply.handshake.success and "2" in reply.handshake.error
+        assert await asyncio.wait_for(call.read(), T) is grpc.aio.EOF
