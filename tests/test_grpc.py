@@ -32,7 +32,7 @@ from agentpool import (
 )
 from agentpool.config import AgentPoolConfig
 from agentpool.connection import AgentConnection
-from agentpool.enums import CancelReason, HealthState
+from agentpool.enums import CancelReason, EventType, HealthState
 from agentpool.grpc import (
     GrpcAgentConnection,
     GrpcTLS,
@@ -221,7 +221,12 @@ async def test_handshake_and_decisions(agent: GrpcAgentProc) -> None:
     try:
         caps = conn.capabilities
         assert caps is not None and caps.agent_id == "grpc-test" and caps.protocol_version == 2
-        assert not caps.features.config_push  # Configure cannot be acknowledged on gRPC
+        # what gRPC cannot deliver is not advertised on a gRPC connection
+        assert not caps.features.config_push and not caps.features.guardrails
+        assert not caps.features.websocket and caps.features.streaming_body
+        assert EventType.GUARDRAIL_INSPECT not in caps.supported_events
+        assert EventType.REQUEST_BODY_CHUNK in caps.supported_events
+        assert not conn.supports_event(EventType.WEBSOCKET_FRAME)
         assert conn.encoding == "protobuf" and conn.is_connected
         headers = {"x-multi": ["a", "b"], "x-one": ["1"]}
         r = await conn.request(hdrs("a1", "/x", headers=headers), "a1")

@@ -23,7 +23,7 @@ from typing import Any
 
 from .._version import __version__
 from ..connection import AgentConnection
-from ..enums import CancelReason, FlowAction, HealthState, MessageType
+from ..enums import CancelReason, EventType, FlowAction, HealthState, MessageType
 from ..errors import (
     AgentProtocolError,
     ConnectionClosed,
@@ -31,6 +31,7 @@ from ..errors import (
     InvalidMessage,
     MessageTooLarge,
     Timeout,
+    WrongConnectionType,
 )
 from ..messages import ConfigUpdateRequest, FlowControlSignal, HealthStatus, MetricsReport
 from . import _convert
@@ -45,6 +46,9 @@ PROCESS_STREAM = "/zentinel.agent.v2.AgentServiceV2/ProcessStream"
 # First byte of a serialized AgentToProxy whose oneof is `response` (field 2, length-delimited).
 _RESPONSE_TAG = 0x12
 _AGENT_RESPONSE_TYPE = bytes((int(MessageType.AGENT_RESPONSE),))
+_NOT_ON_GRPC = frozenset(
+    {EventType.CONFIGURE, EventType.GUARDRAIL_INSPECT, EventType.WEBSOCKET_FRAME}
+)
 # Messages queued for the stream beyond which the core is told to stop writing.
 _HIGH_WATER = 1024 * 1024
 _LOW_WATER = 256 * 1024
@@ -394,12 +398,22 @@ class GrpcAgentConnection(AgentConnection):
             raise ConnectionFailed(
                 hs.error if hs.HasField("error") and hs.error else "Unknown handshake error"
             )
-        self.capabilities = _convert.capabilities_from_proto(hs.capabilities)
+        caps = _convert.capabilities_from_proto(hs.capabilities)
+        # Advertise only what this transport can deliver: Configure (so config push),
+        # guardrail and WebSocket events are refused on gRPC.
+        caps.features.config_push = caps.features.guardrails = caps.features.websocket = False
+        caps.supported_events = [e for e in caps.supported_events if e not in _NOT_ON_GRPC]
+        self.capabilities = caps
         self.protocol_version = hs.protocol_version
         transport = _StreamTransport(self, call, self._loop)
         self._core.connection_made(transport)
         transport.start()
         self._connected = True
+
+    @classmethod
+    async def from_socket(cls, *args: Any, **kwargs: Any) -> AgentConnection:
+        """Not available: reverse connections speak the UDS framing, never gRPC."""
+        raise WrongConnectionType("gRPC connections cannot adopt a socket")
 
     # -- overrides: messages in the gRPC encoding ----------------------------------------------
 
