@@ -2,7 +2,9 @@
 
 Run from the repository root with grpcio-tools installed (``pip install grpcio-tools``):
 ``python scripts/gen_grpc.py``. The committed modules were made with grpcio-tools 1.85.1
-(bundled protoc, protobuf gencode 6.31) and load with protobuf >= 6.31. Only message classes
+(its bundled protoc writes protobuf gencode 7.35.1), so they load with protobuf >= 7.35.1, < 8
+(the ``grpc`` extra's pin); regenerate with an older grpcio-tools to support older protobuf
+runtimes. Only message classes
 are generated: the client and the servicer bind the service's method paths themselves, so
 no ``*_pb2_grpc`` module (and no import of grpc from the stubs) is needed.
 """
