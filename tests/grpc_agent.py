@@ -22,13 +22,10 @@ import argparse
 import asyncio
 import os
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
 import orjson
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agentpool.enums import CancelReason, FlowAction, HealthState
 from agentpool.grpc import GrpcAgentServer, GrpcTLS
