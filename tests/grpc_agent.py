@@ -156,15 +156,15 @@ async def main() -> None:
     p.add_argument("--refuse", default=None, help="refuse every handshake with this error")
     args = p.parse_args()
     host, _, port = args.listen.rpartition(":")
-    tls = None
+    ssl = None
     if args.tls_dir:
         d = Path(args.tls_dir)
-        tls = GrpcTLS(
+        ssl = GrpcTLS(
             certificate_chain=(d / "server.pem").read_bytes(),
             private_key=(d / "server.key").read_bytes(),
             root_certificates=(d / "ca.pem").read_bytes() if args.mtls else None,
         )
-    server = GrpcAgentServer(GrpcTestAgent(args.refuse), host=host, port=int(port), tls=tls)
+    server = GrpcAgentServer(GrpcTestAgent(args.refuse), host=host, port=int(port), ssl=ssl)
     if args.max_message:
         server.max_message_size = args.max_message
     await server.start()

@@ -7,6 +7,7 @@ messages, the 4 MiB message limit, TLS, the pool on gRPC endpoints and the CLI's
 from __future__ import annotations
 
 import asyncio
+import ssl
 import subprocess
 import sys
 import time
@@ -192,11 +193,11 @@ def test_parse_grpc_endpoint() -> None:
             parse_grpc_endpoint(bad)
 
 
-async def test_tls_option_only_for_grpcs() -> None:
+async def test_ssl_option_only_for_grpcs() -> None:
     with pytest.raises(ValueError, match="grpcs://"):
-        await AgentConnection.open("grpc://127.0.0.1:1", agent_id="g", tls=GrpcTLS())
+        await AgentConnection.open("grpc://127.0.0.1:1", agent_id="g", ssl=GrpcTLS())
     with pytest.raises(ValueError, match="grpcs://"):
-        await AgentConnection.open("unix:/nonexistent.sock", agent_id="g", tls=GrpcTLS())
+        await AgentConnection.open("unix:/nonexistent.sock", agent_id="g", ssl=GrpcTLS())
     with pytest.raises(ValueError, match="v2 only"):
         await AgentConnection.open("grpc://127.0.0.1:1", agent_id="g", protocol="v1")
 
@@ -504,7 +505,10 @@ async def test_pool_features_on_grpc(agent: GrpcAgentProc) -> None:
     cfg = AgentPoolConfig(request_timeout=5.0, connections_per_agent=3, circuit_breaker=None)
     async with AgentPool(cfg) as pool:
         await pool.add_agent("g", agent.endpoint)
-        assert pool.agent_capabilities("g").agent_id == "grpc-test"  # type: ignore[union-attr]
+        caps: Any = pool.agent_capabilities("g")
+        if asyncio.iscoroutine(caps):
+            caps = await caps
+        assert caps.agent_id == "grpc-test"
         # affinity: the body goes to the connection that got the headers
         await pool.send_request_headers("g", "p1", hdrs("p1"))
         st = pool._agents["g"].affinity.get("p1", time.monotonic())
@@ -552,21 +556,34 @@ async def test_tls_and_mutual_tls(tmp_path: Path) -> None:
     try:
         assert proc.endpoint.startswith("grpcs://")
         tls = GrpcTLS(root_certificates=ca_pem, server_hostname="localhost")
-        conn = await open_conn(proc.endpoint, tls=tls)
+        conn = await open_conn(proc.endpoint, ssl=tls)
         try:
             r = await conn.request(hdrs("tls1", "/admin"), "tls1")
             assert isinstance(r.decision, Block)
         finally:
             await closing(conn)
+        # an ssl.SSLContext lends its CA certificates (no name override: the IP SAN matches)
+        ctx = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        conn = await open_conn(proc.endpoint, ssl=ctx)
+        try:
+            r = await conn.request(hdrs("tls4"), "tls4")
+            assert r.audit.custom["cid"] == "tls4"
+        finally:
+            await closing(conn)
+        lax = ssl.create_default_context()
+        lax.check_hostname = False
+        lax.verify_mode = ssl.CERT_NONE
+        with pytest.raises(ValueError, match="always verifies"):
+            await open_conn(proc.endpoint, ssl=lax)
         # an agent whose certificate the proxy does not trust is never used
         other = trustme.CA().cert_pem.bytes()
         with pytest.raises((ConnectionFailed, Timeout)):
             await open_conn(
-                proc.endpoint, tls=GrpcTLS(root_certificates=other), connect_timeout=2.0
+                proc.endpoint, ssl=GrpcTLS(root_certificates=other), connect_timeout=2.0
             )
         # the pool takes the same option
         async with AgentPool(AgentPoolConfig(connections_per_agent=1)) as pool:
-            await pool.add_agent("s", proc.endpoint, tls=tls)
+            await pool.add_agent("s", proc.endpoint, ssl=tls)
             r = await pool.send_request_headers("s", "tls2", hdrs("tls2"))
             assert r.audit.custom["cid"] == "tls2"
     finally:
@@ -575,14 +592,14 @@ async def test_tls_and_mutual_tls(tmp_path: Path) -> None:
     try:
         client = ca.issue_cert("proxy.test")
         with pytest.raises((ConnectionFailed, Timeout, ConnectionClosed)):
-            await open_conn(proc.endpoint, tls=tls, connect_timeout=2.0)
+            await open_conn(proc.endpoint, ssl=tls, connect_timeout=2.0)
         mtls = GrpcTLS(
             root_certificates=ca_pem,
             certificate_chain=client.cert_chain_pems[0].bytes(),
             private_key=client.private_key_pem.bytes(),
             server_hostname="localhost",
         )
-        conn = await open_conn(proc.endpoint, tls=mtls)
+        conn = await open_conn(proc.endpoint, ssl=mtls)
         try:
             r = await conn.request(hdrs("tls3"), "tls3")
             assert r.audit.custom["cid"] == "tls3"

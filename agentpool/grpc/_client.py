@@ -17,6 +17,7 @@ import asyncio
 import collections
 import logging
 import re
+import ssl as _ssl
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +37,13 @@ from ..errors import (
 from ..messages import ConfigUpdateRequest, FlowControlSignal, HealthStatus, MetricsReport
 from . import _convert
 
-__all__ = ["PROCESS_STREAM", "GrpcAgentConnection", "GrpcTLS", "parse_grpc_endpoint"]
+__all__ = [
+    "PROCESS_STREAM",
+    "GrpcAgentConnection",
+    "GrpcTLS",
+    "channel_credentials",
+    "parse_grpc_endpoint",
+]
 
 log = logging.getLogger("agentpool.grpc")
 
@@ -88,6 +95,30 @@ class GrpcTLS:
             private_key=self.private_key,
             certificate_chain=self.certificate_chain,
         )
+
+
+def channel_credentials(ssl: Any) -> tuple[Any, str | None]:
+    """``(grpc.ChannelCredentials, server name override)`` for a ``grpcs://`` connection.
+
+    ``ssl`` is None (system roots), a :class:`GrpcTLS`, ready ``grpc.ChannelCredentials``, or
+    an :class:`ssl.SSLContext`, of which gRPC can use the CA certificates loaded from files
+    (``load_verify_locations(cafile=...)``; none loaded means the system roots). grpcio has its
+    own TLS stack: a context's client certificate, ciphers or ``check_hostname=False`` cannot
+    be carried over, and a context that does not verify the agent is refused (ValueError).
+    """
+    if ssl is None:
+        return GrpcTLS().channel_credentials(), None
+    if isinstance(ssl, GrpcTLS):
+        return ssl.channel_credentials(), ssl.server_hostname
+    if isinstance(ssl, _ssl.SSLContext):
+        if ssl.verify_mode == _ssl.CERT_NONE:
+            raise ValueError(
+                "gRPC always verifies the agent's certificate; this SSLContext does not"
+            )
+        ders = ssl.get_ca_certs(binary_form=True)
+        roots = "".join(_ssl.DER_cert_to_PEM_cert(d) for d in ders).encode() if ders else None
+        return GrpcTLS(root_certificates=roots).channel_credentials(), None
+    return ssl, None
 
 
 def parse_grpc_endpoint(endpoint: str) -> tuple[bool, str]:
@@ -282,7 +313,8 @@ class GrpcAgentConnection(AgentConnection):
     """One ``ProcessStream`` to a gRPC agent, driven by the same protocol core as UDS.
 
     Open with :meth:`open` (or ``AgentConnection.open`` with a ``grpc://``/``grpcs://``
-    endpoint; ``tls`` takes a :class:`GrpcTLS` or a ``grpc.ChannelCredentials``). One channel
+    endpoint; ``ssl`` takes a :class:`GrpcTLS`, a ``grpc.ChannelCredentials`` or an
+    :class:`ssl.SSLContext`, see :func:`channel_credentials`). One channel
     (one HTTP/2 connection) per instance, so a pool's ``connections_per_agent`` gives that
     many independent connections.
     """
@@ -294,7 +326,7 @@ class GrpcAgentConnection(AgentConnection):
         agent_id: str,
         request_timeout: float = 30.0,
         listener: Any = None,
-        tls: Any = None,
+        ssl: Any = None,
     ) -> None:
         super().__init__(
             endpoint,
@@ -304,9 +336,9 @@ class GrpcAgentConnection(AgentConnection):
             listener=listener,
         )
         self._secure, self._target = parse_grpc_endpoint(endpoint)
-        if tls is not None and not self._secure:
-            raise ValueError(f"tls given for {endpoint!r}; use grpcs:// for TLS")
-        self._tls = tls
+        if ssl is not None and not self._secure:
+            raise ValueError(f"ssl given for {endpoint!r}; use grpcs:// for TLS")
+        self._ssl = ssl
         self.encoding = "protobuf"
         self._encode_event = _convert.encode_event
         self._core.set_encoder(_convert.encode_event)
@@ -329,7 +361,7 @@ class GrpcAgentConnection(AgentConnection):
         proxy_version: str = __version__,
         config: Any = None,
         listener: Any = None,
-        tls: Any = None,
+        ssl: Any = None,
     ) -> GrpcAgentConnection:
         """Open the channel and the stream and handshake, all within ``connect_timeout``.
 
@@ -342,7 +374,7 @@ class GrpcAgentConnection(AgentConnection):
             agent_id=agent_id,
             request_timeout=request_timeout,
             listener=listener,
-            tls=tls,
+            ssl=ssl,
         )
         try:
             await asyncio.wait_for(
@@ -367,15 +399,9 @@ class GrpcAgentConnection(AgentConnection):
             ("grpc.enable_retries", 0),
         ]
         if self._secure:
-            tls = self._tls
-            if tls is None:
-                tls = GrpcTLS()
-            if isinstance(tls, GrpcTLS):
-                if tls.server_hostname:
-                    options.append(("grpc.ssl_target_name_override", tls.server_hostname))
-                creds = tls.channel_credentials()
-            else:
-                creds = tls
+            creds, name = channel_credentials(self._ssl)
+            if name:
+                options.append(("grpc.ssl_target_name_override", name))
             self._channel = grpc.aio.secure_channel(self._target, creds, options=options)
         else:
             self._channel = grpc.aio.insecure_channel(self._target, options=options)

@@ -251,19 +251,19 @@ class GrpcSession:
 class GrpcAgentServer:
     """Serve ``agent`` as ``zentinel.agent.v2.AgentServiceV2`` on ``host:port``.
 
-    ``port`` 0 picks a free port (read :attr:`port` after :meth:`start`). ``tls``: a
+    ``port`` 0 picks a free port (read :attr:`port` after :meth:`start`). ``ssl``: a
     :class:`GrpcTLS` whose ``certificate_chain``/``private_key`` are the server's (and
     ``root_certificates``, when given, are required of clients), or grpc
     ``ServerCredentials``. Messages are limited to 4 MiB each way.
     """
 
     def __init__(
-        self, agent: Agent, *, host: str = "127.0.0.1", port: int = 0, tls: Any = None
+        self, agent: Agent, *, host: str = "127.0.0.1", port: int = 0, ssl: Any = None
     ) -> None:
         self.agent = agent
         self.host = host
         self.port = port
-        self.tls = tls
+        self.ssl = ssl
         #: Largest message sent or received (grpcio's default receive limit).
         self.max_message_size = _convert.MAX_MESSAGE_SIZE
         self._server: Any = None
@@ -271,7 +271,7 @@ class GrpcAgentServer:
 
     @property
     def endpoint(self) -> str:
-        scheme = "grpcs" if self.tls is not None else "grpc"
+        scheme = "grpcs" if self.ssl is not None else "grpc"
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{scheme}://{host}:{self.port}"
 
@@ -304,8 +304,8 @@ class GrpcAgentServer:
         )
         server.add_generic_rpc_handlers((handler,))
         address = f"{self.host}:{self.port}"
-        if self.tls is not None:
-            creds = self.tls
+        if self.ssl is not None:
+            creds = self.ssl
             if isinstance(creds, GrpcTLS):
                 if creds.certificate_chain is None or creds.private_key is None:
                     raise ValueError("GrpcTLS for a server needs certificate_chain and private_key")
