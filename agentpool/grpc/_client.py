@@ -343,6 +343,11 @@ class GrpcAgentConnection(AgentConnection):
         self._encode_event = _convert.encode_event
         self._core.set_encoder(_convert.encode_event)
         self._core.set_decoder(_convert.decode_response)
+        # A core that sends Cancel frames by itself (for requests it abandons) must write
+        # them in the gRPC encoding too: every frame on this stream is a ProxyToAgent message.
+        set_cancel_encoder = getattr(self._core, "set_cancel_encoder", None)
+        if set_cancel_encoder is not None:
+            set_cancel_encoder(_convert.encode_cancel)
         self._channel: Any = None
         self._call: Any = None
         self._channel_closed: asyncio.Future[None] | None = None
@@ -448,10 +453,17 @@ class GrpcAgentConnection(AgentConnection):
         c = self._core
         if c.closed:
             return False
+        error = ConnectionClosed(f"request {correlation_id} cancelled")
+        core_cancel = getattr(c, "cancel", None)
+        if core_cancel is not None:
+            # the core fails the waiter, keeps the reply it owes from answering anything
+            # else and queues the Cancel itself (with the encoder set above)
+            if core_cancel(correlation_id, int(reason), error):
+                return True
+            c.write_frame(MessageType.CANCEL, _convert.encode_cancel(correlation_id, reason))
+            return False
         c.write_frame(MessageType.CANCEL, _convert.encode_cancel(correlation_id, reason))
-        return bool(
-            c.fail_waiter(correlation_id, ConnectionClosed(f"request {correlation_id} cancelled"))
-        )
+        return bool(c.fail_waiter(correlation_id, error))
 
     async def ping(self, timeout: float | None = None) -> float:
         """Round-trip a Ping; returns (and stores in ``last_rtt``) the RTT in seconds."""

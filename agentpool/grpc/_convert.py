@@ -177,7 +177,7 @@ def encode_event(event: Any, correlation_id: str) -> bytes:
     return data
 
 
-def encode_cancel(correlation_id: str, reason: CancelReason) -> bytes:
+def encode_cancel(correlation_id: str, reason: CancelReason | int) -> bytes:
     """A ``ProxyToAgent{cancel}``; gRPC numbers the reasons from 1 (UDS from 0)."""
     msg = pb.ProxyToAgent()
     msg.cancel.correlation_id = correlation_id
