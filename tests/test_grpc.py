@@ -319,6 +319,21 @@ async def test_events_gRPC_cannot_answer_are_refused(agent: GrpcAgentProc) -> No
         await closing(conn)
 
 
+async def test_a_uds_payload_never_reaches_the_stream(
+    agent: GrpcAgentProc, caplog: pytest.LogCaptureFixture
+) -> None:
+    from agentpool.enums import MessageType
+
+    conn = await open_conn(agent.endpoint)
+    try:
+        conn.protocol_core.write_frame(MessageType.CANCEL, b'{"correlation_id":"x"}')
+        r = await conn.request(hdrs("u1"), "u1")
+        assert r.audit.custom["cid"] == "u1" and conn.is_connected
+        assert "is not a ProxyToAgent message; not sent" in caplog.text
+    finally:
+        await closing(conn)
+
+
 async def test_concurrent_requests_each_get_their_own_reply(agent: GrpcAgentProc) -> None:
     conn = await open_conn(agent.endpoint)
     try:

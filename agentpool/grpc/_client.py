@@ -53,6 +53,8 @@ PROCESS_STREAM = "/zentinel.agent.v2.AgentServiceV2/ProcessStream"
 # First byte of a serialized AgentToProxy whose oneof is `response` (field 2, length-delimited).
 _RESPONSE_TAG = 0x12
 _AGENT_RESPONSE_TYPE = bytes((int(MessageType.AGENT_RESPONSE),))
+# First bytes a serialized ProxyToAgent can start with: the tags of its fields 1-11.
+_PROXY_TO_AGENT_TAGS = frozenset(bytes(((f << 3) | 2,)) for f in range(1, 12))
 _NOT_ON_GRPC = frozenset(
     {EventType.CONFIGURE, EventType.GUARDRAIL_INSPECT, EventType.WEBSOCKET_FRAME}
 )
@@ -193,9 +195,18 @@ class _StreamTransport(asyncio.Transport):
         i, n = 0, len(mv)
         while i < n:
             size = int.from_bytes(mv[i : i + 4], "big")
-            self._out.append(bytes(mv[i + 5 : i + 4 + size]))
-            self._out_size += size - 1
+            payload = bytes(mv[i + 5 : i + 4 + size])
             i += 4 + size
+            if payload[:1] not in _PROXY_TO_AGENT_TAGS:
+                # never put a UDS-encoded payload on the stream (the agent would fail it)
+                log.error(
+                    "agent %s: frame 0x%02x is not a ProxyToAgent message; not sent",
+                    self._conn.agent_id,
+                    mv[i - size],
+                )
+                continue
+            self._out.append(payload)
+            self._out_size += size - 1
         w = self._wake
         if w is not None and not w.done():
             w.set_result(None)
