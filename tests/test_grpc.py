@@ -193,6 +193,41 @@ def test_parse_grpc_endpoint() -> None:
             parse_grpc_endpoint(bad)
 
 
+def test_wire_numbers_of_the_proto() -> None:
+    """The numbers Zentinel peers rely on (docs/protocol.md, "The wire contract")."""
+    from agentpool.grpc import agent_v2_pb2 as pb
+
+    def numbers(msg: Any, oneof: str | None = None) -> dict[str, int]:
+        d = msg.DESCRIPTOR
+        fields = d.oneofs_by_name[oneof].fields if oneof else d.fields
+        return {f.name: f.number for f in fields}
+
+    assert pb.DESCRIPTOR.package == "zentinel.agent.v2"
+    service = pb.DESCRIPTOR.services_by_name["AgentServiceV2"]
+    stream = service.methods_by_name["ProcessStream"]
+    assert stream.input_type.name == "ProxyToAgent" and stream.output_type.name == "AgentToProxy"
+    assert numbers(pb.ProxyToAgent, "message") == {
+        "handshake": 1, "request_headers": 2, "request_body_chunk": 3, "response_headers": 4,
+        "response_body_chunk": 5, "websocket_frame": 6, "guardrail": 7, "request_complete": 8,
+        "cancel": 9, "configure": 10, "ping": 11,
+    }  # fmt: skip
+    assert numbers(pb.AgentToProxy, "message") == {
+        "handshake": 1, "response": 2, "health": 3, "metrics": 4, "config_update": 5,
+        "flow_control": 6, "pong": 7, "log": 8,
+    }  # fmt: skip
+    assert numbers(pb.AgentResponse) == {
+        "correlation_id": 1, "allow": 2, "block": 3, "redirect": 4, "challenge": 5,
+        "request_headers": 10, "response_headers": 11, "audit": 12, "processing_time_ms": 13,
+        "needs_more": 14,
+    }  # fmt: skip
+    assert numbers(pb.RequestMetadata)["timestamp_ms"] == 10
+    assert "tls_cipher" not in numbers(pb.RequestMetadata)
+    assert numbers(pb.BodyChunkEvent) == {
+        "correlation_id": 1, "chunk_index": 2, "data": 3, "is_last": 4, "total_size": 5,
+        "bytes_transferred": 6, "proxy_buffer_available": 7, "timestamp_ms": 8,
+    }  # fmt: skip
+
+
 async def test_ssl_option_only_for_grpcs() -> None:
     with pytest.raises(ValueError, match="grpcs://"):
         await AgentConnection.open("grpc://127.0.0.1:1", agent_id="g", ssl=GrpcTLS())
