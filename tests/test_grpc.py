@@ -151,6 +151,18 @@ class Recorder:
                 pass
 
 
+def tcp_connections_to(port: int) -> int:
+    """Established TCP connections whose remote port is ``port`` (from /proc/net/tcp*)."""
+    count = 0
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):  # grpcio uses v4-mapped IPv6 sockets
+        with open(name, encoding="ascii") as fh:
+            for line in fh.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "01" and int(fields[2].rsplit(":", 1)[1], 16) == port:
+                    count += 1
+    return count
+
+
 async def until(pred: Any, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not pred():
@@ -549,8 +561,11 @@ async def test_agent_killed_mid_flight_then_pool_reconnects() -> None:
 
 async def test_pool_features_on_grpc(agent: GrpcAgentProc) -> None:
     cfg = AgentPoolConfig(request_timeout=5.0, connections_per_agent=3, circuit_breaker=None)
+    before = tcp_connections_to(agent.port)
     async with AgentPool(cfg) as pool:
         await pool.add_agent("g", agent.endpoint)
+        # each pooled connection is its own TCP connection (no shared subchannel)
+        assert tcp_connections_to(agent.port) - before == 3
         caps: Any = pool.agent_capabilities("g")
         if asyncio.iscoroutine(caps):
             caps = await caps

@@ -413,6 +413,9 @@ class GrpcAgentConnection(AgentConnection):
             ("grpc.max_send_message_length", limit),
             ("grpc.max_receive_message_length", limit),
             ("grpc.enable_retries", 0),
+            # one TCP connection per GrpcAgentConnection: channels to the same target would
+            # otherwise share one through grpcio's global subchannel pool
+            ("grpc.use_local_subchannel_pool", 1),
         ]
         if self._secure:
             creds, name = channel_credentials(self._ssl)
