@@ -98,7 +98,10 @@ class GrpcioClient:
         self.pb = pb
         template = pb.ProxyToAgent.FromString(encode_event(make_event(), "0" * 32))
         for _ in range(self.n_streams):
-            channel = grpc.aio.insecure_channel(self.target)
+            # one TCP connection per stream, as the pool has one per connection
+            channel = grpc.aio.insecure_channel(
+                self.target, options=[("grpc.use_local_subchannel_pool", 1)]
+            )
             self.channels.append(channel)
             call = channel.stream_stream(
                 PROCESS_STREAM,
