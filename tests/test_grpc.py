@@ -27,6 +27,7 @@ from agentpool import (
     AgentProtocolError,
     ConnectionClosed,
     ConnectionFailed,
+    FlowControlPaused,
     InvalidMessage,
     MessageTooLarge,
     Timeout,
@@ -591,6 +592,26 @@ async def test_pool_features_on_grpc(agent: GrpcAgentProc) -> None:
         # pings in maintenance
         await pool.run_maintenance()
         assert pool.is_agent_healthy("g")
+
+
+async def test_pool_follows_health_and_flow_control_over_grpc(agent: GrpcAgentProc) -> None:
+    cfg = AgentPoolConfig(request_timeout=5.0, connections_per_agent=1, circuit_breaker=None)
+    async with AgentPool(cfg) as pool:
+        await pool.add_agent("g", agent.endpoint)
+        await pool.send_request_headers("g", "f1", hdrs("f1", actions="health:4"))
+        await until(lambda: not pool.is_agent_healthy("g"))
+        # the only connection is unhealthy: requests are refused with a typed error
+        with pytest.raises(ConnectionFailed):
+            await pool.send_request_headers("g", "f3", hdrs("f3"))
+        conn = next(iter(pool._agents["g"].conns)).conn
+        await conn.request(hdrs("f4", actions="health:1,pause"), "f4")
+        await until(lambda: pool.is_agent_healthy("g") and conn.is_paused)
+        with pytest.raises(FlowControlPaused):  # FAIL_CLOSED by default
+            await pool.send_request_headers("g", "f5", hdrs("f5"))
+        await conn.request(hdrs("f6", actions="resume"), "f6")
+        await until(lambda: not conn.is_paused)
+        r = await pool.send_request_headers("g", "f7", hdrs("f7"))
+        assert r.audit.custom["cid"] == "f7"
 
 
 async def test_refused_handshake_is_connection_failed() -> None:
