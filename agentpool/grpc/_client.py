@@ -432,6 +432,8 @@ class GrpcAgentConnection(AgentConnection):
             raise ConnectionFailed(
                 f"{self.endpoint}: gRPC {exc.code().name}: {exc.details()}"
             ) from None
+        except (asyncio.InvalidStateError, grpc.aio.UsageError) as exc:
+            raise ConnectionFailed(f"{self.endpoint}: {type(exc).__name__}: {exc}") from None
         if reply is grpc.aio.EOF:
             raise ConnectionFailed(f"{self.endpoint}: agent ended the stream during the handshake")
         msg = _convert.parse_envelope(reply)
