@@ -154,6 +154,7 @@ async def main() -> None:
     p.add_argument("--mtls", action="store_true")
     p.add_argument("--max-message", type=int, default=None)
     p.add_argument("--refuse", default=None, help="refuse every handshake with this error")
+    p.add_argument("--max-write-buffer", type=int, default=None)
     args = p.parse_args()
     host, _, port = args.listen.rpartition(":")
     ssl = None
@@ -167,6 +168,8 @@ async def main() -> None:
     server = GrpcAgentServer(GrpcTestAgent(args.refuse), host=host, port=int(port), ssl=ssl)
     if args.max_message:
         server.max_message_size = args.max_message
+    if args.max_write_buffer:
+        server.max_write_buffer = args.max_write_buffer
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -7,6 +7,7 @@ messages, the 4 MiB message limit, TLS, the pool on gRPC endpoints and the CLI's
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import subprocess
 import sys
@@ -612,6 +613,60 @@ async def test_pool_follows_health_and_flow_control_over_grpc(agent: GrpcAgentPr
         await until(lambda: not conn.is_paused)
         r = await pool.send_request_headers("g", "f7", hdrs("f7"))
         assert r.audit.custom["cid"] == "f7"
+
+
+def start_agent_logging_to(log: Path, *extra: str) -> subprocess.Popen[str]:
+    """tests/grpc_agent.py with its stderr (the agent's log) in ``log``."""
+    with open(log, "w") as err:
+        return subprocess.Popen(
+            [sys.executable, _AGENT_SCRIPT, "--listen", "127.0.0.1:0", *extra],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            env=GrpcAgentProc()._env(),
+        )
+
+
+async def test_agent_bounds_replies_a_proxy_does_not_read(tmp_path: Path) -> None:
+    """The agent holds at most max_write_buffer bytes of replies for a stalled proxy."""
+    import grpc
+
+    from agentpool.grpc import PROCESS_STREAM
+    from agentpool.grpc import agent_v2_pb2 as pb
+    from agentpool.grpc._convert import encode_event
+
+    log = tmp_path / "agent.log"
+    proc = start_agent_logging_to(log, "--max-write-buffer", "200000")
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), T)
+        endpoint = line.split(" on ", 1)[1].strip()
+        async with grpc.aio.insecure_channel(endpoint.removeprefix("grpc://")) as channel:
+            call = channel.stream_stream(PROCESS_STREAM)()
+            hs = pb.ProxyToAgent()
+            hs.handshake.supported_versions.append(2)
+            await call.write(hs.SerializeToString())
+            await asyncio.wait_for(call.read(), T)
+            big = {"x-big": ["x" * 65536]}
+            sent = 0
+            with contextlib.suppress(asyncio.TimeoutError, grpc.aio.AioRpcError):
+                for i in range(1000):  # until flow control stops us (the agent stops reading)
+                    await asyncio.wait_for(
+                        call.write(encode_event(hdrs(f"f{i}", headers=big), f"f{i}")), 2
+                    )
+                    sent += 1
+            assert sent < 1000
+            await until(lambda: "does not read its replies" in log.read_text())
+        conn = await open_conn(endpoint)  # the agent itself is fine
+        try:
+            assert (await conn.request(hdrs("ok"), "ok")).audit.custom["cid"] == "ok"
+        finally:
+            await closing(conn)
+    finally:
+        proc.kill()
+        proc.wait(5)
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 async def test_refused_handshake_is_connection_failed() -> None:

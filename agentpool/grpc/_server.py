@@ -25,7 +25,7 @@ import orjson
 from ..enums import CancelReason, FlowAction, HealthState, MessageType
 from ..errors import AgentProtocolError
 from ..messages import FlowControlSignal, HealthStatus, MetricsReport, now_ms
-from ..server import Agent, current_session, handle_event
+from ..server import DEFAULT_MAX_WRITE_BUFFER, Agent, current_session, handle_event
 from . import _convert
 from . import agent_v2_pb2 as pb
 from ._client import GrpcTLS, grpc_module
@@ -52,19 +52,41 @@ class GrpcSession:
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Future[None]] = set()
         self._out: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._out_size = 0
+        self._over = False
         self.closed = asyncio.Event()
 
     # -- outbound ---------------------------------------------------------------------------
 
     def write_raw(self, data: bytes) -> None:
         """Queue bytes to send as one message, unchecked."""
-        self._out.put_nowait(data)
+        self._queue(data)
 
     def _send(self, msg: Any) -> None:
-        self._out.put_nowait(msg.SerializeToString())
+        self._queue(msg.SerializeToString())
+
+    def _queue(self, data: bytes) -> None:
+        if self._over:
+            return
+        self._out_size += len(data)
+        if self._out_size > self.server.max_write_buffer:
+            # the proxy stopped reading: drop the stream rather than hold replies forever
+            log.warning(
+                "gRPC proxy %s does not read its replies (%d bytes queued); closing",
+                self.context.peer(),
+                self._out_size,
+            )
+            self._over = True
+            self.close()
+            self._spawn(self._abort("the proxy does not read its replies"))
+            return
+        self._out.put_nowait(data)
 
     def close(self) -> None:
-        """End the stream (after what is queued)."""
+        """End the stream (after what is queued; at once when over the write bound)."""
+        if self._over:
+            while not self._out.empty():
+                self._out.get_nowait()
         self._out.put_nowait(None)
 
     def abort(self) -> None:
@@ -107,6 +129,7 @@ class GrpcSession:
                 item = await self._out.get()
                 if item is None:
                     break
+                self._out_size -= len(item)
                 yield item
         finally:
             reader.cancel()
@@ -228,6 +251,12 @@ class GrpcSession:
             task.cancel()
         self._spawn(self._on_cancel(c.correlation_id, reason))
 
+    async def _abort(self, why: str) -> None:
+        """End the call with RESOURCE_EXHAUSTED, even while a send waits for the proxy."""
+        grpc = grpc_module()
+        with contextlib.suppress(BaseException):
+            await self.context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, why)
+
     def _spawn(self, coro: Any) -> None:
         fut = asyncio.ensure_future(coro)
         self._background.add(fut)
@@ -254,11 +283,19 @@ class GrpcAgentServer:
     ``port`` 0 picks a free port (read :attr:`port` after :meth:`start`). ``ssl``: a
     :class:`GrpcTLS` whose ``certificate_chain``/``private_key`` are the server's (and
     ``root_certificates``, when given, are required of clients), or grpc
-    ``ServerCredentials``. Messages are limited to 4 MiB each way.
+    ``ServerCredentials``. Messages are limited to 4 MiB each way. A proxy that lets more than
+    ``max_write_buffer`` bytes of replies pile up gets no more replies on that stream, which is
+    aborted with RESOURCE_EXHAUSTED (the status reaches the proxy once it reads again).
     """
 
     def __init__(
-        self, agent: Agent, *, host: str = "127.0.0.1", port: int = 0, ssl: Any = None
+        self,
+        agent: Agent,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        ssl: Any = None,
+        max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER,
     ) -> None:
         self.agent = agent
         self.host = host
@@ -266,6 +303,8 @@ class GrpcAgentServer:
         self.ssl = ssl
         #: Largest message sent or received (grpcio's default receive limit).
         self.max_message_size = _convert.MAX_MESSAGE_SIZE
+        #: Replies queued for one proxy that does not read them, beyond which its stream ends.
+        self.max_write_buffer = max_write_buffer
         self._server: Any = None
         self._sessions: set[GrpcSession] = set()
 
