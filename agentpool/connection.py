@@ -248,6 +248,11 @@ class AgentConnection:
                 ssl=ssl,
                 max_abandoned=max_abandoned,
             )
+        if ssl is not None and not isinstance(ssl, _ssl.SSLContext):
+            raise ValueError(
+                f"ssl for {endpoint!r} must be an ssl.SSLContext, not {type(ssl).__name__}"
+                " (GrpcTLS and grpc credentials are for grpcs:// endpoints)"
+            )
         conn = cls(
             endpoint,
             agent_id=agent_id,

@@ -246,7 +246,7 @@ async def test_ssl_option_only_for_grpcs() -> None:
     with pytest.raises(ValueError, match="grpcs://"):
         await AgentConnection.open("grpc://127.0.0.1:1", agent_id="g", ssl=GrpcTLS())
     with pytest.raises(ValueError, match="grpcs://"):
-        await AgentConnection.open("unix:/nonexistent.sock", agent_id="g", ssl=GrpcTLS())
+        await AgentConnection.open("tcp://127.0.0.1:1", agent_id="g", ssl=GrpcTLS())
     with pytest.raises(ValueError, match="v2 only"):
         await AgentConnection.open("grpc://127.0.0.1:1", agent_id="g", protocol="v1")
 

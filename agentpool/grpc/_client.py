@@ -406,7 +406,10 @@ class GrpcAgentConnection(AgentConnection):
             raise
         return conn
 
-    async def _connect(self, proxy_id: str, proxy_version: str, config: Any) -> None:
+    async def _connect(
+        self, proxy_id: str, proxy_version: str, config: Any, ssl: Any = None
+    ) -> None:
+        """Channel, stream and handshake (TLS settings come from the constructor's ``ssl``)."""
         grpc = grpc_module()
         limit = _convert.MAX_MESSAGE_SIZE
         options: list[tuple[str, Any]] = [
