@@ -746,6 +746,35 @@ async def test_tls_and_mutual_tls(tmp_path: Path) -> None:
         proc.cleanup()
 
 
+async def test_cli_agent_serves_grpcs_with_the_tls_options(tmp_path: Path) -> None:
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost")
+    cert.private_key_pem.write_to_path(str(tmp_path / "k.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "c.pem"))
+    proc = AgentProc(
+        "waf",
+        tcp=True,
+        extra_args=(
+            "--grpc", "127.0.0.1:0",
+            "--tls-cert", str(tmp_path / "c.pem"), "--tls-key", str(tmp_path / "k.pem"),
+        ),
+    )  # fmt: skip
+    proc.start()
+    try:
+        await proc.await_ready()
+        assert proc.endpoint.startswith("grpcs://")
+        tls = GrpcTLS(root_certificates=ca.cert_pem.bytes(), server_hostname="localhost")
+        conn = await open_conn(proc.endpoint, ssl=tls)
+        try:
+            r = await conn.request(hdrs("c1", "/admin"), "c1")
+            assert r.decision == Block(status=403, body="Forbidden")
+        finally:
+            await closing(conn)
+    finally:
+        proc.cleanup()
+
+
 async def test_cli_agent_serves_grpc_and_uds_with_the_same_handlers() -> None:
     proc = AgentProc("waf", extra_args=("--grpc", "127.0.0.1:0"))
     proc.start()
