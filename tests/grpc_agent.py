@@ -7,7 +7,8 @@ headers, as for the UDS control agent: ``x-test-delay: <s>`` waits before answer
 ``metrics``, ``no-reply``, ``exit`` (kill the process), ``close`` (end the stream),
 ``garbage`` (a message that is not an AgentToProxy), ``no-decision`` (an AgentResponse with
 this correlation id and no decision), ``huge`` (a reply over 4 MiB), ``mutate`` (a reply with
-a body mutation, which gRPC cannot carry), ``cancelled`` (reply listing the cancels seen).
+a body mutation, which gRPC cannot carry), ``cancelled`` (reply listing the cancels seen),
+``peak`` (reply with the most handlers that ran at once).
 Replies carry ``audit.custom["cid"]``, ``["pid"]`` and ``["headers"]`` (the request headers as
 JSON). URIs starting with ``/admin`` are blocked 403 and ``/old`` redirected 301. Request body
 chunks ask for more until the last one, then block if the body contains ``evil``.
@@ -56,6 +57,8 @@ class GrpcTestAgent(Agent):
         self.cancelled: list[str] = []
         self.bodies: dict[str, bytearray] = {}
         self.refuse = refuse
+        self.running = 0
+        self.peak = 0
 
     def on_handshake(self, request: HandshakeRequest) -> str | None:
         return self.refuse
@@ -69,6 +72,14 @@ class GrpcTestAgent(Agent):
         return AuditMetadata(tags=["grpc-test"], custom=custom)
 
     async def on_request_headers(self, event: RequestHeadersEvent) -> AgentResponse:
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        try:
+            return await self._headers(event)
+        finally:
+            self.running -= 1
+
+    async def _headers(self, event: RequestHeadersEvent) -> AgentResponse:
         headers = event.headers
         cid = event.metadata.correlation_id
         delay = headers.get("x-test-delay")
@@ -115,6 +126,8 @@ class GrpcTestAgent(Agent):
                     return AgentResponse(request_body_mutation=BodyMutation.replace(0, "changed"))
                 elif action == "cancelled":
                     extra["cancelled"] = ",".join(self.cancelled)
+                elif action == "peak":
+                    extra["peak"] = self.peak
         path = event.uri.split("?", 1)[0]
         if path.startswith("/admin"):
             return AgentResponse(
@@ -155,6 +168,7 @@ async def main() -> None:
     p.add_argument("--max-message", type=int, default=None)
     p.add_argument("--refuse", default=None, help="refuse every handshake with this error")
     p.add_argument("--max-write-buffer", type=int, default=None)
+    p.add_argument("--max-concurrency", type=int, default=None)
     args = p.parse_args()
     host, _, port = args.listen.rpartition(":")
     ssl = None
@@ -165,7 +179,10 @@ async def main() -> None:
             private_key=(d / "server.key").read_bytes(),
             root_certificates=(d / "ca.pem").read_bytes() if args.mtls else None,
         )
-    server = GrpcAgentServer(GrpcTestAgent(args.refuse), host=host, port=int(port), ssl=ssl)
+    agent = GrpcTestAgent(args.refuse)
+    if args.max_concurrency:
+        agent.max_concurrency = args.max_concurrency
+    server = GrpcAgentServer(agent, host=host, port=int(port), ssl=ssl)
     if args.max_message:
         server.max_message_size = args.max_message
     if args.max_write_buffer:

@@ -488,9 +488,9 @@ async def test_malformed_messages(agent: GrpcAgentProc) -> None:
         # bytes that are not an AgentToProxy cannot be attributed: dropped, request times out
         with pytest.raises(Timeout):
             await conn.request(hdrs("n2", actions="garbage"), "n2", timeout=0.3)
-        # a reply the agent could not express on gRPC is not sent: a timeout, not an Allow
-        with pytest.raises(Timeout):
-            await conn.request(hdrs("n3", actions="mutate"), "n3", timeout=0.3)
+        # a reply the agent cannot express on gRPC becomes its error policy's Block, never Allow
+        r = await conn.request(hdrs("n3", actions="mutate"), "n3")
+        assert r.decision == Block(status=500) and r.audit.tags == ["agent-error"]
         r = await conn.request(hdrs("n4"), "n4")
         assert r.audit.custom["cid"] == "n4" and conn.is_connected
     finally:
@@ -667,6 +667,23 @@ async def test_agent_bounds_replies_a_proxy_does_not_read(tmp_path: Path) -> Non
         proc.wait(5)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+async def test_agent_side_runs_at_most_max_concurrency_handlers() -> None:
+    proc = await spawn("--max-concurrency", "2")
+    try:
+        conn = await open_conn(proc.endpoint)
+        try:
+            assert conn.capabilities is not None
+            assert conn.capabilities.features.concurrent_requests == 2
+            futs = [conn.send(hdrs(f"p{i}", delay=0.1), f"p{i}") for i in range(6)]
+            assert len(await asyncio.wait_for(asyncio.gather(*futs), T)) == 6
+            r = await conn.request(hdrs("q", actions="peak"), "q")
+            assert r.audit.custom["peak"] == "2"
+        finally:
+            await closing(conn)
+    finally:
+        proc.cleanup()
 
 
 async def test_refused_handshake_is_connection_failed() -> None:

@@ -7,9 +7,10 @@ agent server: events before a successful handshake are ignored; pings are answer
 Pong; Cancel cancels the running handler (no reply); Configure runs ``on_configure`` without
 a reply (the gRPC message has no correlation id); guardrail and WebSocket events are not
 served (their replies cannot be expressed on gRPC) and get no reply. Events of one stream are
-handled concurrently and answered in completion order. A reply that gRPC cannot carry (a body
-mutation, a WebSocket decision) is logged and not sent: the proxy times out instead of
-receiving a verdict that lost part of its meaning.
+handled concurrently (at most ``Agent.max_concurrency`` at once) and answered in completion
+order. A reply that gRPC cannot carry (a body mutation, a WebSocket decision) is logged and
+replaced by the error policy's answer (Block 500 by default), never sent with part of its
+meaning lost.
 """
 
 from __future__ import annotations
@@ -25,7 +26,13 @@ import orjson
 from ..enums import CancelReason, FlowAction, HealthState, MessageType
 from ..errors import AgentProtocolError
 from ..messages import FlowControlSignal, HealthStatus, MetricsReport, now_ms
-from ..server import DEFAULT_MAX_WRITE_BUFFER, Agent, current_session, handle_event
+from ..server import (
+    DEFAULT_MAX_WRITE_BUFFER,
+    Agent,
+    ErrorPolicy,
+    current_session,
+    handle_event,
+)
 from . import _convert
 from . import agent_v2_pb2 as pb
 from ._client import GrpcTLS, grpc_module
@@ -50,6 +57,8 @@ class GrpcSession:
         self.context = context
         self.handshaken = False
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.on_error: ErrorPolicy = server.on_error or server.agent.on_error
+        self._slots = asyncio.Semaphore(max(1, int(server.agent.max_concurrency)))
         self._background: set[asyncio.Future[None]] = set()
         self._out: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._out_size = 0
@@ -139,9 +148,13 @@ class GrpcSession:
             self.closed.set()
 
     async def _read(self, request_iterator: Any) -> None:
+        slots = self._slots
         try:
             async for raw in request_iterator:
-                self._on_message(raw)
+                # at most max_concurrency handlers: past that, stop reading (flow control)
+                await slots.acquire()
+                if not self._on_message(raw):
+                    slots.release()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -151,20 +164,21 @@ class GrpcSession:
             await asyncio.gather(*self.tasks.values(), return_exceptions=True)
         self.close()
 
-    def _on_message(self, raw: bytes) -> None:
+    def _on_message(self, raw: bytes) -> bool:
+        """Handle one message; True when it started a handler (which frees a slot when done)."""
         msg = pb.ProxyToAgent()
         try:
             msg.ParseFromString(raw)
         except Exception as exc:
             log.warning("undecodable ProxyToAgent message from %s: %s", self.context.peer(), exc)
-            return
+            return False
         which = msg.WhichOneof("message")
         if not self.handshaken:
             if which == "handshake":
                 self._handshake(msg.handshake)
             else:
                 log.warning("gRPC %s before the handshake ignored", which)
-            return
+            return False
         if which == "ping":
             reply = pb.AgentToProxy()
             reply.pong.sequence = msg.ping.sequence
@@ -180,10 +194,10 @@ class GrpcSession:
                 item = _convert.event_from_proto(msg)
             except AgentProtocolError as exc:
                 log.warning("bad gRPC %s event: %s", which, exc)
-                return
+                return False
             if item is None:
                 log.warning("gRPC %s is not served over gRPC; no reply", which)
-                return
+                return False
             msg_type, event = item
             cid = str(event.correlation_id)
             token = current_session.set(self)  # type: ignore[arg-type]
@@ -193,6 +207,8 @@ class GrpcSession:
                 current_session.reset(token)
             self.tasks[cid] = task
             task.add_done_callback(functools.partial(self._task_done, cid))
+            return True
+        return False
 
     def _handshake(self, req: Any) -> None:
         from ..messages import HandshakeRequest
@@ -229,16 +245,19 @@ class GrpcSession:
         self.handshaken = True
 
     def _task_done(self, cid: str, task: asyncio.Task[None]) -> None:
+        self._slots.release()
         if self.tasks.get(cid) is task:
             del self.tasks[cid]
 
     async def _run(self, msg_type: MessageType, event: Any, cid: str) -> None:
-        response = await handle_event(self.agent, msg_type, event, cid)
+        policy = self.on_error
+        response = await handle_event(self.agent, msg_type, event, cid, policy)
         try:
             reply = _convert.response_to_proto(response, cid)
         except AgentProtocolError as exc:
-            log.error("reply to %r not sent: %s", cid, exc)
-            return
+            # gRPC cannot carry what the handler decided: answer the error policy instead
+            log.error("reply to %r cannot be sent over gRPC (%s); answering %s", cid, exc, policy)
+            reply = _convert.response_to_proto(policy.response(msg_type), cid)
         self._send(reply)
 
     def _cancel(self, c: Any) -> None:
@@ -285,7 +304,10 @@ class GrpcAgentServer:
     ``root_certificates``, when given, are required of clients), or grpc
     ``ServerCredentials``. Messages are limited to 4 MiB each way. A proxy that lets more than
     ``max_write_buffer`` bytes of replies pile up gets no more replies on that stream, which is
-    aborted with RESOURCE_EXHAUSTED (the status reaches the proxy once it reads again).
+    aborted with RESOURCE_EXHAUSTED (the status reaches the proxy once it reads again). As on
+    :class:`~agentpool.server.AgentServer`, a stream runs at most ``agent.max_concurrency``
+    handlers at once (then stops reading), and ``on_error`` (default: the agent's) answers
+    failed handlers, and replies that gRPC cannot carry.
     """
 
     def __init__(
@@ -296,11 +318,15 @@ class GrpcAgentServer:
         port: int = 0,
         ssl: Any = None,
         max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER,
+        on_error: ErrorPolicy | None = None,
     ) -> None:
+        if on_error is not None and not isinstance(on_error, ErrorPolicy):
+            raise TypeError(f"on_error must be an ErrorPolicy, not {type(on_error).__name__}")
         self.agent = agent
         self.host = host
         self.port = port
         self.ssl = ssl
+        self.on_error = on_error
         #: Largest message sent or received (grpcio's default receive limit).
         self.max_message_size = _convert.MAX_MESSAGE_SIZE
         #: Replies queued for one proxy that does not read them, beyond which its stream ends.
