@@ -267,8 +267,16 @@ class _StreamTransport(asyncio.Transport):
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            # A failed write ends the call; the reader reports the call's status.
+            # The call is over (or unusable): fail everything waiting on it, typed.
             log.debug("agent %s: gRPC write failed: %r", self._conn.agent_id, exc)
+            if self._closing:
+                self._teardown()
+            elif isinstance(exc, grpc_module().aio.AioRpcError):
+                self._core.abort(_rpc_error(exc, self._conn.endpoint))
+            else:
+                self._core.abort(
+                    ConnectionClosed(f"{self._conn.endpoint}: gRPC write failed: {exc!r}")
+                )
             return
         self._teardown()
 
