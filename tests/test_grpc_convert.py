@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("google.protobuf")
 
-from agentpool import InvalidMessage, MessageTooLarge, WrongConnectionType
+from agentpool import AgentProtocolError, InvalidMessage, MessageTooLarge, WrongConnectionType
 from agentpool.enums import CancelReason, FlowAction, HealthState, MessageType
 from agentpool.grpc import _convert
 from agentpool.grpc import agent_v2_pb2 as pb
@@ -228,3 +230,42 @@ def test_config_update_requests_from_the_agent() -> None:
     bad_flow.flow_control.action = 9
     with pytest.raises(InvalidMessage, match="flow action"):
         _convert.control_from_proto(bad_flow)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_any_bytes_from_an_agent_give_a_reply_or_a_typed_error(raw: bytes) -> None:
+    """What the proxy side does with an agent's message never fails untyped."""
+    try:
+        env = _convert.parse_envelope(raw)
+    except AgentProtocolError:
+        return
+    try:
+        if env.WhichOneof("message") == "response":
+            cid, resp = _convert.decode_response(raw)
+            assert isinstance(cid, str) and isinstance(resp, AgentResponse)
+        else:
+            _convert.control_from_proto(env)
+    except AgentProtocolError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    method=st.text(max_size=10),
+    uri=st.text(max_size=40),
+    headers=st.dictionaries(
+        st.text(min_size=1, max_size=12), st.lists(st.text(max_size=20), min_size=1, max_size=3)
+    ),
+    port=st.integers(0, 65535),
+)
+def test_request_headers_roundtrip(
+    method: str, uri: str, headers: dict[str, list[str]], port: int
+) -> None:
+    meta = RequestMetadata(correlation_id="c", request_id="r", client_ip="ip", client_port=port)
+    event = RequestHeadersEvent(metadata=meta, method=method, uri=uri, headers=headers)
+    msg = pb.ProxyToAgent.FromString(_convert.encode_event(event, "c"))
+    kind, back = _convert.event_from_proto(msg)  # type: ignore[misc]
+    assert kind == MessageType.REQUEST_HEADERS
+    assert (back.method, back.uri, back.headers) == (method, uri, headers)
+    assert back.metadata.client_port == port and back.metadata.correlation_id == "c"
