@@ -855,6 +855,12 @@ async def test_agent_side_ignores_garbage_and_events_before_the_handshake(
         await call.write(encode_event(hdrs("late"), "late"))
         reply = pb.AgentToProxy.FromString(await asyncio.wait_for(call.read(), T))
         assert reply.response.correlation_id == "late"  # nothing answered "early"
+        # the largest timestamp still reads (its RFC 3339 form is far in the future)
+        odd = pb.ProxyToAgent.FromString(encode_event(hdrs("odd"), "odd"))
+        odd.request_headers.metadata.timestamp_ms = 2**64 - 1
+        await call.write(odd.SerializeToString())
+        reply = pb.AgentToProxy.FromString(await asyncio.wait_for(call.read(), T))
+        assert reply.response.correlation_id == "odd" and reply.response.HasField("allow")
         await call.done_writing()
         assert await asyncio.wait_for(call.read(), T) is grpc.aio.EOF
 

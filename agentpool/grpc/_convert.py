@@ -82,7 +82,34 @@ def _now_ms() -> int:
 
 def _rfc3339(ms: int) -> str:
     secs, frac = divmod(ms, 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{frac:03d}000000+00:00"
+    try:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
+    except (OverflowError, OSError, ValueError):
+        raise InvalidMessage(f"timestamp_ms {ms} is out of range", field="timestamp_ms") from None
+    return text + f".{frac:03d}000000+00:00"
+
+
+_EVENT_TYPES = {
+    "request_headers": MessageType.REQUEST_HEADERS,
+    "request_body_chunk": MessageType.REQUEST_BODY_CHUNK,
+    "response_headers": MessageType.RESPONSE_HEADERS,
+    "response_body_chunk": MessageType.RESPONSE_BODY_CHUNK,
+    "request_complete": MessageType.REQUEST_COMPLETE,
+    "websocket_frame": MessageType.WEBSOCKET_FRAME,
+    "guardrail": MessageType.GUARDRAIL_INSPECT,
+}
+
+
+def event_kind(msg: Any) -> tuple[MessageType, str] | None:
+    """``(UDS message type, correlation id)`` of an event ``ProxyToAgent``; None otherwise."""
+    which = msg.WhichOneof("message")
+    kind = _EVENT_TYPES.get(which)
+    if kind is None:
+        return None
+    inner = getattr(msg, which)
+    if which == "request_headers":
+        return kind, inner.metadata.correlation_id
+    return kind, inner.correlation_id
 
 
 # -- proxy side: events out ------------------------------------------------------------------

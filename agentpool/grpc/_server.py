@@ -153,7 +153,12 @@ class GrpcSession:
             async for raw in request_iterator:
                 # at most max_concurrency handlers: past that, stop reading (flow control)
                 await slots.acquire()
-                if not self._on_message(raw):
+                try:
+                    started = self._on_message(raw)
+                except Exception:
+                    log.exception("error handling a gRPC message from %s", self.context.peer())
+                    started = False
+                if not started:
                     slots.release()
         except asyncio.CancelledError:
             raise
@@ -193,7 +198,17 @@ class GrpcSession:
             try:
                 item = _convert.event_from_proto(msg)
             except AgentProtocolError as exc:
-                log.warning("bad gRPC %s event: %s", which, exc)
+                kind = _convert.event_kind(msg)
+                if kind is None:
+                    log.warning("bad gRPC %s message: %s", which, exc)
+                    return False
+                # an event that cannot be read is answered by the error policy, as on UDS
+                msg_type, cid = kind
+                log.warning(
+                    "cannot decode gRPC %s %r (%s); answering %s", which, cid, exc, self.on_error
+                )
+                resp = self.on_error.response(msg_type, "decode-error")
+                self._send(_convert.response_to_proto(resp, cid))
                 return False
             if item is None:
                 log.warning("gRPC %s is not served over gRPC; no reply", which)
