@@ -346,6 +346,7 @@ class GrpcAgentConnection(AgentConnection):
         request_timeout: float = 30.0,
         listener: Any = None,
         ssl: Any = None,
+        **options: Any,
     ) -> None:
         super().__init__(
             endpoint,
@@ -353,6 +354,7 @@ class GrpcAgentConnection(AgentConnection):
             protocol="v2",
             request_timeout=request_timeout,
             listener=listener,
+            **options,
         )
         self._secure, self._target = parse_grpc_endpoint(endpoint)
         if ssl is not None and not self._secure:
@@ -386,10 +388,12 @@ class GrpcAgentConnection(AgentConnection):
         config: Any = None,
         listener: Any = None,
         ssl: Any = None,
+        **options: Any,
     ) -> GrpcAgentConnection:
         """Open the channel and the stream and handshake, all within ``connect_timeout``.
 
-        ``encoding`` is ignored (gRPC is protobuf); ``protocol`` must be ``"v2"``.
+        ``encoding`` is ignored (gRPC is protobuf); ``protocol`` must be ``"v2"``; other
+        keyword ``options`` go to :class:`~agentpool.connection.AgentConnection` (its core).
         """
         if protocol != "v2":
             raise ValueError(f"gRPC endpoints speak protocol v2 only, not {protocol!r}")
@@ -399,6 +403,7 @@ class GrpcAgentConnection(AgentConnection):
             request_timeout=request_timeout,
             listener=listener,
             ssl=ssl,
+            **options,
         )
         try:
             await asyncio.wait_for(

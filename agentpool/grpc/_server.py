@@ -87,7 +87,6 @@ class GrpcSession:
             )
             self._over = True
             self.close()
-            self._spawn(self._abort("the proxy does not read its replies"))
             return
         self._out.put_nowait(data)
 
@@ -140,6 +139,11 @@ class GrpcSession:
                     break
                 self._out_size -= len(item)
                 yield item
+            if self._over:
+                grpc = grpc_module()
+                await self.context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, "the proxy does not read its replies"
+                )
         finally:
             reader.cancel()
             for task in list(self.tasks.values()):
@@ -284,12 +288,6 @@ class GrpcSession:
         if task is not None:
             task.cancel()
         self._spawn(self._on_cancel(c.correlation_id, reason))
-
-    async def _abort(self, why: str) -> None:
-        """End the call with RESOURCE_EXHAUSTED, even while a send waits for the proxy."""
-        grpc = grpc_module()
-        with contextlib.suppress(BaseException):
-            await self.context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, why)
 
     def _spawn(self, coro: Any) -> None:
         fut = asyncio.ensure_future(coro)
