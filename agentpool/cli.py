@@ -264,13 +264,14 @@ def _run_agent(args: argparse.Namespace) -> int:
             "(or --grpc, alone or with --socket/--tcp)",
         )
     if args.grpc:
+        import importlib.util
+
         try:
-            import google.protobuf  # noqa: F401
-            import grpc  # noqa: F401
+            missing = not all(importlib.util.find_spec(m) for m in ("grpc", "google.protobuf"))
         except ImportError:
-            raise CommandError(
-                "--grpc needs grpcio and protobuf: pip install 'agentpool[grpc]'"
-            ) from None
+            missing = True
+        if missing:
+            raise CommandError("--grpc needs grpcio and protobuf: pip install 'agentpool[grpc]'")
         host, port = args.grpc
         args.grpc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     for option in ("tls_cert", "tls_key", "tls_ca"):

@@ -554,7 +554,7 @@ async def test_agent_killed_mid_flight_then_pool_reconnects() -> None:
                 await pool.send_request_headers("g", "down", hdrs("down"))
             await proc.arestart()
             await asyncio.sleep(0.1)
-            await pool.run_maintenance()
+            await pool.run_maintenance_once()
             assert pool.is_agent_healthy("g")
             r = await pool.send_request_headers("g", "back", hdrs("back"))
             assert r.audit.custom["pid"] == str(proc.pid)
@@ -592,7 +592,7 @@ async def test_pool_features_on_grpc(agent: GrpcAgentProc) -> None:
         snap = pool.protocol_metrics.snapshot()
         assert snap.requests_total == snap.responses_total >= 2
         # pings in maintenance
-        await pool.run_maintenance()
+        await pool.run_maintenance_once()
         assert pool.is_agent_healthy("g")
 
 
