@@ -193,7 +193,7 @@ class AgentConnection:
                 max_abandoned=max_abandoned,
             )
             self._core.set_encoder(self._encode_event)
-            self._core.set_cancel_encoder(_cancel_payload)
+            self._core.set_cancel_encoder(self._encode_cancel)
             self.submit = self._core.send_event
         else:
             self.submit = self.send
@@ -597,7 +597,7 @@ class AgentConnection:
         error = RequestCancelled(f"request {correlation_id} cancelled")
         if c.cancel(correlation_id, int(reason), error):
             return True
-        c.write_frame(MessageType.CANCEL, _cancel_payload(correlation_id, int(reason)))
+        c.write_frame(MessageType.CANCEL, self._encode_cancel(correlation_id, int(reason)))
         return False
 
     async def cancel_all(self, reason: CancelReason = CancelReason.MANUAL) -> int:
@@ -620,7 +620,7 @@ class AgentConnection:
         t0 = time.perf_counter()
         self._pings[seq] = (fut, t0)
         try:
-            self._core.write_frame(MessageType.PING, _codec.encode_ping(seq, _now_ms()))
+            self._core.write_frame(MessageType.PING, self._encode_ping(seq))
             t = self.request_timeout if timeout is None else timeout
             try:
                 rtt = await asyncio.wait_for(fut, t)
@@ -630,6 +630,16 @@ class AgentConnection:
             self._pings.pop(seq, None)
         self.last_rtt = rtt
         return rtt
+
+    # Payloads of the control frames the connection writes itself; a transport with another
+    # encoding (agentpool.grpc) overrides these two.
+    @staticmethod
+    def _encode_cancel(correlation_id: str, reason: int) -> bytes:
+        return _cancel_payload(correlation_id, reason)
+
+    @staticmethod
+    def _encode_ping(sequence: int) -> bytes:
+        return _codec.encode_ping(sequence, _now_ms())
 
     # -- closing ---------------------------------------------------------------------------
 

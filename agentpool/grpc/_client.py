@@ -24,7 +24,7 @@ from typing import Any
 
 from .._version import __version__
 from ..connection import AgentConnection
-from ..enums import CancelReason, EventType, FlowAction, HealthState, MessageType
+from ..enums import EventType, FlowAction, HealthState, MessageType
 from ..errors import (
     AgentProtocolError,
     ConnectionClosed,
@@ -364,11 +364,6 @@ class GrpcAgentConnection(AgentConnection):
         self._encode_event = _convert.encode_event
         self._core.set_encoder(_convert.encode_event)
         self._core.set_decoder(_convert.decode_response)
-        # A core that sends Cancel frames by itself (for requests it abandons) must write
-        # them in the gRPC encoding too: every frame on this stream is a ProxyToAgent message.
-        set_cancel_encoder = getattr(self._core, "set_cancel_encoder", None)
-        if set_cancel_encoder is not None:
-            set_cancel_encoder(_convert.encode_cancel)
         self._channel: Any = None
         self._call: Any = None
         self._channel_closed: asyncio.Future[None] | None = None
@@ -480,40 +475,9 @@ class GrpcAgentConnection(AgentConnection):
 
     # -- overrides: messages in the gRPC encoding ----------------------------------------------
 
-    async def cancel(self, correlation_id: str, reason: CancelReason = CancelReason.MANUAL) -> bool:
-        """Send Cancel for ``correlation_id`` and fail its local waiter (ConnectionClosed)."""
-        c = self._core
-        if c.closed:
-            return False
-        error = ConnectionClosed(f"request {correlation_id} cancelled")
-        core_cancel = getattr(c, "cancel", None)
-        if core_cancel is not None:
-            # the core fails the waiter, keeps the reply it owes from answering anything
-            # else and queues the Cancel itself (with the encoder set above)
-            if core_cancel(correlation_id, int(reason), error):
-                return True
-            c.write_frame(MessageType.CANCEL, _convert.encode_cancel(correlation_id, reason))
-            return False
-        c.write_frame(MessageType.CANCEL, _convert.encode_cancel(correlation_id, reason))
-        return bool(c.fail_waiter(correlation_id, error))
-
-    async def ping(self, timeout: float | None = None) -> float:
-        """Round-trip a Ping; returns (and stores in ``last_rtt``) the RTT in seconds."""
-        seq = next(self._ping_seq)
-        fut: asyncio.Future[float] = self._loop.create_future()
-        t0 = time.perf_counter()
-        self._pings[seq] = (fut, t0)
-        try:
-            self._core.write_frame(MessageType.PING, _convert.encode_ping(seq))
-            t = self.request_timeout if timeout is None else timeout
-            try:
-                rtt = await asyncio.wait_for(fut, t)
-            except asyncio.TimeoutError:
-                raise Timeout(t) from None
-        finally:
-            self._pings.pop(seq, None)
-        self.last_rtt = rtt
-        return rtt
+    # Cancel and Ping are written (by the connection and by the core) in the gRPC encoding.
+    _encode_cancel = staticmethod(_convert.encode_cancel)
+    _encode_ping = staticmethod(_convert.encode_ping)
 
     def close(self) -> None:
         """Fail every waiter with ConnectionClosed and close the stream; idempotent."""
