@@ -237,7 +237,7 @@ def _agent_arguments(p: argparse.ArgumentParser) -> None:
         "--tls-cert",
         metavar="PEM",
         default=None,
-        help="serve --tcp over TLS with this PEM chain (--reverse: our client certificate)",
+        help="serve --tcp/--grpc over TLS with this PEM chain (--reverse: our client certificate)",
     )
     tls.add_argument("--tls-key", metavar="PEM", default=None, help="private key for --tls-cert")
     tls.add_argument(
