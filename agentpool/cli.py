@@ -183,7 +183,9 @@ _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 def _agent_arguments(p: argparse.ArgumentParser) -> None:
     from .examples import EXAMPLES
 
-    where = p.add_argument_group("where to serve (exactly one)")
+    where = p.add_argument_group(
+        "where to serve (one of --socket, --tcp, --reverse; --grpc alone or with --socket/--tcp)"
+    )
     where.add_argument("--socket", "--uds", metavar="PATH", help="Unix socket path to listen on")
     where.add_argument(
         "--tcp", metavar="HOST:PORT", type=_host_port, help="listen on TCP (port 0 = any)"
@@ -193,6 +195,12 @@ def _agent_arguments(p: argparse.ArgumentParser) -> None:
         metavar="TARGET",
         type=_endpoint,
         help="dial a proxy's reverse listener instead (unix:/path, host:port, tls://host:port)",
+    )
+    where.add_argument(
+        "--grpc",
+        metavar="HOST:PORT",
+        type=_host_port,
+        help="serve gRPC (zentinel.agent.v2.AgentServiceV2; port 0 = any; needs agentpool[grpc])",
     )
     p.add_argument("--example", default="waf", choices=sorted(EXAMPLES), help="agent to run")
     p.add_argument(
@@ -224,12 +232,12 @@ def _agent_arguments(p: argparse.ArgumentParser) -> None:
         "--v1-reply-version", type=int, default=2, help="v1: version field of the replies"
     )
     p.add_argument("--v1-sdk-replies", action="store_true", help="v1: SDK-style replies")
-    tls = p.add_argument_group("TLS (with --tcp or --reverse)")
+    tls = p.add_argument_group("TLS (with --tcp, --grpc or --reverse)")
     tls.add_argument(
         "--tls-cert",
         metavar="PEM",
         default=None,
-        help="serve --tcp over TLS with this PEM chain (--reverse: our client certificate)",
+        help="serve --tcp/--grpc over TLS with this PEM chain (--reverse: our client certificate)",
     )
     tls.add_argument("--tls-key", metavar="PEM", default=None, help="private key for --tls-cert")
     tls.add_argument(
@@ -247,10 +255,25 @@ def _run_agent(args: argparse.Namespace) -> int:
     given = [opt for opt in ("socket", "tcp", "reverse") if getattr(args, opt)]
     if (args.tls_key or (args.tls_ca and not args.reverse)) and not args.tls_cert:
         _usage_error(args, "--tls-key and --tls-ca need --tls-cert")
-    if (args.tls_cert or args.tls_ca) and args.socket:
-        _usage_error(args, "TLS options need --tcp or --reverse")
-    if len(given) != 1:
-        _usage_error(args, "give exactly one of --socket, --tcp or --reverse")
+    if (args.tls_cert or args.tls_ca) and args.socket and not args.grpc:
+        _usage_error(args, "TLS options need --tcp, --grpc or --reverse")
+    if len(given) > 1 or (not given and not args.grpc) or (args.grpc and args.reverse):
+        _usage_error(
+            args,
+            "give exactly one of --socket, --tcp or --reverse "
+            "(or --grpc, alone or with --socket/--tcp)",
+        )
+    if args.grpc:
+        import importlib.util
+
+        try:
+            missing = not all(importlib.util.find_spec(m) for m in ("grpc", "google.protobuf"))
+        except ImportError:
+            missing = True
+        if missing:
+            raise CommandError("--grpc needs grpcio and protobuf: pip install 'agentpool[grpc]'")
+        host, port = args.grpc
+        args.grpc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     for option in ("tls_cert", "tls_key", "tls_ca"):
         path = getattr(args, option)
         if path and not os.path.isfile(path):

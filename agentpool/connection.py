@@ -125,6 +125,11 @@ def _clip(text: str) -> str:
     return f"{text[:_MAX_QUOTED]}... ({len(text)} characters)"
 
 
+def _is_grpc(endpoint: str) -> bool:
+    """gRPC endpoints are served by agentpool.grpc (imported lazily, with grpcio)."""
+    return endpoint.lstrip().startswith(("grpc://", "grpcs://"))
+
+
 class AgentConnection:
     """One live connection to an agent: requests multiplexed by correlation id.
 
@@ -188,7 +193,7 @@ class AgentConnection:
                 max_abandoned=max_abandoned,
             )
             self._core.set_encoder(self._encode_event)
-            self._core.set_cancel_encoder(_cancel_payload)
+            self._core.set_cancel_encoder(self._encode_cancel)
             self.submit = self._core.send_event
         else:
             self.submit = self.send
@@ -209,7 +214,7 @@ class AgentConnection:
         proxy_version: str = __version__,
         config: Any = None,
         listener: Any = None,
-        ssl: _ssl.SSLContext | None = None,
+        ssl: Any = None,
         max_abandoned: int = 1024,
     ) -> AgentConnection:
         """Connect to ``endpoint`` and handshake, all within ``connect_timeout`` seconds.
@@ -223,7 +228,31 @@ class AgentConnection:
         VersionMismatch (the agent chose a protocol version that was not offered), Timeout
         (connect + handshake too slow), ConnectionClosed (closed during the handshake),
         InvalidMessage / MessageTooLarge (the agent sent something that is not a handshake).
+        ``grpc://`` / ``grpcs://`` endpoints open an :class:`agentpool.grpc.GrpcAgentConnection`
+        (for ``grpcs://``, ``ssl`` may also be an :class:`agentpool.grpc.GrpcTLS`); grpcio is
+        imported only then.
         """
+        if _is_grpc(endpoint):
+            from .grpc import GrpcAgentConnection
+
+            return await GrpcAgentConnection.open(
+                endpoint,
+                agent_id=agent_id,
+                protocol=protocol,
+                connect_timeout=connect_timeout,
+                request_timeout=request_timeout,
+                proxy_id=proxy_id,
+                proxy_version=proxy_version,
+                config=config,
+                listener=listener,
+                ssl=ssl,
+                max_abandoned=max_abandoned,
+            )
+        if ssl is not None and not isinstance(ssl, _ssl.SSLContext):
+            raise ValueError(
+                f"ssl for {endpoint!r} must be an ssl.SSLContext, not {type(ssl).__name__}"
+                " (GrpcTLS and grpc credentials are for grpcs:// endpoints)"
+            )
         conn = cls(
             endpoint,
             agent_id=agent_id,
@@ -568,7 +597,7 @@ class AgentConnection:
         error = RequestCancelled(f"request {correlation_id} cancelled")
         if c.cancel(correlation_id, int(reason), error):
             return True
-        c.write_frame(MessageType.CANCEL, _cancel_payload(correlation_id, int(reason)))
+        c.write_frame(MessageType.CANCEL, self._encode_cancel(correlation_id, int(reason)))
         return False
 
     async def cancel_all(self, reason: CancelReason = CancelReason.MANUAL) -> int:
@@ -591,7 +620,7 @@ class AgentConnection:
         t0 = time.perf_counter()
         self._pings[seq] = (fut, t0)
         try:
-            self._core.write_frame(MessageType.PING, _codec.encode_ping(seq, _now_ms()))
+            self._core.write_frame(MessageType.PING, self._encode_ping(seq))
             t = self.request_timeout if timeout is None else timeout
             try:
                 rtt = await asyncio.wait_for(fut, t)
@@ -601,6 +630,16 @@ class AgentConnection:
             self._pings.pop(seq, None)
         self.last_rtt = rtt
         return rtt
+
+    # Payloads of the control frames the connection writes itself; a transport with another
+    # encoding (agentpool.grpc) overrides these two.
+    @staticmethod
+    def _encode_cancel(correlation_id: str, reason: int) -> bytes:
+        return _cancel_payload(correlation_id, reason)
+
+    @staticmethod
+    def _encode_ping(sequence: int) -> bytes:
+        return _codec.encode_ping(sequence, _now_ms())
 
     # -- closing ---------------------------------------------------------------------------
 

@@ -455,12 +455,15 @@ class AgentPool:
         endpoint: str,
         *,
         protocol: str = "v2",
-        ssl: _ssl.SSLContext | None = None,
+        ssl: Any = None,
     ) -> None:
         """Open ``connections_per_agent`` connections to ``endpoint`` concurrently.
 
         ``ssl`` (an :class:`ssl.SSLContext`, e.g. from :func:`agentpool.tls.client_context`)
         or a ``tls://host:port`` endpoint connects over TLS; reconnects use the same context.
+        ``grpc://host:port`` and ``grpcs://host:port`` endpoints speak gRPC (``pip install
+        'agentpool[grpc]'``); for ``grpcs://``, ``ssl`` may also be an
+        :class:`agentpool.grpc.GrpcTLS` (see docs/protocol.md, "gRPC transport").
 
         An agent that cannot be reached is still registered (unhealthy) and reconnected by
         maintenance, as upstream 0.6.41 does; an endpoint that can never work (bad syntax,

@@ -1146,6 +1146,9 @@ async def _serve(args: argparse.Namespace) -> None:
     if args.reverse:
         await _serve_reverse(agent, args)
         return
+    if args.grpc:
+        await _serve_grpc(agent, args)
+        return
     encodings = ("json",) if args.encoding == "json" else ("msgpack", "json")
     if args.tcp:
         host, _, port = args.tcp.rpartition(":")
@@ -1187,6 +1190,63 @@ def _tls_context(args: argparse.Namespace) -> _ssl.SSLContext | None:
     from .tls import server_context
 
     return server_context(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca)
+
+
+def _grpc_tls(args: argparse.Namespace) -> Any:
+    """The --tls-* options as grpcio wants them (PEM bytes), or None."""
+    if not args.tls_cert:
+        return None
+    from pathlib import Path
+
+    from .grpc import GrpcTLS
+
+    chain = Path(args.tls_cert).read_bytes()
+    return GrpcTLS(
+        certificate_chain=chain,
+        private_key=Path(args.tls_key).read_bytes() if args.tls_key else chain,
+        root_certificates=Path(args.tls_ca).read_bytes() if args.tls_ca else None,
+    )
+
+
+async def _serve_grpc(agent: Agent, args: argparse.Namespace) -> None:
+    """``--grpc``: gRPC alone, or next to the --socket/--tcp server (one line printed each).
+
+    The TLS options apply to gRPC too (``grpcs://``), and to --tcp.
+    """
+    from .grpc import GrpcAgentServer
+
+    tls = _grpc_tls(args)
+    host, _, port = args.grpc.rpartition(":")
+    grpc_host = host.strip("[]") or "127.0.0.1"
+    servers: list[Any] = [GrpcAgentServer(agent, host=grpc_host, port=int(port), ssl=tls)]
+    if args.socket or args.tcp:
+        encodings = ("json",) if args.encoding == "json" else ("msgpack", "json")
+        options: dict[str, Any] = {
+            "encodings": encodings,
+            "protocol": args.protocol,
+            "v1_reply_version": args.v1_reply_version,
+            "v1_sdk_replies": args.v1_sdk_replies,
+        }
+        if args.tcp:
+            host2, _, port2 = args.tcp.rpartition(":")
+            options.update(host=host2 or "127.0.0.1", port=int(port2), ssl=_tls_context(args))
+        else:
+            options.update(path=args.socket)
+        servers.append(AgentServer(agent, **options))
+    for server in servers:
+        await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, _stopped_by, stop, args, sig)
+    for server in servers:
+        print(f"agentpool agent listening on {server.endpoint}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        for server in servers:
+            await server.close()
 
 
 async def _serve_reverse(agent: Agent, args: argparse.Namespace) -> None:

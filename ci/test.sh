@@ -13,8 +13,8 @@ trap 'rm -rf "$VENV" "$WORK"' EXIT
 echo "==> creating virtualenv in $VENV"
 "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
-echo "==> installing agentpool[test] from $ROOT (builds the compiled core)"
-"$VENV/bin/python" -m pip install -q "$ROOT[test]"
+echo "==> installing agentpool[test,grpc] from $ROOT (builds the compiled core)"
+"$VENV/bin/python" -m pip install -q "$ROOT[test,grpc]"
 
 cd "$WORK"  # never import the source tree
 PYTEST=("$VENV/bin/python" -I -m pytest -c "$ROOT/pyproject.toml" --rootdir "$ROOT"
