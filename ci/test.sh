@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command: fresh virtualenv, install the checkout with its test extras
 # (this builds the compiled core), then run the suite against the installed package twice
-# (compiled core, then AGENTPOOL_NO_EXTENSIONS=1), then ruff and mypy.
+# (compiled core, then AGENTPOOL_NO_EXTENSIONS=1), each over two pytest-xdist workers
+# (AGENTPOOL_TEST_WORKERS), then ruff and mypy.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -18,7 +19,7 @@ echo "==> installing agentpool[test,grpc] from $ROOT (builds the compiled core)"
 
 cd "$WORK"  # never import the source tree
 PYTEST=("$VENV/bin/python" -I -m pytest -c "$ROOT/pyproject.toml" --rootdir "$ROOT"
-        -p no:cacheprovider -q "$ROOT/tests" "$@")
+        -p no:cacheprovider -q -n "${AGENTPOOL_TEST_WORKERS:-2}" "$ROOT/tests" "$@")
 
 echo "==> pytest, compiled core"
 "${PYTEST[@]}"
