@@ -13,6 +13,8 @@ cdef class ResponseFactory:
     cdef Py_ssize_t _r_off[11]
     cdef Py_ssize_t _a_off[5]
     cpdef object allow(self, str cid)
+    cpdef object match_json(self, object payload)
+    cpdef object match_msgpack(self, object payload)
 
 
 @cython.final

@@ -140,7 +140,7 @@ cdef class ResponseFactory:
         _cd_put(r, o[10], False)
         return r
 
-    def match_json(self, object payload):
+    cpdef object match_json(self, object payload):
         """``(cid, Allow)`` for the canonical JSON Allow with a plain-ASCII id, else None."""
         if type(payload) is not bytes:
             return None
@@ -163,7 +163,7 @@ cdef class ResponseFactory:
         cid = PyUnicode_DecodeASCII(s + hl, n - tl - hl, NULL)
         return cid, self.allow(cid)
 
-    def match_msgpack(self, object payload):
+    cpdef object match_msgpack(self, object payload):
         """``(cid, Allow)`` for a canonical MessagePack Allow (id < 32 bytes), else None."""
         if type(payload) is not bytes:
             return None
@@ -317,6 +317,7 @@ cdef struct _CdBuf:
     char* data
     Py_ssize_t size
     Py_ssize_t cap
+    PyObject* ba  # when set, data lives in this bytearray (the connection's write buffer)
 
 
 cdef inline int _cd_reserve(_CdBuf* b, Py_ssize_t extra) except -1:
@@ -331,6 +332,11 @@ cdef int _cd_grow(_CdBuf* b, Py_ssize_t extra) except -1:
     cap = b.cap * 2
     while cap < b.size + extra:
         cap *= 2
+    if b.ba != NULL:
+        _pr_grow(<bytearray>b.ba, cap)
+        b.data = PyByteArray_AS_STRING(<bytearray>b.ba)
+        b.cap = cap
+        return 0
     data = <char*>PyMem_Realloc(b.data, cap)
     if data == NULL:
         raise MemoryError()
@@ -487,6 +493,59 @@ cdef int _cd_headers(_CdBuf* b, PyObject* h) except -1:
     return 1
 
 
+cdef bint _cd_headers_body(_CdBuf* b, PyObject* c, PyObject** ev, PyObject** mv) except -1:
+    """Write the RequestHeaders JSON payload; False when the shape is not handled."""
+    _cd_raw(b, '{"correlation_id":', 18)
+    _cd_str(b, c)
+    _cd_raw(b, ',"headers":', 11)
+    if not _cd_headers(b, ev[3]):
+        return False
+    _cd_raw(b, ',"metadata":{"client_ip":', 25)
+    if not _cd_req_str(b, mv[2]):
+        return False
+    _cd_raw(b, ',"client_port":', 15)
+    if not _cd_u16(b, mv[3]):
+        return False
+    _cd_raw(b, ',"correlation_id":', 18)
+    _cd_str(b, c)
+    _cd_raw(b, ',"protocol":', 12)
+    if not _cd_req_str(b, mv[5]):
+        return False
+    _cd_raw(b, ',"request_id":', 14)
+    if not _cd_req_str(b, mv[1]):
+        return False
+    _cd_raw(b, ',"route_id":', 12)
+    if not _cd_opt_str(b, mv[8]):
+        return False
+    _cd_raw(b, ',"server_name":', 15)
+    if not _cd_opt_str(b, mv[4]):
+        return False
+    _cd_raw(b, ',"timestamp":', 13)
+    if not _cd_req_str(b, mv[10]):
+        return False
+    _cd_raw(b, ',"tls_cipher":', 14)
+    if not _cd_opt_str(b, mv[7]):
+        return False
+    _cd_raw(b, ',"tls_version":', 15)
+    if not _cd_opt_str(b, mv[6]):
+        return False
+    if mv[11] != <PyObject*>None:
+        _cd_raw(b, ',"traceparent":', 15)
+        if not _cd_opt_str(b, mv[11]):
+            return False
+    _cd_raw(b, ',"upstream_id":', 15)
+    if not _cd_opt_str(b, mv[9]):
+        return False
+    _cd_raw(b, '},"method":', 11)
+    if not _cd_req_str(b, ev[1]):
+        return False
+    _cd_raw(b, ',"uri":', 7)
+    if not _cd_req_str(b, ev[2]):
+        return False
+    _cd_raw(b, "}", 1)
+    return True
+
+
 cdef object _cd_headers_json(object cid, PyObject** ev, PyObject** mv):
     """The RequestHeaders JSON payload written directly, or None when the shape is not handled."""
     cdef _CdBuf b
@@ -495,58 +554,51 @@ cdef object _cd_headers_json(object cid, PyObject** ev, PyObject** mv):
         return None
     b.size = 0
     b.cap = 2048
+    b.ba = NULL
     b.data = <char*>PyMem_Malloc(b.cap)
     if b.data == NULL:
         raise MemoryError()
     try:
-        _cd_raw(&b, '{"correlation_id":', 18)
-        _cd_str(&b, c)
-        _cd_raw(&b, ',"headers":', 11)
-        if not _cd_headers(&b, ev[3]):
+        if not _cd_headers_body(&b, c, ev, mv):
             return None
-        _cd_raw(&b, ',"metadata":{"client_ip":', 25)
-        if not _cd_req_str(&b, mv[2]):
-            return None
-        _cd_raw(&b, ',"client_port":', 15)
-        if not _cd_u16(&b, mv[3]):
-            return None
-        _cd_raw(&b, ',"correlation_id":', 18)
-        _cd_str(&b, c)
-        _cd_raw(&b, ',"protocol":', 12)
-        if not _cd_req_str(&b, mv[5]):
-            return None
-        _cd_raw(&b, ',"request_id":', 14)
-        if not _cd_req_str(&b, mv[1]):
-            return None
-        _cd_raw(&b, ',"route_id":', 12)
-        if not _cd_opt_str(&b, mv[8]):
-            return None
-        _cd_raw(&b, ',"server_name":', 15)
-        if not _cd_opt_str(&b, mv[4]):
-            return None
-        _cd_raw(&b, ',"timestamp":', 13)
-        if not _cd_req_str(&b, mv[10]):
-            return None
-        _cd_raw(&b, ',"tls_cipher":', 14)
-        if not _cd_opt_str(&b, mv[7]):
-            return None
-        _cd_raw(&b, ',"tls_version":', 15)
-        if not _cd_opt_str(&b, mv[6]):
-            return None
-        if mv[11] != <PyObject*>None:
-            _cd_raw(&b, ',"traceparent":', 15)
-            if not _cd_opt_str(&b, mv[11]):
-                return None
-        _cd_raw(&b, ',"upstream_id":', 15)
-        if not _cd_opt_str(&b, mv[9]):
-            return None
-        _cd_raw(&b, '},"method":', 11)
-        if not _cd_req_str(&b, ev[1]):
-            return None
-        _cd_raw(&b, ',"uri":', 7)
-        if not _cd_req_str(&b, ev[2]):
-            return None
-        _cd_raw(&b, "}", 1)
         return _cd_bytes_from(b.data, b.size)
     finally:
         PyMem_Free(b.data)
+
+
+cdef Py_ssize_t _cd_headers_into(HeadersEventEncoder enc, bytearray buf, Py_ssize_t start,
+                                 object event, object cid) except -2:
+    """Append ``event``'s JSON payload to ``buf`` at ``start``; its size, or -1 if declined
+    (``buf`` is then left at ``start`` bytes)."""
+    cdef Py_ssize_t i
+    cdef PyObject* ev[4]
+    cdef PyObject* mv[12]
+    cdef _CdBuf b
+    cdef PyObject* c = <PyObject*>cid
+    if type(event) is not enc._event_cls or not _cd_clean(c):
+        return -1
+    for i in range(4):
+        ev[i] = _cd_get(event, enc._e_off[i])
+        if ev[i] == NULL:
+            return -1
+    cdef object m = <object>ev[0]
+    if type(m) is not enc._md_cls:
+        return -1
+    for i in range(12):
+        mv[i] = _cd_get(m, enc._m_off[i])
+        if mv[i] == NULL:
+            return -1
+    _pr_grow(buf, start + 1536)
+    b.ba = <PyObject*>buf
+    b.data = PyByteArray_AS_STRING(buf)
+    b.size = start
+    b.cap = PyByteArray_GET_SIZE(buf)
+    try:
+        if not _cd_headers_body(&b, c, ev, mv):
+            PyByteArray_Resize(buf, start)
+            return -1
+    except BaseException:
+        PyByteArray_Resize(buf, start)
+        raise
+    PyByteArray_Resize(buf, b.size)
+    return b.size - start

@@ -2,5 +2,5 @@
 include "_framing.pxd"
 include "_selection.pxd"
 include "_metrics.pxd"
-include "_protocol.pxd"
 include "_codec.pxd"
+include "_protocol.pxd"

@@ -11,6 +11,11 @@ from agentpool.enums import MessageType
 
 COMPILED: Final[bool]
 MAX_MESSAGE_SIZE: Final[int]
+SUBMIT_TRACK: Final[int]
+SUBMIT_DURATION: Final[int]
+SUBMIT_STORE_AFFINITY: Final[int]
+SUBMIT_BEGUN: Final[int]
+SUBMIT_SAMPLE: Final[int]
 
 def encode_frame(msg_type: int, payload: bytes | bytearray | memoryview) -> bytes:
     """Frame ``payload`` as one v2 message: ``LEN(u32 BE) | TYPE | PAYLOAD``."""
@@ -237,6 +242,24 @@ class AgentProtocolCore:
     def set_cancel_encoder(self, encode_cancel: Callable[[str, int], bytes] | None) -> None: ...
     def set_decoder(self, decode_response: Callable[[bytes], tuple[str, Any]] | None) -> None: ...
     def set_encoder(self, encode_event: Callable[[Any, str], bytes] | None) -> None: ...
+    def set_accounting(
+        self, metrics: ProtocolMetrics, on_affinity_rejected: Callable[[], object] | None = None
+    ) -> None: ...
+    def set_fast_paths(
+        self,
+        headers: HeadersEventEncoder | None = None,
+        responses: ResponseFactory | None = None,
+        encoding: str = "json",
+    ) -> None: ...
+    def submit(
+        self,
+        event: Any,
+        correlation_id: str,
+        timeout: float | None,
+        st: ConnState,
+        affinity: AffinityMap,
+        flags: int,
+    ) -> asyncio.Future[Any]: ...
     @property
     def in_flight(self) -> int: ...
     @property

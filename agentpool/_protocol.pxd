@@ -42,6 +42,12 @@ cdef class AgentProtocolCore:
     cdef readonly unsigned long long bytes_received
     cdef readonly unsigned long long bytes_sent
     cdef readonly unsigned long long writes
+    cdef ProtocolMetrics _pm
+    cdef object _on_aff_reject
+    cdef HeadersEventEncoder _hdr
+    cdef ResponseFactory _resp
+    cdef int _resp_mode
+    cdef dict _acct
 
     cdef int _append_frame(self, int msg_type, object payload) except -1
     cdef int _do_flush(self) except -1
@@ -56,3 +62,7 @@ cdef class AgentProtocolCore:
     cpdef object request(self, int msg_type, object payload, str correlation_id, object timeout=*)
     cpdef write_frame(self, int msg_type, object payload)
     cpdef object send_event(self, object event, str correlation_id, object timeout=*)
+    cpdef object submit(self, object event, str correlation_id, object timeout,
+                        ConnState st, AffinityMap affinity, int flags)
+    cdef int _register(self, str correlation_id, object fut, object timeout, double t) except -1
+    cdef int _complete(self, object cid, object fut, object response) except -1

@@ -21,6 +21,26 @@ cdef int _pr_REASON_TIMEOUT = 1
 cdef int _pr_REASON_MANUAL = 5
 cdef object _pr_deque = _pr_collections.deque
 cdef double _pr_TIMER_SLACK = 0.0005
+# submit() flags (the first ones are the pool's request kinds)
+SUBMIT_TRACK = 1
+SUBMIT_DURATION = 2
+SUBMIT_STORE_AFFINITY = 8
+SUBMIT_BEGUN = 128
+SUBMIT_SAMPLE = 256
+cdef int _pr_F_TRACK = 1
+cdef int _pr_F_DURATION = 2
+cdef int _pr_F_STORE_AFFINITY = 8
+cdef int _pr_F_BEGUN = 128
+cdef int _pr_F_SAMPLE = 256
+
+
+@cython.final
+@cython.freelist(256)
+cdef class _PrAcct:
+    """What a submitted request accounts at its successful completion."""
+    cdef ConnState st
+    cdef double started
+    cdef int flags
 # After close(), how long the transport may take to hand its last bytes to the kernel before
 # it is aborted (an agent that stopped reading would otherwise keep it open forever).
 cdef double _pr_CLOSE_GRACE = 0.25
@@ -42,6 +62,15 @@ cdef inline int _pr_grow(bytearray buf, Py_ssize_t size) except -1:
         PyByteArray_Resize(buf, size + (size >> 1))
     PyByteArray_Resize(buf, size)
     return 0
+
+
+cdef inline void _pr_put_header(bytearray buf, Py_ssize_t at, Py_ssize_t n, int msg_type) noexcept:
+    cdef unsigned char *dst = <unsigned char *>PyByteArray_AS_STRING(buf) + at
+    dst[0] = <unsigned char>(((n + 1) >> 24) & 0xff)
+    dst[1] = <unsigned char>(((n + 1) >> 16) & 0xff)
+    dst[2] = <unsigned char>(((n + 1) >> 8) & 0xff)
+    dst[3] = <unsigned char>((n + 1) & 0xff)
+    dst[4] = <unsigned char>msg_type
 
 
 def clone_error(exc):
@@ -116,6 +145,27 @@ cdef class AgentProtocolCore:
         self.write_paused = False
         self.closed = False
         self.close_error = None
+        self._pm = None
+        self._on_aff_reject = None
+        self._hdr = None
+        self._resp = None
+        self._resp_mode = 0
+        self._acct = {}
+
+    def set_accounting(self, ProtocolMetrics metrics, on_affinity_rejected=None):
+        """Account :meth:`submit`-ted requests in ``metrics``; ``on_affinity_rejected()`` is
+        called when the affinity map refuses a new correlation id (at capacity)."""
+        self._pm = metrics
+        self._on_aff_reject = on_affinity_rejected
+
+    def set_fast_paths(self, HeadersEventEncoder headers=None, ResponseFactory responses=None,
+                       str encoding="json"):
+        """C paths tried before the Python encoder/decoder: ``headers`` writes JSON
+        RequestHeaders events straight into the write buffer; ``responses`` recognises the
+        canonical Allow reply of ``encoding`` (json or msgpack) without parsing it."""
+        self._hdr = headers if encoding == "json" else None
+        self._resp = responses
+        self._resp_mode = 0 if responses is None else (1 if encoding == "json" else 2)
 
     def set_decoder(self, decode_response):
         """Route AgentResponse frames with ``decode_response(payload) -> (cid, response)``."""
@@ -173,17 +223,28 @@ cdef class AgentProtocolCore:
             self._fatal(exc)
             return
         decode = self._decode
+        cdef ResponseFactory resp = self._resp
+        cdef object fast
         for frame in frames:
             msg_type = frame[0]
             payload = frame[1]
             self.frames_received += 1
             if msg_type is _pr_AGENT_RESPONSE and decode is not None:
-                try:
-                    cid, response = decode(payload)
-                except Exception:
-                    self.decode_errors += 1
-                    self._on_frame(msg_type, payload)
-                    continue
+                fast = None
+                if self._resp_mode == 1:
+                    fast = resp.match_json(payload)
+                elif self._resp_mode == 2:
+                    fast = resp.match_msgpack(payload)
+                if fast is not None:
+                    cid = (<tuple>fast)[0]
+                    response = (<tuple>fast)[1]
+                else:
+                    try:
+                        cid, response = decode(payload)
+                    except Exception:
+                        self.decode_errors += 1
+                        self._on_frame(msg_type, payload)
+                        continue
                 fut = waiters.pop(cid, None)
                 if fut is None:
                     if self._tombs and self._tombs.pop(cid, None) is not None:
@@ -193,9 +254,10 @@ cdef class AgentProtocolCore:
                     continue
                 if fut.done():  # cancelled by its holder: this is the reply it gave up on
                     self.late_replies += 1
+                    if self._acct:
+                        self._acct.pop(cid, None)
                     continue
-                fut.set_result(response)
-                self.responses_received += 1
+                self._complete(cid, fut, response)
             else:
                 self._on_frame(msg_type, payload)
                 if self.closed:
@@ -255,7 +317,11 @@ cdef class AgentProtocolCore:
             raise _errors.Unavailable("write buffer full: the agent is not reading")
         self._append_frame(msg_type, payload)
         fut = self._create_future()
-        waiters[correlation_id] = fut
+        self._register(correlation_id, fut, timeout, t)
+        return fut
+
+    cdef int _register(self, str correlation_id, object fut, object timeout, double t) except -1:
+        self._waiters[correlation_id] = fut
         self.requests_sent += 1
         if timeout is None or t == self.request_timeout:
             tq = self._tq
@@ -269,6 +335,126 @@ cdef class AgentProtocolCore:
         else:
             handle = self._call_later(t, self._expire_cb, correlation_id, fut, t)
             fut.add_done_callback(_PrTimerCanceller(handle))
+        return 0
+
+    cdef int _complete(self, object cid, object fut, object response) except -1:
+        """Resolve a waiter with its reply and account a submitted request's success."""
+        cdef _PrAcct a
+        cdef ProtocolMetrics pm
+        cdef double now
+        fut.set_result(response)
+        self.responses_received += 1
+        if not self._acct:
+            return 0
+        found = self._acct.pop(cid, None)
+        if found is None:
+            return 0
+        a = <_PrAcct>found
+        a.st.finish(True)
+        pm = self._pm
+        if pm is not None:
+            if a.flags & _pr_F_TRACK:
+                pm.responses_total += 1
+                if pm.in_flight_requests > 0:
+                    pm.in_flight_requests -= 1
+            if a.flags & _pr_F_DURATION:
+                now = _pr_monotonic()
+                pm.request_duration._record(now - a.started)
+        return 0
+
+    cpdef object submit(self, object event, str correlation_id, object timeout,
+                        ConnState st, AffinityMap affinity, int flags):
+        """Send ``event`` as one request with its accounting; the future of its reply.
+
+        One call does what a request needs before it waits: the checks (closed, duplicate
+        id here or on the connection ``affinity`` binds it to, write queue full), the encode
+        (the C writer straight into the write buffer, else the Python encoder), the frame,
+        the waiter and its timer, ``st.begin`` (unless SUBMIT_BEGUN: a slot was taken for
+        it), the affinity store (SUBMIT_STORE_AFFINITY), and the metrics (SUBMIT_TRACK:
+        requests, in flight; SUBMIT_SAMPLE: serialization time). Its successful completion
+        is accounted here too (``st.finish(True)``, responses, in flight, SUBMIT_DURATION:
+        request duration); a failure is left to the caller. When this raises, nothing has
+        been accounted and nothing written.
+        """
+        cdef double t = 0.0, now, t0
+        cdef dict waiters = self._waiters
+        cdef bytearray buf
+        cdef Py_ssize_t old, n
+        cdef int msg_type
+        cdef object prev, fut, payload
+        cdef ProtocolMetrics pm = self._pm
+        cdef _PrAcct a
+        cdef bint direct
+        if self.closed:
+            raise clone_error(self.close_error or _errors.ConnectionClosed())
+        if timeout is not None:
+            t = timeout
+            if not (t > 0.0 and t < INFINITY):
+                raise ValueError(f"timeout must be a positive finite number, not {timeout!r}")
+        if correlation_id in waiters or (self._tombs and correlation_id in self._tombs):
+            self.refused += 1
+            raise _errors.DuplicateCorrelationId(correlation_id, self._where())
+        if flags & _pr_F_STORE_AFFINITY:
+            # a new request whose id is still owed a reply on another connection of the agent
+            prev = affinity.peek(correlation_id)
+            if (prev is not None and prev is not st and not (<ConnState>prev).closed
+                    and (<ConnState>prev).conn.is_pending(correlation_id)):
+                raise _errors.DuplicateCorrelationId(
+                    correlation_id, f"agent {self.agent_id!r}")
+        buf = self._wbuf
+        old = PyByteArray_GET_SIZE(buf)
+        if (old >= self.max_write_buffer
+                or (self.write_paused and self._paused_over_bound())):
+            raise _errors.Unavailable("write buffer full: the agent is not reading")
+        t0 = _pr_monotonic() if flags & _pr_F_SAMPLE else 0.0
+        n = -1
+        if self._hdr is not None:
+            _pr_grow(buf, old + _HEADER)
+            n = _cd_headers_into(self._hdr, buf, old + _HEADER, event, correlation_id)
+            if n < 0:
+                PyByteArray_Resize(buf, old)
+        if n >= 0:
+            if n > _MAX_MESSAGE_SIZE:
+                PyByteArray_Resize(buf, old)
+                raise _errors.MessageTooLarge(n, _MAX_MESSAGE_SIZE)
+            _pr_put_header(buf, old, n, 0x10)
+            self.frames_sent += 1
+            direct = (not self._wrote_direct and not waiters and not self._flush_scheduled
+                      and not self.write_paused and self.transport is not None and old == 0)
+            if direct:
+                self._do_flush()
+                self._wrote_direct = True
+            elif not self._flush_scheduled and not self.write_paused:
+                self._flush_scheduled = True
+                self._call_soon(self._flush_cb)
+        else:
+            encode = self._encode
+            if encode is None:
+                raise TypeError("no event encoder set")
+            try:
+                msg_type = event.MESSAGE_TYPE
+            except AttributeError:
+                raise _errors.Serialization(f"not an event: {type(event).__name__}") from None
+            self._append_frame(msg_type, encode(event, correlation_id))
+        now = _pr_monotonic()
+        fut = self._create_future()
+        self._register(correlation_id, fut, timeout, t)
+        if not flags & _pr_F_BEGUN:
+            st.in_flight += 1
+        st.last_used = now
+        if flags & _pr_F_STORE_AFFINITY and not affinity._store(correlation_id, st, now):
+            if self._on_aff_reject is not None:
+                self._on_aff_reject()
+        if pm is not None and flags & _pr_F_TRACK:
+            pm.requests_total += 1
+            pm.in_flight_requests += 1
+            if flags & _pr_F_SAMPLE:
+                pm.serialization_time._record(now - t0)
+        a = _PrAcct.__new__(_PrAcct)
+        a.st = st
+        a.started = now
+        a.flags = flags
+        self._acct[correlation_id] = a
         return fut
 
     cpdef object send_event(self, object event, str correlation_id, object timeout=None):
@@ -298,6 +484,8 @@ cdef class AgentProtocolCore:
         if cur is None or (fut is not None and cur is not fut):
             return False
         del self._waiters[correlation_id]
+        if self._acct:
+            self._acct.pop(correlation_id, None)
         if not cur.done():
             cur.set_exception(_errors.RequestCancelled(f"request {correlation_id} abandoned"))
         self._entomb(correlation_id, reason)
@@ -311,6 +499,8 @@ cdef class AgentProtocolCore:
         fut = self._waiters.pop(correlation_id, None)
         if fut is None:
             return False
+        if self._acct:
+            self._acct.pop(correlation_id, None)
         if not fut.done():
             fut.set_exception(exc)
         self._entomb(correlation_id, reason)
@@ -327,6 +517,8 @@ cdef class AgentProtocolCore:
             if self._tombs.pop(correlation_id, None) is not None:
                 self.late_replies += 1
             return False
+        if self._acct:
+            self._acct.pop(correlation_id, None)
         if fut.done():
             return False
         fut.set_exception(exc)
@@ -519,6 +711,8 @@ cdef class AgentProtocolCore:
         cdef bint registered = self._waiters.get(cid) is fut
         if registered:
             del self._waiters[cid]
+            if self._acct:
+                self._acct.pop(cid, None)
         if not fut.done():
             self.timeouts += 1
             fut.set_exception(
@@ -571,6 +765,7 @@ cdef class AgentProtocolCore:
             self._timer = None
         self._tq.clear()
         self._tombs.clear()
+        self._acct.clear()
         waiters = self._waiters
         self._waiters = {}
         for fut in waiters.values():

@@ -13,7 +13,15 @@ from . import errors as _errors
 from ._framing_py import MAX_MESSAGE_SIZE, FrameDecoder
 from .enums import MessageType
 
-__all__ = ["AgentProtocolCore", "clone_error"]
+__all__ = [
+    "SUBMIT_BEGUN",
+    "SUBMIT_DURATION",
+    "SUBMIT_SAMPLE",
+    "SUBMIT_STORE_AFFINITY",
+    "SUBMIT_TRACK",
+    "AgentProtocolCore",
+    "clone_error",
+]
 
 _AGENT_RESPONSE = MessageType.AGENT_RESPONSE
 _CANCEL = int(MessageType.CANCEL)
@@ -22,6 +30,12 @@ REASON_TIMEOUT = 1
 REASON_MANUAL = 5
 _VALID_TYPES = frozenset(int(t) for t in MessageType)
 _TIMER_SLACK = 0.0005
+# submit() flags (the first ones are the pool's request kinds)
+SUBMIT_TRACK = 1
+SUBMIT_DURATION = 2
+SUBMIT_STORE_AFFINITY = 8
+SUBMIT_BEGUN = 128
+SUBMIT_SAMPLE = 256
 # After close(), how long the transport may take to hand its last bytes to the kernel before
 # it is aborted (an agent that stopped reading would otherwise keep it open forever).
 _CLOSE_GRACE = 0.25
@@ -153,8 +167,29 @@ class AgentProtocolCore:
         self.bytes_received = 0
         self.bytes_sent = 0
         self.writes = 0
+        self._pm: Any = None
+        self._on_aff_reject: Callable[[], object] | None = None
+        self._resp: Any = None
+        self._resp_mode = 0
+        self._acct: dict[str, tuple[Any, float, int]] = {}
 
     # -- configuration -------------------------------------------------------------------
+
+    def set_accounting(
+        self, metrics: Any, on_affinity_rejected: Callable[[], object] | None = None
+    ) -> None:
+        """Account :meth:`submit`-ted requests in ``metrics``; ``on_affinity_rejected()`` is
+        called when the affinity map refuses a new correlation id (at capacity)."""
+        self._pm = metrics
+        self._on_aff_reject = on_affinity_rejected
+
+    def set_fast_paths(
+        self, headers: Any = None, responses: Any = None, encoding: str = "json"
+    ) -> None:
+        """C paths tried before the Python encoder/decoder in the compiled core; here only
+        ``responses`` (the canonical Allow recogniser of ``encoding``) is used."""
+        self._resp = responses
+        self._resp_mode = 0 if responses is None else (1 if encoding == "json" else 2)
 
     def set_decoder(self, decode_response: Callable[[bytes], tuple[str, Any]] | None) -> None:
         """Route AgentResponse frames with ``decode_response(payload) -> (cid, response)``."""
@@ -213,12 +248,20 @@ class AgentProtocolCore:
         for msg_type, payload in frames:
             self.frames_received += 1
             if msg_type is _AGENT_RESPONSE and decode is not None:
-                try:
-                    cid, response = decode(payload)
-                except Exception:
-                    self.decode_errors += 1
-                    self._on_frame(msg_type, payload)
-                    continue
+                fast = None
+                if self._resp_mode == 1:
+                    fast = self._resp.match_json(payload)
+                elif self._resp_mode == 2:
+                    fast = self._resp.match_msgpack(payload)
+                if fast is not None:
+                    cid, response = fast
+                else:
+                    try:
+                        cid, response = decode(payload)
+                    except Exception:
+                        self.decode_errors += 1
+                        self._on_frame(msg_type, payload)
+                        continue
                 fut = waiters.pop(cid, None)
                 if fut is None:
                     if self._tombs and self._tombs.pop(cid, None) is not None:
@@ -228,9 +271,10 @@ class AgentProtocolCore:
                     continue
                 if fut.done():  # cancelled by its holder: this is the reply it gave up on
                     self.late_replies += 1
+                    if self._acct:
+                        self._acct.pop(cid, None)
                     continue
-                fut.set_result(response)
-                self.responses_received += 1
+                self._complete(cid, fut, response)
             else:
                 self._on_frame(msg_type, payload)
                 if self.closed:
@@ -289,7 +333,13 @@ class AgentProtocolCore:
             raise _errors.Unavailable("write buffer full: the agent is not reading")
         self._append_frame(msg_type, payload)
         fut: asyncio.Future[Any] = self._create_future()
-        waiters[correlation_id] = fut
+        self._register(correlation_id, fut, timeout)
+        return fut
+
+    def _register(
+        self, correlation_id: str, fut: asyncio.Future[Any], timeout: float | None
+    ) -> None:
+        self._waiters[correlation_id] = fut
         self.requests_sent += 1
         if timeout is None or timeout == self.request_timeout:
             tq = self._tq
@@ -303,6 +353,91 @@ class AgentProtocolCore:
         else:
             handle = self._loop.call_later(timeout, self._expire, correlation_id, fut, timeout)
             fut.add_done_callback(_TimerCanceller(handle))
+
+    def _complete(self, cid: str, fut: asyncio.Future[Any], response: Any) -> None:
+        """Resolve a waiter with its reply and account a submitted request's success."""
+        fut.set_result(response)
+        self.responses_received += 1
+        if not self._acct:
+            return
+        acct = self._acct.pop(cid, None)
+        if acct is None:
+            return
+        st, started, flags = acct
+        st.finish(True)
+        pm = self._pm
+        if pm is not None:
+            if flags & SUBMIT_TRACK:
+                pm.inc_responses()
+                pm.dec_in_flight()
+            if flags & SUBMIT_DURATION:
+                pm.record_request_duration(time.monotonic() - started)
+
+    def submit(
+        self,
+        event: Any,
+        correlation_id: str,
+        timeout: float | None,
+        st: Any,
+        affinity: Any,
+        flags: int,
+    ) -> asyncio.Future[Any]:
+        """Send ``event`` as one request with its accounting; the future of its reply.
+
+        One call does what a request needs before it waits: the checks (closed, duplicate
+        id here or on the connection ``affinity`` binds it to, write queue full), the encode,
+        the frame, the waiter and its timer, ``st.begin`` (unless SUBMIT_BEGUN: a slot was
+        taken for it), the affinity store (SUBMIT_STORE_AFFINITY), and the metrics
+        (SUBMIT_TRACK: requests, in flight; SUBMIT_SAMPLE: serialization time). Its
+        successful completion is accounted here too (``st.finish(True)``, responses, in
+        flight, SUBMIT_DURATION: request duration); a failure is left to the caller. When
+        this raises, nothing has been accounted and nothing written.
+        """
+        if self.closed:
+            raise clone_error(self.close_error or _errors.ConnectionClosed())
+        if timeout is not None and not 0.0 < timeout < math.inf:
+            raise ValueError(f"timeout must be a positive finite number, not {timeout!r}")
+        if correlation_id in self._waiters or (self._tombs and correlation_id in self._tombs):
+            self.refused += 1
+            raise _errors.DuplicateCorrelationId(correlation_id, self._where())
+        if flags & SUBMIT_STORE_AFFINITY:
+            # a new request whose id is still owed a reply on another connection of the agent
+            prev = affinity.peek(correlation_id)
+            if (
+                prev is not None
+                and prev is not st
+                and not prev.closed
+                and prev.conn.is_pending(correlation_id)
+            ):
+                raise _errors.DuplicateCorrelationId(correlation_id, f"agent {self.agent_id!r}")
+        if len(self._wbuf) >= self.max_write_buffer or (
+            self.write_paused and self._paused_over_bound()
+        ):
+            raise _errors.Unavailable("write buffer full: the agent is not reading")
+        encode = self._encode
+        if encode is None:
+            raise TypeError("no event encoder set")
+        try:
+            msg_type = event.MESSAGE_TYPE
+        except AttributeError:
+            raise _errors.Serialization(f"not an event: {type(event).__name__}") from None
+        t0 = time.monotonic() if flags & SUBMIT_SAMPLE else 0.0
+        self._append_frame(msg_type, encode(event, correlation_id))
+        now = time.monotonic()
+        fut: asyncio.Future[Any] = self._create_future()
+        self._register(correlation_id, fut, timeout)
+        if not flags & SUBMIT_BEGUN:
+            st.begin(now)
+        if flags & SUBMIT_STORE_AFFINITY and not affinity.store(correlation_id, st, now):
+            if self._on_aff_reject is not None:
+                self._on_aff_reject()
+        pm = self._pm
+        if pm is not None and flags & SUBMIT_TRACK:
+            pm.inc_requests()
+            pm.inc_in_flight()
+            if flags & SUBMIT_SAMPLE:
+                pm.record_serialization_time(now - t0)
+        self._acct[correlation_id] = (st, now, flags)
         return fut
 
     def send_event(
@@ -339,6 +474,8 @@ class AgentProtocolCore:
         if cur is None or (fut is not None and cur is not fut):
             return False
         del self._waiters[correlation_id]
+        if self._acct:
+            self._acct.pop(correlation_id, None)
         if not cur.done():
             cur.set_exception(_errors.RequestCancelled(f"request {correlation_id} abandoned"))
         self._entomb(correlation_id, reason)
@@ -352,6 +489,8 @@ class AgentProtocolCore:
         fut = self._waiters.pop(correlation_id, None)
         if fut is None:
             return False
+        if self._acct:
+            self._acct.pop(correlation_id, None)
         if not fut.done():
             fut.set_exception(exc)
         self._entomb(correlation_id, reason)
@@ -368,6 +507,8 @@ class AgentProtocolCore:
             if self._tombs.pop(correlation_id, None) is not None:
                 self.late_replies += 1
             return False
+        if self._acct:
+            self._acct.pop(correlation_id, None)
         if fut.done():
             return False
         fut.set_exception(exc)
@@ -526,6 +667,8 @@ class AgentProtocolCore:
         registered = self._waiters.get(cid) is fut
         if registered:
             del self._waiters[cid]
+            if self._acct:
+                self._acct.pop(cid, None)
         if not fut.done():
             self.timeouts += 1
             fut.set_exception(
@@ -583,6 +726,7 @@ class AgentProtocolCore:
             self._timer = None
         self._tq.clear()
         self._tombs.clear()
+        self._acct.clear()
         waiters, self._waiters = self._waiters, {}
         for fut in waiters.values():
             if not fut.done():

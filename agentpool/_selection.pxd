@@ -44,6 +44,8 @@ cdef class AffinityMap:
     cdef readonly uint64_t rejections
     cdef readonly bint at_capacity
 
+    cdef bint _store(self, object correlation_id, ConnState state, double now) except -1
+
 
 @cython.final
 cdef class _SessionEntry:

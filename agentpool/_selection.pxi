@@ -301,6 +301,9 @@ cdef class AffinityMap:
 
     def store(self, object correlation_id, ConnState state not None, double now):
         """Bind ``correlation_id`` to ``state``; False if refused at capacity."""
+        return self._store(correlation_id, state, now)
+
+    cdef bint _store(self, object correlation_id, ConnState state, double now) except -1:
         cdef _AffinityEntry entry
         cdef object found = self._map.get(correlation_id)
         if found is not None:

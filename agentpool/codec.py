@@ -1086,6 +1086,12 @@ _headers_json = _HEADERS_ENCODER.encode
 _headers_typed = _HEADERS_ENCODER.check
 
 
+def fast_paths(encoding: str) -> tuple[Any, Any, str]:
+    """The core's C paths for ``encoding``, for ``AgentProtocolCore.set_fast_paths``: the
+    RequestHeaders writer and the canonical-Allow recogniser (what the codec tries first)."""
+    return _HEADERS_ENCODER, _RESPONSES, encoding
+
+
 # --------------------------------------------------------------------------------------------
 # Events: encoding (proxy side)
 

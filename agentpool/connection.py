@@ -31,6 +31,7 @@ from .errors import (
     AgentProtocolError,
     ConnectionClosed,
     ConnectionFailed,
+    DuplicateCorrelationId,
     InvalidMessage,
     MessageTooLarge,
     RequestCancelled,
@@ -194,9 +195,14 @@ class AgentConnection:
             )
             self._core.set_encoder(self._encode_event)
             self._core.set_cancel_encoder(self._encode_cancel)
+            self._core.set_fast_paths(*_codec.fast_paths(self._codec.name))
             self.submit = self._core.send_event
+            self.submit_request = self._core.submit
         else:
             self.submit = self.send
+            self.submit_request = self._submit_v1
+        self._metrics: Any = None
+        self._on_affinity_rejected: Callable[[], object] | None = None
 
     # -- construction --------------------------------------------------------------------
 
@@ -458,6 +464,7 @@ class AgentConnection:
         if self._core is not None:
             self._core.set_decoder(self._codec.decode_response)
             self._core.set_encoder(self._encode_event)
+            self._core.set_fast_paths(*_codec.fast_paths(self._codec.name))
 
     # -- state ---------------------------------------------------------------------------
 
@@ -502,6 +509,64 @@ class AgentConnection:
             await self._wait_writable(
                 c, self.request_timeout if timeout is None else timeout, correlation_id
             )
+
+    def use_accounting(
+        self, metrics: Any, on_affinity_rejected: Callable[[], object] | None = None
+    ) -> None:
+        """Account the requests of :attr:`submit_request` in ``metrics`` (the pool's
+        ProtocolMetrics); ``on_affinity_rejected()`` when the affinity map is full."""
+        self._metrics = metrics
+        self._on_affinity_rejected = on_affinity_rejected
+        if self._core is not None:
+            self._core.set_accounting(metrics, on_affinity_rejected)
+
+    def _submit_v1(
+        self,
+        event: Any,
+        correlation_id: str,
+        timeout: float | None,
+        st: Any,
+        affinity: Any,
+        flags: int,
+    ) -> asyncio.Future[AgentResponse]:
+        """:meth:`AgentProtocolCore.submit` for a v1 connection (same accounting)."""
+        if flags & core.SUBMIT_STORE_AFFINITY:
+            prev = affinity.peek(correlation_id)
+            if (
+                prev is not None
+                and prev is not st
+                and not prev.closed
+                and prev.conn.is_pending(correlation_id)
+            ):
+                raise DuplicateCorrelationId(correlation_id, f"agent {self.agent_id!r}")
+        t0 = time.monotonic()
+        fut = self.send(event, correlation_id, timeout)
+        now = time.monotonic()
+        if not flags & core.SUBMIT_BEGUN:
+            st.begin(now)
+        if flags & core.SUBMIT_STORE_AFFINITY and not affinity.store(correlation_id, st, now):
+            if self._on_affinity_rejected is not None:
+                self._on_affinity_rejected()
+        pm = self._metrics
+        if pm is not None and flags & core.SUBMIT_TRACK:
+            pm.inc_requests()
+            pm.inc_in_flight()
+            if flags & core.SUBMIT_SAMPLE:
+                pm.record_serialization_time(now - t0)
+        fut.add_done_callback(functools.partial(self._account_v1, st, now, flags))
+        return fut
+
+    def _account_v1(self, st: Any, started: float, flags: int, fut: asyncio.Future[Any]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        st.finish(True)
+        pm = self._metrics
+        if pm is not None:
+            if flags & core.SUBMIT_TRACK:
+                pm.inc_responses()
+                pm.dec_in_flight()
+            if flags & core.SUBMIT_DURATION:
+                pm.record_request_duration(time.monotonic() - started)
 
     def supports_event(self, event_type: Any) -> bool:
         return self.capabilities is None or self.capabilities.supports_event(event_type)

@@ -96,6 +96,10 @@ _UNHEALTHY_REPORTS = (HealthState.UNHEALTHY, HealthState.DRAINING)
 _LOCAL_ERRORS = (DuplicateCorrelationId, RequestCancelled, Serialization, ValueError, TypeError)
 # serialization time (encode + frame into the write buffer) is sampled on 1 send in 64
 _SERIALIZATION_SAMPLE = 63
+# the request kinds the core's submit() understands, and its own flags
+_SUBMIT_KINDS = core.SUBMIT_TRACK | core.SUBMIT_DURATION | core.SUBMIT_STORE_AFFINITY
+_SUBMIT_BEGUN = core.SUBMIT_BEGUN
+_SUBMIT_SAMPLE = core.SUBMIT_SAMPLE
 _CLOSE_WAIT = 1.0
 
 
@@ -617,6 +621,7 @@ class AgentPool:
 
     def _attach(self, entry: _AgentEntry, conn: AgentConnection) -> Any:
         st = core.ConnState(conn)
+        conn.use_accounting(self._metrics, self._affinity_rejected)
         entry.conns.add(st)
         self._conn_index[conn] = (entry, st)
         if not conn.is_connected:
@@ -853,30 +858,25 @@ class AgentPool:
         pinned: Any,
         timeout: float | None,
     ) -> AgentResponse:
+        # The checks, encode, frame and accounting of a request (its success included) are
+        # one core call (``submit_request``); what stays here must be Python: the flow-control
+        # gate, the wait for a slot, and the accounting of failures.
         self._total_requests += 1
         entry = self._agents.get(agent_id)
         if entry is None:
             raise self._not_found(agent_id)
         if self._closing and kind & _NEW_REQUEST:
             raise Unavailable("pool is shutting down")
-        if kind & _STORE_AFFINITY:
-            # A new request whose id is still in flight (or owed a reply) on a connection of
-            # this agent is refused: its replies and body chunks could cross (docs/protocol.md).
-            prev = entry.affinity.peek(correlation_id)
-            if prev is not None and not prev.closed and _conn(prev).is_pending(correlation_id):
-                raise DuplicateCorrelationId(correlation_id, f"agent {agent_id!r}")
         breaker = None if kind & _NO_BREAKER else entry.breaker
         if breaker is not None and not entry.breaker_clean and not breaker.is_closed():
             raise CircuitBreakerOpen(agent_id)
-        pm = self._metrics
-        tracked = kind & _TRACK
-        if tracked:
-            pm.inc_requests()
-            pm.inc_in_flight()
         started = _monotonic()
-        outcome_recorded = False
+        flags = kind & _SUBMIT_KINDS
+        if kind & _TRACK and not self._total_requests & _SERIALIZATION_SAMPLE:
+            flags |= _SUBMIT_SAMPLE
+        st = pinned
+        attempted = local = False
         try:
-            st = pinned
             if st is None and kind & _USE_AFFINITY:
                 st = entry.affinity.get(correlation_id, started)
             if st is None:
@@ -885,92 +885,132 @@ class AgentPool:
                     st = self._unpaused_alternative(entry, st)
             if st.paused and kind & _FLOW:
                 if not await self._flow_gate(entry, st):
+                    if kind & _TRACK:
+                        self._metrics.inc_requests()
+                    self._after(entry, breaker, False)
                     return AgentResponse(fail_open=True)
                 if st.closed:
                     st = entry.conns.select(self._strategy)
             if st.in_flight >= self._limit or (self._slot_waiters and st in self._slot_waiters):
                 st = await self._acquire_slot(entry, st, correlation_id, timeout)
-            else:
-                st.begin(started)
-            local = True  # until the event is on the wire
+                flags |= _SUBMIT_BEGUN
+            conn = st.conn
+            attempted = local = True
             try:
-                if kind & _STORE_AFFINITY and not entry.affinity.store(correlation_id, st, started):
-                    self._affinity_rejected()
-                conn = st.conn
-                try:
-                    if tracked and not self._total_requests & _SERIALIZATION_SAMPLE:
-                        t0 = _monotonic()
-                        fut = conn.submit(event, correlation_id, timeout)
-                        pm.record_serialization_time(_monotonic() - t0)
-                    else:
-                        fut = conn.submit(event, correlation_id, timeout)
-                except Unavailable:
-                    # write buffer full: wait (bounded) for the agent to drain it
-                    local = False
-                    await conn.wait_writable(timeout, correlation_id)
-                    local = True
-                    fut = conn.submit(event, correlation_id, timeout)
+                fut = conn.submit_request(event, correlation_id, timeout, st, entry.affinity, flags)
+            except Unavailable:
+                # write buffer full: wait (bounded) for the agent to drain it
+                if not flags & _SUBMIT_BEGUN:
+                    st.begin(started)
+                    flags |= _SUBMIT_BEGUN
                 local = False
-                try:
-                    response: AgentResponse = await fut
-                except asyncio.CancelledError:
-                    proto = conn.protocol_core
-                    if proto is not None:
-                        proto.discard(correlation_id, fut)
-                    raise
-            except asyncio.CancelledError:
-                st.release()
-                raise
-            except BaseException as exc:
-                if (local and not isinstance(exc, ConnectionClosed)) or isinstance(
-                    exc, _LOCAL_ERRORS
+                await conn.wait_writable(timeout, correlation_id)
+                local = True
+                fut = conn.submit_request(event, correlation_id, timeout, st, entry.affinity, flags)
+        except BaseException as exc:
+            # the core took nothing: the request is accounted here
+            recorded = False
+            if kind & _TRACK:
+                self._metrics.inc_requests()
+            if attempted:
+                if (
+                    isinstance(exc, asyncio.CancelledError)
+                    or (local and not isinstance(exc, ConnectionClosed))
+                    or isinstance(exc, _LOCAL_ERRORS)
                 ):
-                    st.release()
-                    if tracked and isinstance(exc, Serialization):
-                        pm.inc_serialization_errors()
-                    raise
-                st.finish(False)
-                self._total_errors += 1
-                if breaker is not None and isinstance(exc, AgentProtocolError):
-                    breaker.record_failure()
-                    entry.breaker_clean = False
-                    outcome_recorded = True
-                if tracked:
-                    if isinstance(exc, Timeout):
-                        pm.inc_timeouts()
-                    elif isinstance(exc, (ConnectionClosed, ConnectionFailed)):
-                        pm.inc_connection_errors()
-                    elif isinstance(exc, Serialization):
-                        pm.inc_serialization_errors()
-                raise
-            else:
-                st.finish(True)
-            finally:
+                    if flags & _SUBMIT_BEGUN:
+                        st.release()
+                    if kind & _TRACK and isinstance(exc, Serialization):
+                        self._metrics.inc_serialization_errors()
+                else:
+                    if not flags & _SUBMIT_BEGUN:
+                        st.begin(started)
+                    recorded = self._failed(entry, st, breaker, kind, exc)
+                self._ended(st, kind, started)
+            self._after(entry, breaker, recorded)
+            raise
+        try:
+            response: AgentResponse = await fut
+        except asyncio.CancelledError:
+            recorded = False
+            if not fut.done() or fut.cancelled() or fut.exception() is not None:
+                # abandoned before its reply (the core accounted nothing): tombstone + Cancel
+                proto = conn.protocol_core
+                if proto is not None:
+                    proto.discard(correlation_id, fut)
+                st.release()
+                if kind & _TRACK:
+                    self._metrics.dec_in_flight()
+                self._ended(st, kind, started)
+            else:  # answered as the caller gave up: the core accounted it
                 if self._slot_waiters:
                     self._wake_slot(st)
-                if kind & _DURATION:
-                    pm.record_request_duration(_monotonic() - started)
-            if tracked:
-                pm.inc_responses()
-            outcome_recorded = True
-            if breaker is not None and not entry.breaker_clean:
-                breaker.record_success()
-                entry.breaker_clean = (
-                    breaker.state is CircuitState.CLOSED and breaker.failure_count == 0
-                )
-            return response
-        finally:
-            if tracked:
-                pm.dec_in_flight()
-            if self._drained is not None and self._in_flight_total() == 0:
-                self._drained.set()
-            if (
-                not outcome_recorded
-                and breaker is not None
-                and not entry.breaker_clean
-                and breaker.state is CircuitState.HALF_OPEN
-            ):
-                breaker.release()  # never reached the agent: the probe slot goes back
+                if breaker is not None and not entry.breaker_clean:
+                    breaker.record_success()
+                    recorded = True
+            self._after(entry, breaker, recorded)
+            raise
+        except BaseException as exc:
+            recorded = False
+            if kind & _TRACK:
+                self._metrics.dec_in_flight()
+            if isinstance(exc, _LOCAL_ERRORS):
+                st.release()
+            else:
+                recorded = self._failed(entry, st, breaker, kind, exc)
+            self._ended(st, kind, started)
+            self._after(entry, breaker, recorded)
+            raise
+        if self._slot_waiters:
+            self._wake_slot(st)
+        if self._drained is not None and self._in_flight_total() == 0:
+            self._drained.set()
+        if breaker is not None and not entry.breaker_clean:
+            breaker.record_success()
+            entry.breaker_clean = (
+                breaker.state is CircuitState.CLOSED and breaker.failure_count == 0
+            )
+        return response
+
+    def _failed(
+        self, entry: _AgentEntry, st: Any, breaker: Any, kind: int, exc: BaseException
+    ) -> bool:
+        """Account a request the agent (or its connection) failed; True if the breaker got it."""
+        st.finish(False)
+        self._total_errors += 1
+        recorded = False
+        if breaker is not None and isinstance(exc, AgentProtocolError):
+            breaker.record_failure()
+            entry.breaker_clean = False
+            recorded = True
+        if kind & _TRACK:
+            pm = self._metrics
+            if isinstance(exc, Timeout):
+                pm.inc_timeouts()
+            elif isinstance(exc, (ConnectionClosed, ConnectionFailed)):
+                pm.inc_connection_errors()
+            elif isinstance(exc, Serialization):
+                pm.inc_serialization_errors()
+        return recorded
+
+    def _ended(self, st: Any, kind: int, started: float) -> None:
+        """A request that held a slot ended without a reply: its duration, its slot."""
+        if kind & _DURATION:
+            self._metrics.record_request_duration(_monotonic() - started)
+        if self._slot_waiters:
+            self._wake_slot(st)
+
+    def _after(self, entry: _AgentEntry, breaker: Any, recorded: bool) -> None:
+        """After a request that did not succeed: the drain event, the breaker's probe slot."""
+        if self._drained is not None and self._in_flight_total() == 0:
+            self._drained.set()
+        if (
+            not recorded
+            and breaker is not None
+            and not entry.breaker_clean
+            and breaker.state is CircuitState.HALF_OPEN
+        ):
+            breaker.release()  # never reached the agent: the probe slot goes back
 
     def _unpaused_alternative(self, entry: _AgentEntry, chosen: Any) -> Any:
         for st in entry.conns:
