@@ -11,6 +11,7 @@ from agentpool.enums import MessageType
 
 COMPILED: Final[bool]
 MAX_MESSAGE_SIZE: Final[int]
+FLUSH_AFTER: Final[int]
 SUBMIT_TRACK: Final[int]
 SUBMIT_DURATION: Final[int]
 SUBMIT_STORE_AFFINITY: Final[int]
@@ -227,6 +228,7 @@ class AgentProtocolCore:
     writes: int
     agent_id: str | None
     max_abandoned: int
+    flush_after: int
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,

@@ -48,6 +48,8 @@ cdef class AgentProtocolCore:
     cdef ResponseFactory _resp
     cdef int _resp_mode
     cdef dict _acct
+    cdef Py_ssize_t _queued
+    cdef public Py_ssize_t flush_after
 
     cdef int _append_frame(self, int msg_type, object payload) except -1
     cdef int _do_flush(self) except -1

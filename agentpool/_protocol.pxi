@@ -21,6 +21,12 @@ cdef int _pr_REASON_TIMEOUT = 1
 cdef int _pr_REASON_MANUAL = 5
 cdef object _pr_deque = _pr_collections.deque
 cdef double _pr_TIMER_SLACK = 0.0005
+# Under load the frames of one loop iteration share one write; with ``flush_after`` = N > 0 they
+# are written as soon as N are queued, so the agent can start on them while the rest are
+# encoded. Off by default: on the 2-core machine measured it cost client CPU and gained no
+# throughput (docs/performance.md, "Writes").
+FLUSH_AFTER = 0
+cdef Py_ssize_t _pr_FLUSH_AFTER = 0
 # submit() flags (the first ones are the pool's request kinds)
 SUBMIT_TRACK = 1
 SUBMIT_DURATION = 2
@@ -151,6 +157,8 @@ cdef class AgentProtocolCore:
         self._resp = None
         self._resp_mode = 0
         self._acct = {}
+        self._queued = 0
+        self.flush_after = _pr_FLUSH_AFTER
 
     def set_accounting(self, ProtocolMetrics metrics, on_affinity_rejected=None):
         """Account :meth:`submit`-ted requests in ``metrics``; ``on_affinity_rejected()`` is
@@ -424,9 +432,13 @@ cdef class AgentProtocolCore:
             if direct:
                 self._do_flush()
                 self._wrote_direct = True
-            elif not self._flush_scheduled and not self.write_paused:
-                self._flush_scheduled = True
-                self._call_soon(self._flush_cb)
+            elif not self.write_paused:
+                self._queued += 1
+                if self._queued >= self.flush_after > 0:
+                    self._do_flush()
+                elif not self._flush_scheduled:
+                    self._flush_scheduled = True
+                    self._call_soon(self._flush_cb)
         else:
             encode = self._encode
             if encode is None:
@@ -612,9 +624,13 @@ cdef class AgentProtocolCore:
                 self.bytes_sent += n + _HEADER
                 self.writes += 1
                 transport.write(frame)
-        elif not self._flush_scheduled and not self.write_paused:
-            self._flush_scheduled = True
-            self._call_soon(self._flush_cb)
+        elif not self.write_paused:
+            self._queued += 1
+            if self._queued >= self.flush_after > 0:
+                self._do_flush()
+            elif not self._flush_scheduled:
+                self._flush_scheduled = True
+                self._call_soon(self._flush_cb)
         return 0
 
     def _flush(self):
@@ -631,6 +647,7 @@ cdef class AgentProtocolCore:
             return 0
         data = self._wbuf
         self._wbuf = bytearray()
+        self._queued = 0
         self.bytes_sent += PyByteArray_GET_SIZE(data)
         self.writes += 1
         transport.write(data)

@@ -14,6 +14,7 @@ from ._framing_py import MAX_MESSAGE_SIZE, FrameDecoder
 from .enums import MessageType
 
 __all__ = [
+    "FLUSH_AFTER",
     "SUBMIT_BEGUN",
     "SUBMIT_DURATION",
     "SUBMIT_SAMPLE",
@@ -30,6 +31,11 @@ REASON_TIMEOUT = 1
 REASON_MANUAL = 5
 _VALID_TYPES = frozenset(int(t) for t in MessageType)
 _TIMER_SLACK = 0.0005
+# Under load the frames of one loop iteration share one write; with ``flush_after`` = N > 0 they
+# are written as soon as N are queued, so the agent can start on them while the rest are
+# encoded. Off by default: on the 2-core machine measured it cost client CPU and gained no
+# throughput (docs/performance.md, "Writes").
+FLUSH_AFTER = 0
 # submit() flags (the first ones are the pool's request kinds)
 SUBMIT_TRACK = 1
 SUBMIT_DURATION = 2
@@ -94,6 +100,7 @@ class AgentProtocolCore:
     request_timeout: float
     agent_id: str | None
     max_abandoned: int
+    flush_after: int
     max_write_buffer: int
     write_paused: bool
     closed: bool
@@ -172,6 +179,8 @@ class AgentProtocolCore:
         self._resp: Any = None
         self._resp_mode = 0
         self._acct: dict[str, tuple[Any, float, int]] = {}
+        self._queued = 0
+        self.flush_after = FLUSH_AFTER
 
     # -- configuration -------------------------------------------------------------------
 
@@ -588,19 +597,27 @@ class AgentProtocolCore:
                 self.bytes_sent += n + 5
                 self.writes += 1
                 transport.write(header + bytes(payload))
-        elif not self._flush_scheduled and not self.write_paused:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+        elif not self.write_paused:
+            self._queued += 1
+            if self._queued >= self.flush_after > 0:
+                self._write_queued()
+            elif not self._flush_scheduled:
+                self._flush_scheduled = True
+                self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
         self._wrote_direct = False
+        self._write_queued()
+
+    def _write_queued(self) -> None:
         if self.write_paused or not self._wbuf:
             return
         transport = self.transport
         if transport is None or transport.is_closing():
             return
         data, self._wbuf = self._wbuf, bytearray()
+        self._queued = 0
         self.bytes_sent += len(data)
         self.writes += 1
         transport.write(data)
