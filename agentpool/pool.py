@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
+import functools
 import logging
 import ssl as _ssl
 import time
@@ -89,6 +90,29 @@ _KIND_GUARDRAIL = _TRACK | _FLOW | _NEW_REQUEST
 _KIND_COMPLETE = _USE_AFFINITY
 _KIND_WEBSOCKET = _FLOW
 _KIND_CONFIGURE = _NO_BREAKER
+
+_EVENT_KINDS: dict[type, int] = {
+    RequestHeadersEvent: _KIND_HEADERS,
+    RequestBodyChunkEvent: _KIND_BODY,
+    ResponseHeadersEvent: _KIND_RESPONSE_HEADERS,
+    ResponseBodyChunkEvent: _KIND_RESPONSE_BODY,
+    GuardrailInspectEvent: _KIND_GUARDRAIL,
+}
+Event = (
+    RequestHeadersEvent
+    | RequestBodyChunkEvent
+    | ResponseHeadersEvent
+    | ResponseBodyChunkEvent
+    | GuardrailInspectEvent
+)
+
+
+def _event_kind(event: Any) -> int:
+    kind = _EVENT_KINDS.get(type(event))
+    if kind is None:
+        raise TypeError(f"not an event the pool sends: {type(event).__name__}")
+    return kind
+
 
 _UNHEALTHY_REPORTS = (HealthState.UNHEALTHY, HealthState.DRAINING)
 # Failures that never reached the agent (refused or cancelled by us): they count toward
@@ -971,6 +995,203 @@ class AgentPool:
                 breaker.state is CircuitState.CLOSED and breaker.failure_count == 0
             )
         return response
+
+    # ------------------------------------------------------------------ fan-out and batch
+
+    async def fan_out(
+        self, agent_ids: Iterable[str], correlation_id: str, event: Event
+    ) -> dict[str, AgentResponse | Exception]:
+        """Send one request's ``event`` to several agents at once; ``{agent_id: result}``.
+
+        Each agent gets the request exactly as from the matching ``send_*`` method (its
+        affinity, flow control, breaker, metrics); a result is the agent's AgentResponse or
+        the error that request failed with: one agent's failure never raises for the others.
+        All requests are on the wire before the single await.
+        """
+        ids = list(dict.fromkeys(agent_ids))
+        kind = _event_kind(event)
+        results = await self._send_all([(a, correlation_id, event, kind) for a in ids])
+        return dict(zip(ids, results))
+
+    async def send_batch(
+        self, agent_id: str, items: Iterable[tuple[str, Event]]
+    ) -> list[AgentResponse | Exception]:
+        """Send many ``(correlation_id, event)`` to one agent at once; results in order.
+
+        Each is a separate request (as from the matching ``send_*`` method, each with its
+        own correlation id); a result is its AgentResponse or the error it failed with.
+        """
+        return await self._send_all(
+            [(agent_id, cid, event, _event_kind(event)) for cid, event in items]
+        )
+
+    async def _send_all(
+        self, requests: list[tuple[str, str, Any, int]]
+    ) -> list[AgentResponse | Exception]:
+        """Submit every request now (those that must wait for a slot or flow control run as
+        tasks), then wait once for all of them. Each is accounted as it completes."""
+        loop = asyncio.get_running_loop()
+        n = len(requests)
+        results: list[Any] = [None] * n
+        live: list[Any] = []
+        remaining = 0
+        done = loop.create_future()
+
+        def finished(i: int, item: Any, fut: asyncio.Future[Any]) -> None:
+            nonlocal remaining
+            if item is None:  # a task running _send: accounted there
+                if fut.cancelled():
+                    results[i] = RequestCancelled(f"request {requests[i][1]} abandoned")
+                else:
+                    results[i] = fut.exception() or fut.result()
+            else:
+                results[i] = self._settle(fut, *item)
+            remaining -= 1
+            if not remaining and not done.done():
+                done.set_result(None)
+
+        for i, (agent_id, cid, event, kind) in enumerate(requests):
+            try:
+                item = self._submit_now(agent_id, cid, event, kind)
+            except Exception as exc:
+                results[i] = exc
+                continue
+            if item is None:  # must wait (slot, flow control, full write queue)
+                fut: asyncio.Future[Any] = loop.create_task(
+                    self._send(agent_id, cid, event, kind, None, None)
+                )
+                live.append((fut, None, cid))
+            else:
+                fut = item[0]
+                item = item[1:]
+                live.append((fut, item[1], cid))
+            remaining += 1
+            fut.add_done_callback(functools.partial(finished, i, item))
+        if remaining:
+            try:
+                await done
+            except asyncio.CancelledError:
+                for fut, st, cid in live:
+                    if fut.done():
+                        continue
+                    proto = None if st is None else _conn(st).protocol_core
+                    if proto is not None:
+                        proto.discard(cid, fut)  # its callback accounts it
+                    else:
+                        fut.cancel()
+                raise
+        return results
+
+    def _settle(
+        self,
+        fut: asyncio.Future[Any],
+        entry: _AgentEntry,
+        st: Any,
+        breaker: Any,
+        kind: int,
+        started: float,
+    ) -> AgentResponse | Exception:
+        """Account a completed request of :meth:`_send_all` (its success was accounted by the
+        core); its result or error."""
+        error: BaseException | None
+        if fut.cancelled():
+            error = RequestCancelled("request abandoned")
+        else:
+            error = fut.exception()
+        if error is None:
+            if breaker is not None and not entry.breaker_clean:
+                breaker.record_success()
+                entry.breaker_clean = (
+                    breaker.state is CircuitState.CLOSED and breaker.failure_count == 0
+                )
+            if self._slot_waiters:
+                self._wake_slot(st)
+            if self._drained is not None and self._in_flight_total() == 0:
+                self._drained.set()
+            return cast(AgentResponse, fut.result())
+        if kind & _TRACK:
+            self._metrics.dec_in_flight()
+        recorded = False
+        if isinstance(error, _LOCAL_ERRORS):
+            st.release()
+        else:
+            recorded = self._failed(entry, st, breaker, kind, error)
+        self._ended(st, kind, started)
+        self._after(entry, breaker, recorded)
+        if isinstance(error, Exception):
+            return error
+        return RequestCancelled(f"request failed: {error!r}")
+
+    def _submit_now(
+        self, agent_id: str, correlation_id: str, event: Any, kind: int
+    ) -> tuple[Any, ...] | None:
+        """:meth:`_send` up to its await, when nothing has to be waited for; None when
+        something does (the caller then runs :meth:`_send`). Errors raised here are
+        accounted as in :meth:`_send`."""
+        self._total_requests += 1
+        entry = self._agents.get(agent_id)
+        if entry is None:
+            raise self._not_found(agent_id)
+        if self._closing and kind & _NEW_REQUEST:
+            raise Unavailable("pool is shutting down")
+        breaker = None if kind & _NO_BREAKER else entry.breaker
+        if breaker is not None and not entry.breaker_clean and not breaker.is_closed():
+            raise CircuitBreakerOpen(agent_id)
+        started = _monotonic()
+        flags = kind & _SUBMIT_KINDS
+        if kind & _TRACK and not self._total_requests & _SERIALIZATION_SAMPLE:
+            flags |= _SUBMIT_SAMPLE
+        st = None
+        attempted = False
+        try:
+            if kind & _USE_AFFINITY:
+                st = entry.affinity.get(correlation_id, started)
+            if st is None:
+                st = entry.conns.select(self._strategy)
+            if (
+                (st.paused and kind & _FLOW)
+                or st.in_flight >= self._limit
+                or (self._slot_waiters and st in self._slot_waiters)
+            ):
+                self._total_requests -= 1  # counted again by _send
+                self._after(entry, breaker, False)
+                return None
+            attempted = True
+            fut = _conn(st).submit_request(event, correlation_id, None, st, entry.affinity, flags)
+        except Unavailable as exc:
+            if attempted:  # the write queue is full: _send waits for room
+                self._total_requests -= 1
+                self._after(entry, breaker, False)
+                return None
+            self._refused(entry, st, breaker, kind, exc, started, attempted)
+            raise
+        except BaseException as exc:
+            self._refused(entry, st, breaker, kind, exc, started, attempted)
+            raise
+        return fut, entry, st, breaker, kind, started
+
+    def _refused(
+        self,
+        entry: _AgentEntry,
+        st: Any,
+        breaker: Any,
+        kind: int,
+        exc: BaseException,
+        started: float,
+        attempted: bool,
+    ) -> None:
+        """Account a request the core did not take (nothing was begun for it)."""
+        recorded = False
+        if kind & _TRACK:
+            self._metrics.inc_requests()
+        if attempted:
+            if isinstance(exc, ConnectionClosed) and not isinstance(exc, _LOCAL_ERRORS):
+                st.begin(started)
+                recorded = self._failed(entry, st, breaker, kind, exc)
+            elif kind & _TRACK and isinstance(exc, Serialization):
+                self._metrics.inc_serialization_errors()
+            self._ended(st, kind, started)
+        self._after(entry, breaker, recorded)
 
     def _failed(
         self, entry: _AgentEntry, st: Any, breaker: Any, kind: int, exc: BaseException
