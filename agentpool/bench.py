@@ -454,6 +454,7 @@ class RawClient:
     """Raw ceiling: pre-encoded JSON frames, ``transport.write`` per request, no decoding."""
 
     kind = "raw"
+    protocol_class: Any = _RawProtocol
 
     def __init__(self, path: str, connections: int) -> None:
         self.path = path
@@ -481,7 +482,7 @@ class RawClient:
             ),
         )
         for _ in range(self.connections):
-            _, proto = await loop.create_unix_connection(_RawProtocol, self.path)
+            _, proto = await loop.create_unix_connection(self.protocol_class, self.path)
             assert proto.transport is not None
             proto.transport.write(hello)
             reply = orjson.loads(await asyncio.wait_for(proto.handshake, 5.0))
@@ -515,6 +516,58 @@ class RawClient:
         for proto in self.protocols:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(proto.closed, 2.0)
+
+
+class _RawCodecProtocol(_RawProtocol):
+    """The raw client's protocol, decoding every reply with orjson to route it."""
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf + data if self._buf else data
+        end = len(buf)
+        pos = 0
+        waiters = self.waiters
+        loads = orjson.loads
+        while end - pos >= 5:
+            stop = pos + 4 + int.from_bytes(buf[pos : pos + 4], "big")
+            if stop > end:
+                break
+            t = buf[pos + 4]
+            if t == 0x20:
+                reply = loads(buf[pos + 5 : stop])
+                fut = waiters.pop(reply["audit"]["custom"]["correlation_id"], None)
+                if fut is not None and not fut.done():
+                    fut.set_result(reply)
+            elif t == 0x02 and not self.handshake.done():
+                self.handshake.set_result(buf[pos + 5 : stop])
+            pos = stop
+        self._buf = buf[pos:] if pos < end else b""
+
+
+class RawCodecClient(RawClient):
+    """What an engineer writes by hand: the raw client, but each event built as a dict and
+    orjson-encoded, each reply orjson-decoded (no validation, no accounting)."""
+
+    kind = "rawcodec"
+    protocol_class: Any = _RawCodecProtocol
+
+    def make_rt(self, worker: int) -> Callable[[], Awaitable[None]]:
+        proto = self.protocols[worker % len(self.protocols)]
+        transport = proto.transport
+        assert transport is not None
+        waiters: dict[Any, Any] = proto.waiters
+        create_future = proto.loop.create_future
+        ids = self._ids
+        dumps, sort = orjson.dumps, orjson.OPT_SORT_KEYS
+
+        async def rt() -> None:
+            cid = cid_str(next(ids))
+            payload = dumps(event_wire_dict(cid), option=sort)
+            fut: asyncio.Future[Any] = create_future()
+            waiters[cid] = fut
+            transport.write(b"".join(((len(payload) + 1).to_bytes(4, "big"), b"\x10", payload)))
+            await fut
+
+        return rt
 
 
 class PoolClient:
@@ -572,6 +625,69 @@ class PoolClient:
     async def close(self) -> None:
         if self.pool is not None:
             await asyncio.wait_for(self.pool.shutdown(), 10.0)
+
+
+class BatchClient(PoolClient):
+    """agentpool: ``AgentPool.send_batch`` of ``per_rt`` events to one agent per await."""
+
+    kind = "batch"
+    per_rt = 16
+
+    def make_rt(self, worker: int) -> Callable[[], Awaitable[None]]:
+        batch = self.pool.send_batch
+        clear = self.pool.clear_correlation_affinity
+        event = make_event()
+        ids = self._ids
+        n = self.per_rt
+
+        async def rt() -> None:
+            items = [(f"{next(ids):032x}", event) for _ in range(n)]
+            for r in await batch(AGENT_ID, items):
+                if isinstance(r, Exception):
+                    raise r
+            for cid, _ in items:
+                clear(cid)
+
+        return rt
+
+
+class FanOutClient(PoolClient):
+    """agentpool: ``AgentPool.fan_out`` of one event to ``per_rt`` agents (the same agent
+    process added under several ids, one connection each)."""
+
+    kind = "fanout"
+    per_rt = 4
+
+    async def setup(self) -> None:
+        from .config import AgentPoolConfig
+        from .pool import AgentPool
+
+        config = AgentPoolConfig(connections_per_agent=1, encoding=self.encoding)
+        self.pool = AgentPool(config)
+        self.agents = [f"{AGENT_ID}-{i}" for i in range(self.per_rt)]
+        for agent in self.agents:
+            await self.pool.add_agent(agent, f"unix:{self.path}")
+        out = await asyncio.wait_for(self.pool.fan_out(self.agents, "probe", make_event()), 5.0)
+        self.pool.clear_correlation_affinity("probe")
+        for r in out.values():
+            if isinstance(r, Exception):
+                raise r
+
+    def make_rt(self, worker: int) -> Callable[[], Awaitable[None]]:
+        fan_out = self.pool.fan_out
+        clear = self.pool.clear_correlation_affinity
+        event = make_event()
+        ids = self._ids
+        agents = self.agents
+
+        async def rt() -> None:
+            cid = f"{next(ids):032x}"
+            for r in (await fan_out(agents, cid, event)).values():
+                if isinstance(r, Exception):
+                    raise r
+            clear(cid)
+
+        return rt
 
 
 def make_event() -> Any:
@@ -700,12 +816,14 @@ async def measure(
     warmup: float,
     duration: float,
     server_cpu: Callable[[], float] = lambda: 0.0,
+    per_rt: int = 1,
 ) -> tuple[float, float, float]:
     """Run ``in_flight`` workers looping on a round trip.
 
     Returns (round trips per second, client CPU µs per round trip, server CPU µs per round
-    trip): CPU time of this process and of the serving process (``server_cpu`` reads its CPU
-    seconds), far less sensitive to a busy machine than throughput.
+    trip), counting ``per_rt`` round trips (events) per call of a worker's ``rt``. CPU
+    time of this process and of the serving process (``server_cpu`` reads its CPU seconds)
+    is far less sensitive to a busy machine than throughput.
     """
     done = [0]
     running = [True]
@@ -713,7 +831,7 @@ async def measure(
     async def worker(rt: Callable[[], Awaitable[None]]) -> None:
         while running[0]:
             await rt()
-            done[0] += 1
+            done[0] += per_rt
 
     loop = asyncio.get_running_loop()
     tasks = [asyncio.create_task(worker(rt_factory(i))) for i in range(in_flight)]
@@ -777,6 +895,9 @@ def build_scenarios(args: argparse.Namespace) -> list[Scenario]:
     add("raw", "json", 1, 1)
     add("raw", "json", wide, 1)
     add("raw", "json", wide, 4)
+    add("rawcodec", "json", wide, 4)
+    add("batch", "json", wide, 4)
+    add("fanout", "json", wide, 4)
     for enc in ("json", "msgpack"):
         add("pool", enc, 1, 1)
         add("pool", enc, wide, 1)
@@ -927,6 +1048,24 @@ def targets(scenarios: list[Scenario], wide: int) -> list[dict[str, Any]]:
             30.0,
         ),
         (
+            f"pool json {wide}x4 / raw+codec {wide}x4",
+            f(scenarios, "pool", "json", wide, 4),
+            f(scenarios, "rawcodec", "json", wide, 4),
+            1.5,
+        ),
+        (
+            f"batch json {wide}x4 / raw {wide}x4 (per event)",
+            f(scenarios, "batch", "json", wide, 4),
+            f(scenarios, "raw", "json", wide, 4),
+            1.3,
+        ),
+        (
+            f"fanout json {wide}x4 / raw {wide}x4 (per event)",
+            f(scenarios, "fanout", "json", wide, 4),
+            f(scenarios, "raw", "json", wide, 4),
+            1.3,
+        ),
+        (
             "pool json 1x1 / grpc 1",
             f(scenarios, "pool", "json", 1, 1),
             f(scenarios, "grpc", "json", 1, 1),
@@ -1041,8 +1180,11 @@ async def _run(
         client: Any
         if s.kind == "raw":
             client = RawClient(agent_path, s.connections)
-        elif s.kind == "pool":
-            client = PoolClient(agent_path, s.connections, s.encoding, not args.keep_affinity)
+        elif s.kind == "rawcodec":
+            client = RawCodecClient(agent_path, s.connections)
+        elif s.kind in ("pool", "batch", "fanout"):
+            cls = {"pool": PoolClient, "batch": BatchClient, "fanout": FanOutClient}[s.kind]
+            client = cls(agent_path, s.connections, s.encoding, not args.keep_affinity)
         else:
             assert grpc_path is not None
             client = GrpcClient(grpc_path, s.connections)
@@ -1064,8 +1206,14 @@ async def _run(
                     continue
                 try:
                     reader = readers["grpc" if s.kind == "grpc" else "agent"]
+                    per_rt = getattr(s.client, "per_rt", 1)
                     rate, cpu, server = await measure(
-                        s.client.make_rt, s.in_flight, args.warmup, args.duration, reader
+                        s.client.make_rt,
+                        max(1, s.in_flight // per_rt),
+                        args.warmup,
+                        args.duration,
+                        reader,
+                        per_rt,
                     )
                 except Exception as exc:
                     s.error = f"{type(exc).__name__}: {exc}"
