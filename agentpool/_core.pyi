@@ -206,6 +206,11 @@ class ProtocolMetrics:
 
 def clone_error(exc: BaseException) -> BaseException: ...
 
+class RequestGroup:
+    future: asyncio.Future[None]  # readonly
+    remaining: int  # readonly
+    def __init__(self, future: asyncio.Future[None]) -> None: ...
+
 class AgentProtocolCore:
     transport: asyncio.Transport | None  # readonly
     request_timeout: float  # readonly
@@ -261,6 +266,7 @@ class AgentProtocolCore:
         st: ConnState,
         affinity: AffinityMap,
         flags: int,
+        group: RequestGroup | None = None,
     ) -> asyncio.Future[Any]: ...
     @property
     def in_flight(self) -> int: ...

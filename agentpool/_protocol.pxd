@@ -1,5 +1,10 @@
 # Declarations of the protocol part of the core (included by _core.pxd).
 
+cdef class RequestGroup:
+    cdef readonly object future
+    cdef readonly Py_ssize_t remaining
+
+
 cdef class AgentProtocolCore:
     cdef object _loop
     cdef object _create_future
@@ -65,6 +70,7 @@ cdef class AgentProtocolCore:
     cpdef write_frame(self, int msg_type, object payload)
     cpdef object send_event(self, object event, str correlation_id, object timeout=*)
     cpdef object submit(self, object event, str correlation_id, object timeout,
-                        ConnState st, AffinityMap affinity, int flags)
+                        ConnState st, AffinityMap affinity, int flags, RequestGroup group=*)
+    cdef int _drop_acct(self, object cid) except -1
     cdef int _register(self, str correlation_id, object fut, object timeout, double t) except -1
     cdef int _complete(self, object cid, object fut, object response) except -1

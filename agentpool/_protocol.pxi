@@ -41,12 +41,30 @@ cdef int _pr_F_SAMPLE = 256
 
 
 @cython.final
+cdef class RequestGroup:
+    """Requests awaited together: ``future`` resolves (None) once every request submitted
+    with the group has completed, whatever its outcome (no callback per request)."""
+
+    def __cinit__(self, future):
+        self.future = future
+        self.remaining = 0
+
+
+cdef inline int _pr_group_done(RequestGroup g) except -1:
+    g.remaining -= 1
+    if g.remaining == 0 and not g.future.done():
+        g.future.set_result(None)
+    return 0
+
+
+@cython.final
 @cython.freelist(256)
 cdef class _PrAcct:
     """What a submitted request accounts at its successful completion."""
     cdef ConnState st
     cdef double started
     cdef int flags
+    cdef RequestGroup group
 # After close(), how long the transport may take to hand its last bytes to the kernel before
 # it is aborted (an agent that stopped reading would otherwise keep it open forever).
 cdef double _pr_CLOSE_GRACE = 0.25
@@ -263,7 +281,7 @@ cdef class AgentProtocolCore:
                 if fut.done():  # cancelled by its holder: this is the reply it gave up on
                     self.late_replies += 1
                     if self._acct:
-                        self._acct.pop(cid, None)
+                        self._drop_acct(cid)
                     continue
                 self._complete(cid, fut, response)
             else:
@@ -359,6 +377,8 @@ cdef class AgentProtocolCore:
             return 0
         a = <_PrAcct>found
         a.st.finish(True)
+        if a.group is not None:
+            _pr_group_done(a.group)
         pm = self._pm
         if pm is not None:
             if a.flags & _pr_F_TRACK:
@@ -371,7 +391,8 @@ cdef class AgentProtocolCore:
         return 0
 
     cpdef object submit(self, object event, str correlation_id, object timeout,
-                        ConnState st, AffinityMap affinity, int flags):
+                        ConnState st, AffinityMap affinity, int flags,
+                        RequestGroup group=None):
         """Send ``event`` as one request with its accounting; the future of its reply.
 
         One call does what a request needs before it waits: the checks (closed, duplicate
@@ -382,7 +403,8 @@ cdef class AgentProtocolCore:
         requests, in flight; SUBMIT_SAMPLE: serialization time). Its successful completion
         is accounted here too (``st.finish(True)``, responses, in flight, SUBMIT_DURATION:
         request duration); a failure is left to the caller. When this raises, nothing has
-        been accounted and nothing written.
+        been accounted and nothing written. With a ``group``, its countdown includes this
+        request until it completes (reply, error, timeout or abandon).
         """
         cdef double t = 0.0, now, t0
         cdef dict waiters = self._waiters
@@ -466,8 +488,18 @@ cdef class AgentProtocolCore:
         a.st = st
         a.started = now
         a.flags = flags
+        if group is not None:
+            a.group = group
+            group.remaining += 1
         self._acct[correlation_id] = a
         return fut
+
+    cdef int _drop_acct(self, object cid) except -1:
+        """A submitted request ended without a reply: forget its record, count its group."""
+        found = self._acct.pop(cid, None)
+        if found is not None and (<_PrAcct>found).group is not None:
+            _pr_group_done((<_PrAcct>found).group)
+        return 0
 
     cpdef object send_event(self, object event, str correlation_id, object timeout=None):
         """Encode ``event`` (see set_encoder) and :meth:`request` it; the future of its reply."""
@@ -497,7 +529,7 @@ cdef class AgentProtocolCore:
             return False
         del self._waiters[correlation_id]
         if self._acct:
-            self._acct.pop(correlation_id, None)
+            self._drop_acct(correlation_id)
         if not cur.done():
             cur.set_exception(_errors.RequestCancelled(f"request {correlation_id} abandoned"))
         self._entomb(correlation_id, reason)
@@ -512,7 +544,7 @@ cdef class AgentProtocolCore:
         if fut is None:
             return False
         if self._acct:
-            self._acct.pop(correlation_id, None)
+            self._drop_acct(correlation_id)
         if not fut.done():
             fut.set_exception(exc)
         self._entomb(correlation_id, reason)
@@ -530,7 +562,7 @@ cdef class AgentProtocolCore:
                 self.late_replies += 1
             return False
         if self._acct:
-            self._acct.pop(correlation_id, None)
+            self._drop_acct(correlation_id)
         if fut.done():
             return False
         fut.set_exception(exc)
@@ -729,7 +761,7 @@ cdef class AgentProtocolCore:
         if registered:
             del self._waiters[cid]
             if self._acct:
-                self._acct.pop(cid, None)
+                self._drop_acct(cid)
         if not fut.done():
             self.timeouts += 1
             fut.set_exception(
@@ -782,12 +814,16 @@ cdef class AgentProtocolCore:
             self._timer = None
         self._tq.clear()
         self._tombs.clear()
-        self._acct.clear()
         waiters = self._waiters
         self._waiters = {}
         for fut in waiters.values():
             if not fut.done():
                 fut.set_exception(clone_error(error))
+        acct = self._acct
+        self._acct = {}
+        for a in acct.values():
+            if (<_PrAcct>a).group is not None:
+                _pr_group_done((<_PrAcct>a).group)
         drains = self._drain_waiters
         self._drain_waiters = []
         for d in drains:

@@ -21,6 +21,7 @@ __all__ = [
     "SUBMIT_STORE_AFFINITY",
     "SUBMIT_TRACK",
     "AgentProtocolCore",
+    "RequestGroup",
     "clone_error",
 ]
 
@@ -73,6 +74,22 @@ class _TimerCanceller:
 
     def __call__(self, fut: asyncio.Future[Any]) -> None:
         self.handle.cancel()
+
+
+class RequestGroup:
+    """Requests awaited together: ``future`` resolves (None) once every request submitted
+    with the group has completed, whatever its outcome (no callback per request)."""
+
+    __slots__ = ("future", "remaining")
+
+    def __init__(self, future: asyncio.Future[None]) -> None:
+        self.future = future
+        self.remaining = 0
+
+    def _done(self) -> None:
+        self.remaining -= 1
+        if self.remaining == 0 and not self.future.done():
+            self.future.set_result(None)
 
 
 class AgentProtocolCore:
@@ -178,7 +195,7 @@ class AgentProtocolCore:
         self._on_aff_reject: Callable[[], object] | None = None
         self._resp: Any = None
         self._resp_mode = 0
-        self._acct: dict[str, tuple[Any, float, int]] = {}
+        self._acct: dict[str, tuple[Any, float, int, RequestGroup | None]] = {}
         self._queued = 0
         self.flush_after = FLUSH_AFTER
 
@@ -281,7 +298,7 @@ class AgentProtocolCore:
                 if fut.done():  # cancelled by its holder: this is the reply it gave up on
                     self.late_replies += 1
                     if self._acct:
-                        self._acct.pop(cid, None)
+                        self._drop_acct(cid)
                     continue
                 self._complete(cid, fut, response)
             else:
@@ -372,8 +389,10 @@ class AgentProtocolCore:
         acct = self._acct.pop(cid, None)
         if acct is None:
             return
-        st, started, flags = acct
+        st, started, flags, group = acct
         st.finish(True)
+        if group is not None:
+            group._done()
         pm = self._pm
         if pm is not None:
             if flags & SUBMIT_TRACK:
@@ -390,6 +409,7 @@ class AgentProtocolCore:
         st: Any,
         affinity: Any,
         flags: int,
+        group: RequestGroup | None = None,
     ) -> asyncio.Future[Any]:
         """Send ``event`` as one request with its accounting; the future of its reply.
 
@@ -400,7 +420,8 @@ class AgentProtocolCore:
         (SUBMIT_TRACK: requests, in flight; SUBMIT_SAMPLE: serialization time). Its
         successful completion is accounted here too (``st.finish(True)``, responses, in
         flight, SUBMIT_DURATION: request duration); a failure is left to the caller. When
-        this raises, nothing has been accounted and nothing written.
+        this raises, nothing has been accounted and nothing written. With a ``group``, its
+        countdown includes this request until it completes (reply, error, timeout, abandon).
         """
         if self.closed:
             raise clone_error(self.close_error or _errors.ConnectionClosed())
@@ -446,8 +467,16 @@ class AgentProtocolCore:
             pm.inc_in_flight()
             if flags & SUBMIT_SAMPLE:
                 pm.record_serialization_time(now - t0)
-        self._acct[correlation_id] = (st, now, flags)
+        if group is not None:
+            group.remaining += 1
+        self._acct[correlation_id] = (st, now, flags, group)
         return fut
+
+    def _drop_acct(self, cid: str) -> None:
+        """A submitted request ended without a reply: forget its record, count its group."""
+        acct = self._acct.pop(cid, None)
+        if acct is not None and acct[3] is not None:
+            acct[3]._done()
 
     def send_event(
         self, event: Any, correlation_id: str, timeout: float | None = None
@@ -484,7 +513,7 @@ class AgentProtocolCore:
             return False
         del self._waiters[correlation_id]
         if self._acct:
-            self._acct.pop(correlation_id, None)
+            self._drop_acct(correlation_id)
         if not cur.done():
             cur.set_exception(_errors.RequestCancelled(f"request {correlation_id} abandoned"))
         self._entomb(correlation_id, reason)
@@ -499,7 +528,7 @@ class AgentProtocolCore:
         if fut is None:
             return False
         if self._acct:
-            self._acct.pop(correlation_id, None)
+            self._drop_acct(correlation_id)
         if not fut.done():
             fut.set_exception(exc)
         self._entomb(correlation_id, reason)
@@ -517,7 +546,7 @@ class AgentProtocolCore:
                 self.late_replies += 1
             return False
         if self._acct:
-            self._acct.pop(correlation_id, None)
+            self._drop_acct(correlation_id)
         if fut.done():
             return False
         fut.set_exception(exc)
@@ -685,7 +714,7 @@ class AgentProtocolCore:
         if registered:
             del self._waiters[cid]
             if self._acct:
-                self._acct.pop(cid, None)
+                self._drop_acct(cid)
         if not fut.done():
             self.timeouts += 1
             fut.set_exception(
@@ -743,11 +772,14 @@ class AgentProtocolCore:
             self._timer = None
         self._tq.clear()
         self._tombs.clear()
-        self._acct.clear()
         waiters, self._waiters = self._waiters, {}
         for fut in waiters.values():
             if not fut.done():
                 fut.set_exception(clone_error(error))
+        acct, self._acct = self._acct, {}
+        for _st, _started, _flags, group in acct.values():
+            if group is not None:
+                group._done()
         drains, self._drain_waiters = self._drain_waiters, []
         for d in drains:
             if not d.done():

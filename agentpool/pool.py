@@ -1028,59 +1028,85 @@ class AgentPool:
     async def _send_all(
         self, requests: list[tuple[str, str, Any, int]]
     ) -> list[AgentResponse | Exception]:
-        """Submit every request now (those that must wait for a slot or flow control run as
-        tasks), then wait once for all of them. Each is accounted as it completes."""
+        """Submit every request now, then wait once for all of them.
+
+        Requests that must wait (for a slot, flow control, room in the write queue, or on a
+        v1 connection) run as :meth:`_send` tasks; the others count down one RequestGroup
+        in the core, so a completion costs no callback.
+        """
         loop = asyncio.get_running_loop()
         n = len(requests)
         results: list[Any] = [None] * n
-        live: list[Any] = []
-        remaining = 0
-        done = loop.create_future()
+        group = core.RequestGroup(loop.create_future())
+        fast: list[tuple[int, Any]] = []
+        tasks: list[tuple[int, asyncio.Task[AgentResponse]]] = []
+        for i, (agent_id, cid, event, kind) in enumerate(requests):
+            try:
+                item = self._submit_now(agent_id, cid, event, kind, group)
+            except Exception as exc:
+                results[i] = exc
+                continue
+            if item is None:
+                tasks.append(
+                    (i, loop.create_task(self._send(agent_id, cid, event, kind, None, None)))
+                )
+            else:
+                fast.append((i, item))
+        if tasks:
+            await self._wait_mixed(requests, results, fast, tasks)
+            return results
+        if group.remaining:
+            try:
+                await group.future
+            except asyncio.CancelledError:
+                for i, item in fast:
+                    fut, st = item[0], item[2]
+                    if not fut.done():
+                        _conn(st).protocol_core.discard(requests[i][1], fut)
+                    self._settle(*item)
+                raise
+        for i, item in fast:
+            results[i] = self._settle(*item)
+        return results
+
+    async def _wait_mixed(
+        self,
+        requests: list[tuple[str, str, Any, int]],
+        results: list[Any],
+        fast: list[tuple[int, Any]],
+        tasks: list[tuple[int, asyncio.Task[AgentResponse]]],
+    ) -> None:
+        """Wait for submitted requests and :meth:`_send` tasks together; each submitted one
+        is accounted as it completes (its slot may be what a task waits for)."""
+        remaining = len(fast) + len(tasks)
+        done = asyncio.get_running_loop().create_future()
 
         def finished(i: int, item: Any, fut: asyncio.Future[Any]) -> None:
             nonlocal remaining
-            if item is None:  # a task running _send: accounted there
+            if item is None:  # a _send task: accounted there
                 if fut.cancelled():
                     results[i] = RequestCancelled(f"request {requests[i][1]} abandoned")
                 else:
                     results[i] = fut.exception() or fut.result()
             else:
-                results[i] = self._settle(fut, *item)
+                results[i] = self._settle(*item)
             remaining -= 1
             if not remaining and not done.done():
                 done.set_result(None)
 
-        for i, (agent_id, cid, event, kind) in enumerate(requests):
-            try:
-                item = self._submit_now(agent_id, cid, event, kind)
-            except Exception as exc:
-                results[i] = exc
-                continue
-            if item is None:  # must wait (slot, flow control, full write queue)
-                fut: asyncio.Future[Any] = loop.create_task(
-                    self._send(agent_id, cid, event, kind, None, None)
-                )
-                live.append((fut, None, cid))
-            else:
-                fut = item[0]
-                item = item[1:]
-                live.append((fut, item[1], cid))
-            remaining += 1
-            fut.add_done_callback(functools.partial(finished, i, item))
-        if remaining:
-            try:
-                await done
-            except asyncio.CancelledError:
-                for fut, st, cid in live:
-                    if fut.done():
-                        continue
-                    proto = None if st is None else _conn(st).protocol_core
-                    if proto is not None:
-                        proto.discard(cid, fut)  # its callback accounts it
-                    else:
-                        fut.cancel()
-                raise
-        return results
+        for i, item in fast:
+            item[0].add_done_callback(functools.partial(finished, i, item))
+        for i, task in tasks:
+            task.add_done_callback(functools.partial(finished, i, None))
+        try:
+            await done
+        except asyncio.CancelledError:
+            for i, item in fast:
+                if not item[0].done():
+                    _conn(item[2]).protocol_core.discard(requests[i][1], item[0])
+            for _, task in tasks:
+                task.cancel()
+            raise
 
     def _settle(
         self,
@@ -1123,7 +1149,7 @@ class AgentPool:
         return RequestCancelled(f"request failed: {error!r}")
 
     def _submit_now(
-        self, agent_id: str, correlation_id: str, event: Any, kind: int
+        self, agent_id: str, correlation_id: str, event: Any, kind: int, group: Any
     ) -> tuple[Any, ...] | None:
         """:meth:`_send` up to its await, when nothing has to be waited for; None when
         something does (the caller then runs :meth:`_send`). Errors raised here are
@@ -1152,12 +1178,15 @@ class AgentPool:
                 (st.paused and kind & _FLOW)
                 or st.in_flight >= self._limit
                 or (self._slot_waiters and st in self._slot_waiters)
+                or _conn(st).protocol_core is None
             ):
                 self._total_requests -= 1  # counted again by _send
                 self._after(entry, breaker, False)
                 return None
             attempted = True
-            fut = _conn(st).submit_request(event, correlation_id, None, st, entry.affinity, flags)
+            fut = _conn(st).protocol_core.submit(
+                event, correlation_id, None, st, entry.affinity, flags, group
+            )
         except Unavailable as exc:
             if attempted:  # the write queue is full: _send waits for room
                 self._total_requests -= 1

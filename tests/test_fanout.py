@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 from agents import AgentProc, spawn_agent
 
-from agentpool import AgentNotFound, DuplicateCorrelationId, Timeout
+from agentpool import AgentNotFound, ConnectionClosed, DuplicateCorrelationId, Timeout
 from agentpool.config import AgentPoolConfig
 from agentpool.messages import (
     Allow,
@@ -147,4 +147,18 @@ async def test_not_an_event_is_refused_before_anything_is_sent(waf: AgentProc) -
         await pool.add_agent("waf", waf.endpoint)
         with pytest.raises(TypeError, match="not an event"):
             await pool.send_batch("waf", [("z", object())])  # type: ignore[list-item]
+        settled(pool)
+
+
+async def test_batch_fails_fast_when_the_connection_closes(control: AgentProc) -> None:
+    async with AgentPool(cfg(connections_per_agent=1)) as pool:
+        await pool.add_agent("c", control.endpoint)
+        items = [(f"k{i}", hdrs(f"k{i}", delay=30.0)) for i in range(4)]
+        task = asyncio.ensure_future(pool.send_batch("c", items))
+        await asyncio.sleep(0.2)
+        st = next(iter(pool._agents["c"].conns))
+        st.conn.protocol_core.abort()
+        results = await asyncio.wait_for(task, 5.0)
+        assert all(isinstance(r, ConnectionClosed) for r in results), results
+        assert pool.protocol_metrics.snapshot().connection_errors_total == 4
         settled(pool)
