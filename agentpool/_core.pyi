@@ -206,6 +206,8 @@ class ProtocolMetrics:
 
 def clone_error(exc: BaseException) -> BaseException: ...
 
+def forget_affinity(entries: dict[Any, Any], correlation_id: str) -> int: ...
+
 class RequestGroup:
     future: asyncio.Future[None]  # readonly
     remaining: int  # readonly

@@ -376,6 +376,18 @@ cdef class AffinityMap:
         return f"<AffinityMap entries={len(self._map)} max_entries={self.max_entries}>"
 
 
+def forget_affinity(dict entries, object correlation_id):
+    """Drop ``correlation_id`` from the ``affinity`` map of every value of ``entries`` (the
+    pool's agents) in one call; how many bindings were dropped."""
+    cdef Py_ssize_t n = 0
+    cdef AffinityMap m
+    for e in entries.values():
+        m = <AffinityMap?>e.affinity
+        if m._map and m._map.pop(correlation_id, None) is not None:
+            n += 1
+    return n
+
+
 @cython.final
 @cython.internal
 @cython.freelist(64)

@@ -15,7 +15,7 @@ from typing import Any
 
 from .errors import ConnectionFailed
 
-__all__ = ["AffinityMap", "ConnState", "ConnectionSet", "SessionMap"]
+__all__ = ["AffinityMap", "ConnState", "ConnectionSet", "SessionMap", "forget_affinity"]
 
 _U64 = 0xFFFFFFFFFFFFFFFF
 _UNHEALTHY_AFTER = 3
@@ -373,6 +373,16 @@ class AffinityMap:
 
     def __repr__(self) -> str:
         return f"<AffinityMap entries={len(self._map)} max_entries={self._max_entries}>"
+
+
+def forget_affinity(entries: dict[Any, Any], correlation_id: str) -> int:
+    """Drop ``correlation_id`` from the ``affinity`` map of every value of ``entries`` (the
+    pool's agents) in one call; how many bindings were dropped."""
+    n = 0
+    for e in entries.values():
+        if e.affinity.remove(correlation_id):
+            n += 1
+    return n
 
 
 class _Session:

@@ -72,6 +72,7 @@ __all__ = ["AgentPool", "AgentPoolStats", "is_uds_endpoint"]
 log = logging.getLogger(__name__)
 
 _monotonic = time.monotonic
+_forget_affinity = core.forget_affinity
 
 # What a send does, as bit flags (the table under "Sending" in docs/pool.md).
 _TRACK = 1  # protocol metrics: requests/responses/in-flight/errors
@@ -1388,8 +1389,7 @@ class AgentPool:
         The ``correlation_affinities`` gauge is refreshed lazily (``protocol_metrics``,
         ``export_prometheus()``, maintenance), keeping this call cheap.
         """
-        for entry in self._agents.values():
-            entry.affinity.remove(correlation_id)
+        _forget_affinity(self._agents, correlation_id)
 
     def cleanup_expired_affinities(self) -> int:
         """Remove affinities idle longer than ``correlation_affinity_ttl``; returns the count."""
