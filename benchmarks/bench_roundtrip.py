@@ -150,6 +150,18 @@ def routing_round(
     proto = core.AgentProtocolCore(loop, lambda t, p: None, lambda e: None)
     proto.connection_made(_NullTransport())
     proto.set_decoder(JSON_CODEC.decode_response)
+    # as a connection does: the core's own Allow recogniser first (built by the core measured)
+    from agentpool import codec as _codec
+    from agentpool.messages import AgentResponse, AuditMetadata
+
+    responses = core.ResponseFactory(
+        AgentResponse,
+        AuditMetadata,
+        _codec._ALLOW,
+        (_codec._JSON_ALLOW_HEAD, _codec._JSON_ALLOW_TAIL),
+        _codec._MSGPACK_ALLOW_TEMPLATES,
+    )
+    proto.set_fast_paths(None, responses, "json")
     cids = [f"{i:032x}" for i in range(n)]
     payload = event_json(cids[0])
     replies = b"".join(core.encode_frame(0x20, response_json(c)) for c in cids)
