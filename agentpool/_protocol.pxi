@@ -194,12 +194,19 @@ cdef class AgentProtocolCore:
         self._resp_mode = 0 if responses is None else (1 if encoding == "json" else 2)
 
     def set_decoder(self, decode_response):
-        """Route AgentResponse frames with ``decode_response(payload) -> (cid, response)``."""
+        """Route AgentResponse frames with ``decode_response(payload) -> (cid, response)``.
+
+        Clears the reply fast path (set it again with :meth:`set_fast_paths`)."""
         self._decode = decode_response
+        self._resp = None
+        self._resp_mode = 0
 
     def set_encoder(self, encode_event):
-        """Encode events for :meth:`send_event` with ``encode_event(event, cid) -> bytes``."""
+        """Encode events for :meth:`send_event` with ``encode_event(event, cid) -> bytes``.
+
+        Clears the event fast path (set it again with :meth:`set_fast_paths`)."""
         self._encode = encode_event
+        self._hdr = None
 
     def set_cancel_encoder(self, encode_cancel):
         """Build Cancel payloads for abandoned requests with ``encode_cancel(cid, reason)``."""
