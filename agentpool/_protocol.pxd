@@ -52,7 +52,6 @@ cdef class AgentProtocolCore:
     cdef HeadersEventEncoder _hdr
     cdef ResponseFactory _resp
     cdef int _resp_mode
-    cdef dict _acct
     cdef Py_ssize_t _queued
     cdef public Py_ssize_t flush_after
 
@@ -62,7 +61,7 @@ cdef class AgentProtocolCore:
     cdef int _wake_writers(self) except -1
     cdef int _close_transport(self) except -1
     cdef int _arm(self) except -1
-    cdef int _expire(self, object cid, object fut, double timeout) except -1
+    cdef int _expire(self, object cid, tuple entry, double timeout) except -1
     cdef int _entomb(self, object cid, int reason) except -1
     cdef int _fatal(self, object error) except -1
     cdef int _shutdown(self, object error) except -1
@@ -71,6 +70,6 @@ cdef class AgentProtocolCore:
     cpdef object send_event(self, object event, str correlation_id, object timeout=*)
     cpdef object submit(self, object event, str correlation_id, object timeout,
                         ConnState st, AffinityMap affinity, int flags, RequestGroup group=*)
-    cdef int _drop_acct(self, object cid) except -1
-    cdef int _register(self, str correlation_id, object fut, object timeout, double t) except -1
-    cdef int _complete(self, object cid, object fut, object response) except -1
+    cdef int _register(self, str correlation_id, object fut, object timeout, double t,
+                       int flags, object group, object st) except -1
+    cdef int _complete(self, tuple entry, object response) except -1

@@ -57,14 +57,18 @@ cdef inline int _pr_group_done(RequestGroup g) except -1:
     return 0
 
 
-@cython.final
-@cython.freelist(256)
-cdef class _PrAcct:
-    """What a submitted request accounts at its successful completion."""
-    cdef ConnState st
-    cdef double started
-    cdef int flags
-    cdef RequestGroup group
+cdef inline int _pr_entry_gone(tuple entry) except -1:
+    """A request left the waiter map without its reply: count it in its group."""
+    if entry[4] is not None:
+        _pr_group_done(<RequestGroup>entry[4])
+    return 0
+
+
+# A waiter entry, the value of ``_waiters`` and the element of the timer queue (one tuple per
+# request): (deadline, correlation id, future, flags, group, timeout, connection state). flags is
+# -1 for a request() (nothing accounted here), else the SUBMIT_TRACK/SUBMIT_DURATION bits of a
+# submit(); timeout is the request's own or None (the default).
+cdef int _PR_NOT_SUBMITTED = -1
 # After close(), how long the transport may take to hand its last bytes to the kernel before
 # it is aborted (an agent that stopped reading would otherwise keep it open forever).
 cdef double _pr_CLOSE_GRACE = 0.25
@@ -174,7 +178,6 @@ cdef class AgentProtocolCore:
         self._hdr = None
         self._resp = None
         self._resp_mode = 0
-        self._acct = {}
         self._queued = 0
         self.flush_after = _pr_FLUSH_AFTER
 
@@ -236,7 +239,7 @@ cdef class AgentProtocolCore:
 
     def waiting_ids(self):
         """Correlation ids with a live waiter."""
-        return [cid for cid, fut in self._waiters.items() if not fut.done()]
+        return [cid for cid, e in self._waiters.items() if not (<tuple>e)[2].done()]
 
     # -- asyncio protocol callbacks --------------------------------------------------------
 
@@ -246,7 +249,7 @@ cdef class AgentProtocolCore:
     def data_received(self, data):
         cdef list frames
         cdef tuple frame
-        cdef object msg_type, payload, decode, fut, cid, response
+        cdef object msg_type, payload, decode, fut, cid, response, entry
         cdef dict waiters = self._waiters
         self._wrote_direct = False
         self.bytes_received += len(data)
@@ -278,19 +281,19 @@ cdef class AgentProtocolCore:
                         self.decode_errors += 1
                         self._on_frame(msg_type, payload)
                         continue
-                fut = waiters.pop(cid, None)
-                if fut is None:
+                entry = waiters.pop(cid, None)
+                if entry is None:
                     if self._tombs and self._tombs.pop(cid, None) is not None:
                         self.late_replies += 1
                     else:
                         self.unmatched_responses += 1
                     continue
+                fut = (<tuple>entry)[2]
                 if fut.done():  # cancelled by its holder: this is the reply it gave up on
                     self.late_replies += 1
-                    if self._acct:
-                        self._drop_acct(cid)
+                    _pr_entry_gone(<tuple>entry)
                     continue
-                self._complete(cid, fut, response)
+                self._complete(<tuple>entry, response)
             else:
                 self._on_frame(msg_type, payload)
                 if self.closed:
@@ -350,51 +353,53 @@ cdef class AgentProtocolCore:
             raise _errors.Unavailable("write buffer full: the agent is not reading")
         self._append_frame(msg_type, payload)
         fut = self._create_future()
-        self._register(correlation_id, fut, timeout, t)
+        self._register(correlation_id, fut, timeout, t, _PR_NOT_SUBMITTED, None, None)
         return fut
 
-    cdef int _register(self, str correlation_id, object fut, object timeout, double t) except -1:
-        self._waiters[correlation_id] = fut
+    cdef int _register(self, str correlation_id, object fut, object timeout, double t,
+                       int flags, object group, object st) except -1:
+        cdef tuple entry
+        cdef bint default = timeout is None or t == self.request_timeout
+        entry = (_pr_monotonic() + (self.request_timeout if default else t), correlation_id, fut,
+                 flags, group, None if default else timeout, st)
+        self._waiters[correlation_id] = entry
         self.requests_sent += 1
-        if timeout is None or t == self.request_timeout:
+        if default:
             tq = self._tq
             while tq and (<tuple>tq[0])[2].done():
                 tq.popleft()
-            tq.append((_pr_monotonic() + self.request_timeout, correlation_id, fut))
+            tq.append(entry)
             if self._timer is None:
                 self._arm()
             elif len(tq) > 2 * len(self._waiters) + 1024:
                 self._tq = _pr_deque([e for e in tq if not (<tuple>e)[2].done()])
         else:
-            handle = self._call_later(t, self._expire_cb, correlation_id, fut, t)
+            handle = self._call_later(t, self._expire_cb, correlation_id, entry, t)
             fut.add_done_callback(_PrTimerCanceller(handle))
         return 0
 
-    cdef int _complete(self, object cid, object fut, object response) except -1:
+    cdef int _complete(self, tuple entry, object response) except -1:
         """Resolve a waiter with its reply and account a submitted request's success."""
-        cdef _PrAcct a
         cdef ProtocolMetrics pm
-        cdef double now
-        fut.set_result(response)
+        cdef int flags = entry[3]
+        cdef double started
+        entry[2].set_result(response)
         self.responses_received += 1
-        if not self._acct:
+        if flags == _PR_NOT_SUBMITTED:
             return 0
-        found = self._acct.pop(cid, None)
-        if found is None:
-            return 0
-        a = <_PrAcct>found
-        a.st.finish(True)
-        if a.group is not None:
-            _pr_group_done(a.group)
+        (<ConnState>entry[6]).finish(True)
+        if entry[4] is not None:
+            _pr_group_done(<RequestGroup>entry[4])
         pm = self._pm
         if pm is not None:
-            if a.flags & _pr_F_TRACK:
+            if flags & _pr_F_TRACK:
                 pm.responses_total += 1
                 if pm.in_flight_requests > 0:
                     pm.in_flight_requests -= 1
-            if a.flags & _pr_F_DURATION:
-                now = _pr_monotonic()
-                pm.request_duration._record(now - a.started)
+            if flags & _pr_F_DURATION:
+                started = <double>entry[0] - (
+                    self.request_timeout if entry[5] is None else <double>entry[5])
+                pm.request_duration._record(_pr_monotonic() - started)
         return 0
 
     cpdef object submit(self, object event, str correlation_id, object timeout,
@@ -420,7 +425,6 @@ cdef class AgentProtocolCore:
         cdef int msg_type
         cdef object prev, fut, payload
         cdef ProtocolMetrics pm = self._pm
-        cdef _PrAcct a
         cdef bint direct
         if self.closed:
             raise clone_error(self.close_error or _errors.ConnectionClosed())
@@ -479,7 +483,10 @@ cdef class AgentProtocolCore:
             self._append_frame(msg_type, encode(event, correlation_id))
         now = _pr_monotonic()
         fut = self._create_future()
-        self._register(correlation_id, fut, timeout, t)
+        self._register(correlation_id, fut, timeout, t, flags & (_pr_F_TRACK | _pr_F_DURATION),
+                       group, st)
+        if group is not None:
+            group.remaining += 1
         if not flags & _pr_F_BEGUN:
             st.in_flight += 1
         st.last_used = now
@@ -491,22 +498,7 @@ cdef class AgentProtocolCore:
             pm.in_flight_requests += 1
             if flags & _pr_F_SAMPLE:
                 pm.serialization_time._record(now - t0)
-        a = _PrAcct.__new__(_PrAcct)
-        a.st = st
-        a.started = now
-        a.flags = flags
-        if group is not None:
-            a.group = group
-            group.remaining += 1
-        self._acct[correlation_id] = a
         return fut
-
-    cdef int _drop_acct(self, object cid) except -1:
-        """A submitted request ended without a reply: forget its record, count its group."""
-        found = self._acct.pop(cid, None)
-        if found is not None and (<_PrAcct>found).group is not None:
-            _pr_group_done((<_PrAcct>found).group)
-        return 0
 
     cpdef object send_event(self, object event, str correlation_id, object timeout=None):
         """Encode ``event`` (see set_encoder) and :meth:`request` it; the future of its reply."""
@@ -531,12 +523,12 @@ cdef class AgentProtocolCore:
         Its waiter is dropped (failed with RequestCancelled if still pending), a tombstone
         keeps the reply it owes from answering anything else, and a Cancel frame is queued.
         """
-        cur = self._waiters.get(correlation_id)
-        if cur is None or (fut is not None and cur is not fut):
+        entry = self._waiters.get(correlation_id)
+        if entry is None or (fut is not None and (<tuple>entry)[2] is not fut):
             return False
         del self._waiters[correlation_id]
-        if self._acct:
-            self._drop_acct(correlation_id)
+        _pr_entry_gone(<tuple>entry)
+        cur = (<tuple>entry)[2]
         if not cur.done():
             cur.set_exception(_errors.RequestCancelled(f"request {correlation_id} abandoned"))
         self._entomb(correlation_id, reason)
@@ -547,11 +539,11 @@ cdef class AgentProtocolCore:
 
         False (nothing queued) when no request waits on ``correlation_id``.
         """
-        fut = self._waiters.pop(correlation_id, None)
-        if fut is None:
+        entry = self._waiters.pop(correlation_id, None)
+        if entry is None:
             return False
-        if self._acct:
-            self._drop_acct(correlation_id)
+        _pr_entry_gone(<tuple>entry)
+        fut = (<tuple>entry)[2]
         if not fut.done():
             fut.set_exception(exc)
         self._entomb(correlation_id, reason)
@@ -563,13 +555,13 @@ cdef class AgentProtocolCore:
         A tombstone for it is cleared instead (its reply has come). True if a live waiter
         was failed.
         """
-        fut = self._waiters.pop(correlation_id, None)
-        if fut is None:
+        entry = self._waiters.pop(correlation_id, None)
+        if entry is None:
             if self._tombs.pop(correlation_id, None) is not None:
                 self.late_replies += 1
             return False
-        if self._acct:
-            self._drop_acct(correlation_id)
+        _pr_entry_gone(<tuple>entry)
+        fut = (<tuple>entry)[2]
         if fut.done():
             return False
         fut.set_exception(exc)
@@ -749,26 +741,26 @@ cdef class AgentProtocolCore:
             fut = entry[2]
             if fut.done():
                 tq.popleft()
-                if self._waiters.get(entry[1]) is fut:
-                    self._expire(entry[1], fut, self.request_timeout)
+                if self._waiters.get(entry[1]) is entry:
+                    self._expire(entry[1], entry, self.request_timeout)
                 continue
             deadline = entry[0]
             if deadline <= now:
                 tq.popleft()
-                self._expire(entry[1], fut, self.request_timeout)
+                self._expire(entry[1], entry, self.request_timeout)
             else:
                 break
         self._arm()
 
-    def _expire_cb(self, cid, fut, double timeout):
-        self._expire(cid, fut, timeout)
+    def _expire_cb(self, cid, tuple entry, double timeout):
+        self._expire(cid, entry, timeout)
 
-    cdef int _expire(self, object cid, object fut, double timeout) except -1:
-        cdef bint registered = self._waiters.get(cid) is fut
+    cdef int _expire(self, object cid, tuple entry, double timeout) except -1:
+        cdef bint registered = self._waiters.get(cid) is entry
+        fut = entry[2]
         if registered:
             del self._waiters[cid]
-            if self._acct:
-                self._drop_acct(cid)
+            _pr_entry_gone(entry)
         if not fut.done():
             self.timeouts += 1
             fut.set_exception(
@@ -823,14 +815,11 @@ cdef class AgentProtocolCore:
         self._tombs.clear()
         waiters = self._waiters
         self._waiters = {}
-        for fut in waiters.values():
+        for entry in waiters.values():
+            fut = (<tuple>entry)[2]
             if not fut.done():
                 fut.set_exception(clone_error(error))
-        acct = self._acct
-        self._acct = {}
-        for a in acct.values():
-            if (<_PrAcct>a).group is not None:
-                _pr_group_done((<_PrAcct>a).group)
+            _pr_entry_gone(<tuple>entry)
         drains = self._drain_waiters
         self._drain_waiters = []
         for d in drains:

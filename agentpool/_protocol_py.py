@@ -92,6 +92,17 @@ class RequestGroup:
             self.future.set_result(None)
 
 
+_NOT_SUBMITTED = -1
+_Entry = tuple[float, str, "asyncio.Future[Any]", int, "RequestGroup | None", "float | None", Any]
+
+
+def _entry_gone(entry: _Entry) -> None:
+    """A request left the waiter map without its reply: count it in its group."""
+    group = entry[4]
+    if group is not None:
+        group._done()
+
+
 class AgentProtocolCore:
     """asyncio protocol for one proxy→agent connection.
 
@@ -161,10 +172,13 @@ class AgentProtocolCore:
         self._decoder = FrameDecoder(max_frame_size)
         self._decode: Callable[[bytes], tuple[str, Any]] | None = None
         self._encode: Callable[[Any, str], bytes] | None = None
-        self._waiters: dict[str, asyncio.Future[Any]] = {}
+        # correlation id -> waiter entry, also the timer queue's element: (deadline, id,
+        # future, flags, group, timeout, connection state); flags -1 for request() (nothing
+        # accounted here), else the SUBMIT_TRACK/SUBMIT_DURATION bits of a submit()
+        self._waiters: dict[str, _Entry] = {}
         self._tombs: dict[str, int] = {}
         self._encode_cancel: Callable[[str, int], bytes] | None = None
-        self._tq: collections.deque[tuple[float, str, asyncio.Future[Any]]] = collections.deque()
+        self._tq: collections.deque[_Entry] = collections.deque()
         self._timer: asyncio.TimerHandle | None = None
         self._wbuf = bytearray()
         self._flush_scheduled = False
@@ -195,7 +209,6 @@ class AgentProtocolCore:
         self._on_aff_reject: Callable[[], object] | None = None
         self._resp: Any = None
         self._resp_mode = 0
-        self._acct: dict[str, tuple[Any, float, int, RequestGroup | None]] = {}
         self._queued = 0
         self.flush_after = FLUSH_AFTER
 
@@ -260,7 +273,7 @@ class AgentProtocolCore:
 
     def waiting_ids(self) -> list[str]:
         """Correlation ids with a live waiter."""
-        return [cid for cid, fut in self._waiters.items() if not fut.done()]
+        return [cid for cid, e in self._waiters.items() if not e[2].done()]
 
     # -- asyncio protocol callbacks ------------------------------------------------------------
 
@@ -294,19 +307,18 @@ class AgentProtocolCore:
                         self.decode_errors += 1
                         self._on_frame(msg_type, payload)
                         continue
-                fut = waiters.pop(cid, None)
-                if fut is None:
+                entry = waiters.pop(cid, None)
+                if entry is None:
                     if self._tombs and self._tombs.pop(cid, None) is not None:
                         self.late_replies += 1
                     else:
                         self.unmatched_responses += 1
                     continue
-                if fut.done():  # cancelled by its holder: this is the reply it gave up on
+                if entry[2].done():  # cancelled by its holder: the reply it gave up on
                     self.late_replies += 1
-                    if self._acct:
-                        self._drop_acct(cid)
+                    _entry_gone(entry)
                     continue
-                self._complete(cid, fut, response)
+                self._complete(entry, response)
             else:
                 self._on_frame(msg_type, payload)
                 if self.closed:
@@ -365,37 +377,51 @@ class AgentProtocolCore:
             raise _errors.Unavailable("write buffer full: the agent is not reading")
         self._append_frame(msg_type, payload)
         fut: asyncio.Future[Any] = self._create_future()
-        self._register(correlation_id, fut, timeout)
+        self._register(correlation_id, fut, timeout, _NOT_SUBMITTED, None, None)
         return fut
 
     def _register(
-        self, correlation_id: str, fut: asyncio.Future[Any], timeout: float | None
+        self,
+        correlation_id: str,
+        fut: asyncio.Future[Any],
+        timeout: float | None,
+        flags: int,
+        group: RequestGroup | None,
+        st: Any,
     ) -> None:
-        self._waiters[correlation_id] = fut
+        default = timeout is None or timeout == self.request_timeout
+        t = self.request_timeout if default or timeout is None else timeout
+        entry: _Entry = (
+            time.monotonic() + t,
+            correlation_id,
+            fut,
+            flags,
+            group,
+            None if default else timeout,
+            st,
+        )
+        self._waiters[correlation_id] = entry
         self.requests_sent += 1
-        if timeout is None or timeout == self.request_timeout:
+        if default:
             tq = self._tq
             while tq and tq[0][2].done():
                 tq.popleft()
-            tq.append((time.monotonic() + self.request_timeout, correlation_id, fut))
+            tq.append(entry)
             if self._timer is None:
                 self._arm()
             elif len(tq) > 2 * len(self._waiters) + 1024:
                 self._compact()
         else:
-            handle = self._loop.call_later(timeout, self._expire, correlation_id, fut, timeout)
+            handle = self._loop.call_later(t, self._expire, correlation_id, entry, t)
             fut.add_done_callback(_TimerCanceller(handle))
 
-    def _complete(self, cid: str, fut: asyncio.Future[Any], response: Any) -> None:
+    def _complete(self, entry: _Entry, response: Any) -> None:
         """Resolve a waiter with its reply and account a submitted request's success."""
+        deadline, _cid, fut, flags, group, timeout, st = entry
         fut.set_result(response)
         self.responses_received += 1
-        if not self._acct:
+        if flags == _NOT_SUBMITTED:
             return
-        acct = self._acct.pop(cid, None)
-        if acct is None:
-            return
-        st, started, flags, group = acct
         st.finish(True)
         if group is not None:
             group._done()
@@ -405,6 +431,7 @@ class AgentProtocolCore:
                 pm.inc_responses()
                 pm.dec_in_flight()
             if flags & SUBMIT_DURATION:
+                started = deadline - (self.request_timeout if timeout is None else timeout)
                 pm.record_request_duration(time.monotonic() - started)
 
     def submit(
@@ -461,7 +488,11 @@ class AgentProtocolCore:
         self._append_frame(msg_type, encode(event, correlation_id))
         now = time.monotonic()
         fut: asyncio.Future[Any] = self._create_future()
-        self._register(correlation_id, fut, timeout)
+        self._register(
+            correlation_id, fut, timeout, flags & (SUBMIT_TRACK | SUBMIT_DURATION), group, st
+        )
+        if group is not None:
+            group.remaining += 1
         if not flags & SUBMIT_BEGUN:
             st.begin(now)
         if flags & SUBMIT_STORE_AFFINITY and not affinity.store(correlation_id, st, now):
@@ -473,16 +504,7 @@ class AgentProtocolCore:
             pm.inc_in_flight()
             if flags & SUBMIT_SAMPLE:
                 pm.record_serialization_time(now - t0)
-        if group is not None:
-            group.remaining += 1
-        self._acct[correlation_id] = (st, now, flags, group)
         return fut
-
-    def _drop_acct(self, cid: str) -> None:
-        """A submitted request ended without a reply: forget its record, count its group."""
-        acct = self._acct.pop(cid, None)
-        if acct is not None and acct[3] is not None:
-            acct[3]._done()
 
     def send_event(
         self, event: Any, correlation_id: str, timeout: float | None = None
@@ -514,12 +536,12 @@ class AgentProtocolCore:
         Its waiter is dropped (failed with RequestCancelled if still pending), a tombstone
         keeps the reply it owes from answering anything else, and a Cancel frame is queued.
         """
-        cur = self._waiters.get(correlation_id)
-        if cur is None or (fut is not None and cur is not fut):
+        entry = self._waiters.get(correlation_id)
+        if entry is None or (fut is not None and entry[2] is not fut):
             return False
         del self._waiters[correlation_id]
-        if self._acct:
-            self._drop_acct(correlation_id)
+        _entry_gone(entry)
+        cur = entry[2]
         if not cur.done():
             cur.set_exception(_errors.RequestCancelled(f"request {correlation_id} abandoned"))
         self._entomb(correlation_id, reason)
@@ -530,11 +552,11 @@ class AgentProtocolCore:
 
         False (nothing queued) when no request waits on ``correlation_id``.
         """
-        fut = self._waiters.pop(correlation_id, None)
-        if fut is None:
+        entry = self._waiters.pop(correlation_id, None)
+        if entry is None:
             return False
-        if self._acct:
-            self._drop_acct(correlation_id)
+        _entry_gone(entry)
+        fut = entry[2]
         if not fut.done():
             fut.set_exception(exc)
         self._entomb(correlation_id, reason)
@@ -546,13 +568,13 @@ class AgentProtocolCore:
         A tombstone for it is cleared instead (its reply has come). True if a live waiter
         was failed.
         """
-        fut = self._waiters.pop(correlation_id, None)
-        if fut is None:
+        entry = self._waiters.pop(correlation_id, None)
+        if entry is None:
             if self._tombs.pop(correlation_id, None) is not None:
                 self.late_replies += 1
             return False
-        if self._acct:
-            self._drop_acct(correlation_id)
+        _entry_gone(entry)
+        fut = entry[2]
         if fut.done():
             return False
         fut.set_exception(exc)
@@ -703,24 +725,25 @@ class AgentProtocolCore:
         tq = self._tq
         timeout = self.request_timeout
         while tq:
-            deadline, cid, fut = tq[0]
+            entry = tq[0]
+            deadline, cid, fut = entry[0], entry[1], entry[2]
             if fut.done():
                 tq.popleft()
-                if self._waiters.get(cid) is fut:
-                    self._expire(cid, fut, timeout)
+                if self._waiters.get(cid) is entry:
+                    self._expire(cid, entry, timeout)
             elif deadline <= now:
                 tq.popleft()
-                self._expire(cid, fut, timeout)
+                self._expire(cid, entry, timeout)
             else:
                 break
         self._arm()
 
-    def _expire(self, cid: str, fut: asyncio.Future[Any], timeout: float) -> None:
-        registered = self._waiters.get(cid) is fut
+    def _expire(self, cid: str, entry: _Entry, timeout: float) -> None:
+        registered = self._waiters.get(cid) is entry
+        fut = entry[2]
         if registered:
             del self._waiters[cid]
-            if self._acct:
-                self._drop_acct(cid)
+            _entry_gone(entry)
         if not fut.done():
             self.timeouts += 1
             fut.set_exception(
@@ -779,13 +802,11 @@ class AgentProtocolCore:
         self._tq.clear()
         self._tombs.clear()
         waiters, self._waiters = self._waiters, {}
-        for fut in waiters.values():
+        for entry in waiters.values():
+            fut = entry[2]
             if not fut.done():
                 fut.set_exception(clone_error(error))
-        acct, self._acct = self._acct, {}
-        for _st, _started, _flags, group in acct.values():
-            if group is not None:
-                group._done()
+            _entry_gone(entry)
         drains, self._drain_waiters = self._drain_waiters, []
         for d in drains:
             if not d.done():
