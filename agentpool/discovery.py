@@ -8,10 +8,9 @@ have changed. Three sources ship: :class:`StaticSource` (a fixed list), :class:`
 out). :class:`Discovery` runs a source and calls ``on_change(agent_id, endpoints)`` with
 every list that differs from the previous one.
 
-Today a pool holds one endpoint per agent id: :func:`single_endpoint_updater` turns a
-one-endpoint list into ``pool.add_agent`` whenever that endpoint changes. Endpoint sets per
-agent id (``set_endpoints``, fed directly by these sources) come next. See
-docs/deployment.md.
+:func:`endpoints_updater` is the ``on_change`` that feeds a pool: the first list registers
+the agent with all its endpoints, later ones go to ``pool.set_endpoints`` (new replicas
+connect, removed ones drain, the others are kept). See docs/deployment.md.
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ __all__ = [
     "FileSource",
     "OnChange",
     "StaticSource",
+    "endpoints_updater",
     "single_endpoint_updater",
 ]
 
@@ -322,41 +322,44 @@ class Discovery:
         await self.stop()
 
 
-class _PoolWithAdd(Protocol):
+class _PoolWithEndpoints(Protocol):
+    def agent_ids(self) -> list[str]: ...
+
     async def add_agent(
-        self, agent_id: str, endpoint: str, *, protocol: str = ..., ssl: _ssl.SSLContext | None
+        self,
+        agent_id: str,
+        endpoint: str | Sequence[str],
+        *,
+        protocol: str = ...,
+        ssl: _ssl.SSLContext | None,
     ) -> None: ...
 
+    async def set_endpoints(self, agent_id: str, endpoints: str | Sequence[str]) -> None: ...
 
-def single_endpoint_updater(
-    pool: _PoolWithAdd, *, ssl: _ssl.SSLContext | None = None, protocol: str = "v2"
+
+def endpoints_updater(
+    pool: _PoolWithEndpoints, *, ssl: _ssl.SSLContext | None = None, protocol: str = "v2"
 ) -> Callable[[str, list[str]], Awaitable[None]]:
-    """An ``on_change`` that (re)adds the agent at its endpoint when the endpoint changes.
+    """An ``on_change`` feeding the pool's endpoint set for the agent id.
 
-    The pool holds one endpoint per agent id today: an empty list keeps the current
-    endpoint; a list of several uses the first (in the source's order) and logs a warning.
-    ``add_agent`` replaces the agent's connections, so in-flight requests on the old
-    endpoint fail over to the new one through the pool's usual error path.
+    The first list registers the agent (``add_agent(agent_id, endpoints, ssl=ssl,
+    protocol=protocol)``) unless the pool already has it; every later list goes to
+    ``set_endpoints``, which connects new replicas, drains removed ones and keeps the
+    others untouched. An empty list keeps the current endpoints (a source that lost every
+    record is more likely broken than right).
     """
-    current: dict[str, str] = {}
-    warned: set[str] = set()
 
     async def on_change(agent_id: str, endpoints: list[str]) -> None:
         if not endpoints:
-            log.warning("discovery %s: empty endpoint list; keeping the current one", agent_id)
+            log.warning("discovery %s: empty endpoint list; keeping the current ones", agent_id)
             return
-        if len(endpoints) > 1 and agent_id not in warned:
-            warned.add(agent_id)
-            log.warning(
-                "discovery %s: %d endpoints, using %s (endpoint sets are not supported yet)",
-                agent_id,
-                len(endpoints),
-                endpoints[0],
-            )
-        endpoint = endpoints[0]
-        if current.get(agent_id) == endpoint:
-            return
-        await pool.add_agent(agent_id, endpoint, protocol=protocol, ssl=ssl)
-        current[agent_id] = endpoint
+        if agent_id in pool.agent_ids():
+            await pool.set_endpoints(agent_id, endpoints)
+        else:
+            await pool.add_agent(agent_id, endpoints, protocol=protocol, ssl=ssl)
 
     return on_change
+
+
+single_endpoint_updater = endpoints_updater
+"""The earlier name of :func:`endpoints_updater` (from when an agent had one endpoint)."""

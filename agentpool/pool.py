@@ -15,21 +15,27 @@ import dataclasses
 import enum
 import functools
 import logging
-import ssl as _ssl
 import time
 from collections import deque
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, cast
 
 from . import tls as _tls
 from ._impl import core
-from .circuit import CircuitBreaker, CircuitState
+from .circuit import CircuitBreakerConfig, CircuitState
 from .config import AgentPoolConfig
 from .connection import AgentConnection
 from .control import ConfigPusher, ConfigUpdateHandler
-from .endpoint import parse_endpoint
+from .endpoints import (
+    EndpointRecord,
+    EndpointsBreaker,
+    EndpointStats,
+    _EndpointBreaker,
+    normalize_endpoints,
+    refresh_selection,
+)
 from .enums import CancelReason, FlowControlMode, HealthState
 from .errors import (
     AgentNotFound,
@@ -67,7 +73,7 @@ from .messages import (
 )
 from .metrics import MetricsCollector
 
-__all__ = ["AgentPool", "AgentPoolStats", "is_uds_endpoint"]
+__all__ = ["AgentPool", "AgentPoolStats", "EndpointStats", "is_uds_endpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +132,8 @@ _SUBMIT_KINDS = core.SUBMIT_TRACK | core.SUBMIT_DURATION | core.SUBMIT_STORE_AFF
 _SUBMIT_BEGUN = core.SUBMIT_BEGUN
 _SUBMIT_SAMPLE = core.SUBMIT_SAMPLE
 _CLOSE_WAIT = 1.0
+_DRAIN_POLL = 0.01
+_OPEN_CONCURRENCY = 16  # endpoints connecting at once in add_agent / set_endpoints
 
 
 def is_uds_endpoint(endpoint: str) -> bool:
@@ -148,7 +156,12 @@ class AgentPoolStats:
 
 
 class _AgentEntry:
-    """One agent: its connections (a core ConnectionSet), affinities and recovery state."""
+    """One agent: its endpoints (agentpool.endpoints), connections, affinities, capabilities.
+
+    ``conns`` (a core ConnectionSet) holds the connections of every active endpoint, so
+    selection spreads over them all; ``endpoint_of`` maps each connection state to its
+    endpoint; removed endpoints wait in ``draining`` until their requests are done.
+    """
 
     __slots__ = (
         "affinity",
@@ -157,13 +170,10 @@ class _AgentEntry:
         "breaker_clean",
         "capabilities",
         "conns",
-        "endpoint",
-        "health_at",
-        "next_reconnect_at",
+        "draining",
+        "endpoint_of",
+        "endpoints",
         "protocol",
-        "reconnect_attempts",
-        "reconnecting",
-        "reported_ok",
         "retired_errors",
         "retired_requests",
         "reverse",
@@ -174,38 +184,73 @@ class _AgentEntry:
     def __init__(
         self,
         agent_id: str,
-        endpoint: str,
         *,
         protocol: str,
         reverse: bool,
         max_affinities: int,
-        breaker: CircuitBreaker | None,
     ) -> None:
         self.agent_id = agent_id
-        self.endpoint = endpoint
         self.protocol = protocol
         self.reverse = reverse
         self.conns = core.ConnectionSet(agent_id)
         self.affinity = core.AffinityMap(max_affinities)
         self.capabilities: AgentCapabilities | None = None
-        self.breaker = breaker
-        # True while the breaker is closed with no failures: the hot path then skips it.
+        self.endpoints: dict[str, EndpointRecord] = {}
+        self.draining: list[EndpointRecord] = []
+        self.endpoint_of: dict[Any, EndpointRecord] = {}
+        # The gate before selection: refuses only when every endpoint's breaker does.
+        self.breaker: EndpointsBreaker | None = None
+        # True while some endpoint's breaker is closed: the hot path then skips the gate.
         self.breaker_clean = True
-        self.reconnect_attempts = 0
-        self.next_reconnect_at = 0.0
-        self.reconnecting = False
-        self.reported_ok = True
-        self.health_at = 0.0
         self.retired_requests = 0
         self.retired_errors = 0
         self.was_healthy = True
-        self.ssl: _ssl.SSLContext | None = None
+        self.ssl: Any = None  # an ssl.SSLContext (or a GrpcTLS for grpcs:// endpoints)
+
+    def active(self) -> list[EndpointRecord]:
+        return list(self.endpoints.values())
+
+    def add_endpoint(
+        self, endpoint: str, breaker_config: CircuitBreakerConfig | None
+    ) -> EndpointRecord:
+        breaker = None
+        if breaker_config is not None:
+            breaker = _EndpointBreaker(breaker_config, self.breakers_changed)
+            if self.breaker is None:
+                self.breaker = EndpointsBreaker(self.active)
+        ep = EndpointRecord(endpoint, breaker)
+        self.endpoints[endpoint] = ep
+        return ep
+
+    def breakers_changed(self) -> None:
+        """An endpoint's breaker changed state: recompute the gate flag and selection."""
+        eps = self.active()
+        self.breaker_clean = any(
+            ep.breaker is None or ep.breaker.state is CircuitState.CLOSED for ep in eps
+        )
+        refresh_selection(eps)
+
+    @property
+    def endpoint(self) -> str:
+        """The first endpoint (the only one for a single-endpoint agent)."""
+        return next(iter(self.endpoints), "")
+
+    @property
+    def reconnect_attempts(self) -> int:
+        return min((ep.reconnect_attempts for ep in self.endpoints.values()), default=0)
+
+    @property
+    def next_reconnect_at(self) -> float:
+        return min((ep.next_reconnect_at for ep in self.endpoints.values()), default=0.0)
 
     def live_count(self) -> int:
         return sum(1 for st in self.conns if not st.closed)
 
     def is_healthy(self) -> bool:
-        return self.reported_ok and self.conns.healthy_count() > 0
+        return any(ep.is_healthy() for ep in self.endpoints.values())
+
+    def all_states(self) -> list[Any]:
+        return list(self.endpoint_of)
 
 
 class _Listener:
@@ -234,10 +279,12 @@ class _Listener:
         self._pool._on_closed(conn, exc)
 
 
-def _record_connect_error(entry: _AgentEntry, error: BaseException) -> None:
+def _record_connect_error(entry: _AgentEntry, ep: EndpointRecord, error: BaseException) -> None:
     """Remember the failure for the agent's "No connections available" errors."""
     when = time.strftime("%H:%M:%S UTC", time.gmtime())
-    entry.conns.last_error = f"last connect error at {when}: {error or type(error).__name__}"
+    where = f" ({ep.endpoint})" if len(entry.endpoints) > 1 else ""
+    ep.last_error = f"last connect error at {when}{where}: {error or type(error).__name__}"
+    entry.conns.last_error = ep.last_error
 
 
 def _conn(st: Any) -> AgentConnection:
@@ -304,6 +351,9 @@ class AgentPool:
         self._drained: asyncio.Event | None = None
         self._total_requests = 0
         self._total_errors = 0
+        self._failovers = 0
+        # agents with several endpoints: their new requests fail over (``_send_failover``)
+        self._replicated: set[str] = set()
 
     # ------------------------------------------------------------------ accessors
 
@@ -346,6 +396,11 @@ class AgentPool:
     def total_requests(self) -> int:
         """Sends attempted through this pool (all kinds)."""
         return self._total_requests
+
+    @property
+    def failovers(self) -> int:
+        """New requests sent again because a replica's connection was lost before the reply."""
+        return self._failovers
 
     @property
     def total_errors(self) -> int:
@@ -455,7 +510,7 @@ class AgentPool:
         cancels = [
             _conn(st).cancel_all(CancelReason.PROXY_SHUTDOWN)
             for entry in entries
-            for st in entry.conns
+            for st in entry.all_states()
             if not st.closed
         ]
         if cancels:
@@ -474,22 +529,25 @@ class AgentPool:
         self._refresh_gauges()
 
     def _in_flight_total(self) -> int:
-        return sum(st.in_flight for e in self._agents.values() for st in e.conns)
+        return sum(st.in_flight for e in self._agents.values() for st in e.endpoint_of)
 
     # ------------------------------------------------------------------ membership
 
     async def add_agent(
         self,
         agent_id: str,
-        endpoint: str,
+        endpoint: str | Sequence[str],
         *,
         protocol: str = "v2",
         ssl: Any = None,
     ) -> None:
-        """Open ``connections_per_agent`` connections to ``endpoint`` concurrently.
+        """Open ``connections_per_agent`` connections to each endpoint, concurrently.
 
-        ``ssl`` (an :class:`ssl.SSLContext`, e.g. from :func:`agentpool.tls.client_context`)
-        or a ``tls://host:port`` endpoint connects over TLS; reconnects use the same context.
+        ``endpoint`` is one endpoint or a list of them (replicas of the same agent; see
+        :meth:`set_endpoints` and docs/pool.md, "Endpoint sets"). ``ssl`` (an
+        :class:`ssl.SSLContext`, e.g. from :func:`agentpool.tls.client_context`) or a
+        ``tls://host:port`` endpoint connects over TLS; reconnects and endpoints added later
+        by :meth:`set_endpoints` use the same context.
         ``grpc://host:port`` and ``grpcs://host:port`` endpoints speak gRPC (``pip install
         'agentpool[grpc]'``); for ``grpcs://``, ``ssl`` may also be an
         :class:`agentpool.grpc.GrpcTLS` (see docs/protocol.md, "gRPC transport").
@@ -506,46 +564,249 @@ class AgentPool:
             raise InvalidMessage("agent id must not be empty", field="agent_id")
         if protocol not in ("v1", "v2"):
             raise InvalidMessage(f"unknown protocol {protocol!r}", field="protocol")
-        parse_endpoint(endpoint)
+        endpoints = self._endpoint_list(endpoint)
         cfg = self._config
         entry = _AgentEntry(
             agent_id,
-            endpoint,
             protocol=protocol,
             reverse=False,
             max_affinities=cfg.max_correlation_affinities,
-            breaker=self._new_breaker(),
         )
         entry.ssl = ssl
-        opened: list[AgentConnection] = []
-        for result in await self._open_many(entry, cfg.connections_per_agent):
-            if isinstance(result, AgentConnection):
-                opened.append(result)
-            else:
-                _record_connect_error(entry, result)
-                log.warning("failed to connect to agent %r at %s: %s", agent_id, endpoint, result)
+        eps = [entry.add_endpoint(e, cfg.circuit_breaker) for e in endpoints]
+        results = await self._open_endpoints(entry, eps)
         if self._closing:
-            for conn in opened:
-                conn.close()
+            for res in results:
+                for conn in res:
+                    if isinstance(conn, AgentConnection):
+                        conn.close()
             raise Unavailable("pool is shut down")
         old = self._agents.get(agent_id)
         self._agents[agent_id] = entry
-        for conn in opened:
-            self._attach(entry, conn)
+        self._note_replicas(entry)
+        opened = self._join(entry, eps, results, first=True)
         if opened:
-            self._set_capabilities(entry, opened[0].capabilities)
-            log.info("agent %r added with %d connection(s)", agent_id, len(opened))
+            log.info(
+                "agent %r added with %d connection(s) to %d endpoint(s)",
+                agent_id,
+                opened,
+                len(eps),
+            )
         else:
             self._pusher.unregister_agent(agent_id)
-            entry.reconnect_attempts = 1
-            entry.next_reconnect_at = _monotonic() + cfg.reconnect_delay(1)
             entry.was_healthy = False
             log.warning(
-                "agent %r unreachable at %s; registered unhealthy, will retry", agent_id, endpoint
+                "agent %r unreachable at %s; registered unhealthy, will retry",
+                agent_id,
+                ", ".join(endpoints),
             )
         if old is not None:
             await self._close_entry(old)
         self._refresh_gauges()
+
+    @staticmethod
+    def _endpoint_list(endpoint: str | Sequence[str]) -> list[str]:
+        endpoints = normalize_endpoints(endpoint)
+        if not endpoints:
+            raise InvalidMessage("an agent needs at least one endpoint", field="endpoints")
+        return endpoints
+
+    def _join(
+        self,
+        entry: _AgentEntry,
+        eps: list[EndpointRecord],
+        results: list[list[AgentConnection | BaseException]],
+        *,
+        first: bool,
+    ) -> int:
+        """Attach what ``_open_many`` opened for each endpoint; schedule retries for the rest."""
+        cfg = self._config
+        opened = 0
+        for ep, res in zip(eps, results):
+            conns = [r for r in res if isinstance(r, AgentConnection)]
+            for r in res:
+                if not isinstance(r, AgentConnection):
+                    _record_connect_error(entry, ep, r)
+                    log.warning(
+                        "failed to connect to agent %r at %s: %s", entry.agent_id, ep.endpoint, r
+                    )
+            for conn in conns:
+                self._attach(entry, ep, conn)
+            if conns:
+                opened += len(conns)
+                if entry.capabilities is None or not first:
+                    self._set_capabilities(entry, conns[0].capabilities)
+            else:
+                ep.reconnect_attempts = 1
+                ep.next_reconnect_at = _monotonic() + cfg.reconnect_delay(1)
+                ep.was_healthy = False
+        refresh_selection(entry.active())
+        return opened
+
+    async def set_endpoints(self, agent_id: str, endpoints: str | Sequence[str]) -> None:
+        """Reconcile the agent's endpoints with ``endpoints`` (docs/pool.md, "Endpoint sets").
+
+        New endpoints are connected (``connections_per_agent`` each, with the agent's ``ssl``
+        context and protocol); removed ones stop getting new requests at once, drain (their
+        in-flight requests finish, bounded by ``drain_timeout``) and close; endpoints in both
+        lists keep their connections untouched. An endpoint that cannot be reached is kept
+        and reconnected by maintenance. Returns once new endpoints are connected (or have
+        failed their first attempt); the drain goes on in the background.
+        """
+        if self._closing:
+            raise Unavailable("pool is shut down")
+        wanted = self._endpoint_list(endpoints)
+        entry = self._agents.get(agent_id)
+        if entry is None:
+            raise self._not_found(agent_id)
+        if entry.reverse:
+            raise InvalidMessage(
+                f"agent {agent_id!r} is a reverse agent: it has no endpoints to set",
+                field="endpoints",
+            )
+        cfg = self._config
+        removed = [ep for e, ep in entry.endpoints.items() if e not in wanted]
+        added = [
+            entry.add_endpoint(e, cfg.circuit_breaker) for e in wanted if e not in entry.endpoints
+        ]
+        # keep the listed order (first endpoint first) for display and stats
+        entry.endpoints = {e: entry.endpoints[e] for e in wanted}
+        self._note_replicas(entry)
+        if removed:
+            self._start_drain(entry, removed)
+            entry.breakers_changed()
+            log.info("agent %r: draining %s", agent_id, ", ".join(ep.endpoint for ep in removed))
+        if added:
+
+            def still_wanted(ep: EndpointRecord) -> bool:
+                return (
+                    not self._closing
+                    and self._agents.get(agent_id) is entry
+                    and entry.endpoints.get(ep.endpoint) is ep
+                )
+
+            for ep in added:
+                ep.reconnecting = True
+            try:
+                opened = await self._open_endpoints(entry, added, join=still_wanted)
+            finally:
+                for ep in added:
+                    ep.reconnecting = False
+            log.info(
+                "agent %r: added %s (%d connection(s))",
+                agent_id,
+                ", ".join(ep.endpoint for ep in added),
+                sum(1 for res in opened for r in res if isinstance(r, AgentConnection)),
+            )
+        self._refresh_gauges()
+
+    async def _open_endpoints(
+        self,
+        entry: _AgentEntry,
+        eps: list[EndpointRecord],
+        *,
+        join: Callable[[EndpointRecord], bool] | None = None,
+    ) -> list[list[AgentConnection | BaseException]]:
+        """Open each endpoint's connections, at most ``_OPEN_CONCURRENCY`` endpoints at a time
+        (so a large set never holds the loop with a burst of connects and handshakes).
+
+        With ``join``, each endpoint joins the agent as soon as its connections are open
+        when ``join(ep)`` is still true (else they are closed).
+        """
+        count = self._config.connections_per_agent
+        results: dict[str, list[AgentConnection | BaseException]] = {}
+        todo = iter(eps)
+
+        async def opener() -> None:
+            for ep in todo:  # shared: each opener takes the next endpoint
+                res = results[ep.endpoint] = await self._open_many(entry, ep, count)
+                if join is None:
+                    continue
+                if join(ep):
+                    self._join(entry, [ep], [res], first=False)
+                else:
+                    for conn in res:
+                        if isinstance(conn, AgentConnection):
+                            conn.close()
+
+        try:
+            await asyncio.gather(*(opener() for _ in range(min(_OPEN_CONCURRENCY, len(eps)))))
+        except asyncio.CancelledError:
+            if join is None:  # nothing joined yet: a cancelled caller leaks no connection
+                for res in results.values():
+                    for conn in res:
+                        if isinstance(conn, AgentConnection):
+                            conn.close()
+            raise
+        return [results[ep.endpoint] for ep in eps]
+
+    def _note_replicas(self, entry: _AgentEntry) -> None:
+        if len(entry.endpoints) > 1:
+            self._replicated.add(entry.agent_id)
+        else:
+            self._replicated.discard(entry.agent_id)
+
+    def endpoint_stats(self, agent_id: str) -> list[EndpointStats]:
+        """One :class:`~agentpool.endpoints.EndpointStats` per endpoint of the agent
+        (active ones in order, then those still draining)."""
+        entry = self._agents.get(agent_id)
+        if entry is None:
+            raise self._not_found(agent_id)
+        return [ep.stats(agent_id) for ep in (*entry.active(), *entry.draining)]
+
+    def endpoints(self, agent_id: str) -> list[str]:
+        """The agent's active endpoints, in the order they were set."""
+        entry = self._agents.get(agent_id)
+        if entry is None:
+            raise self._not_found(agent_id)
+        return list(entry.endpoints)
+
+    def _start_drain(self, entry: _AgentEntry, eps: list[EndpointRecord]) -> None:
+        """Take the endpoints out of selection; close each once its requests are done."""
+        for ep in eps:
+            ep.closing = True
+            entry.draining.append(ep)
+            for st in ep.states:
+                entry.conns.remove(st)
+                st.healthy = False
+        task = asyncio.get_running_loop().create_task(self._drain_endpoints(entry, eps))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _drain_endpoints(self, entry: _AgentEntry, eps: list[EndpointRecord]) -> None:
+        deadline = _monotonic() + self._config.drain_timeout
+        pending = list(eps)
+        try:
+            while pending:
+                timed_out = _monotonic() >= deadline
+                for ep in list(pending):
+                    busy = sum(st.in_flight for st in ep.states if not st.closed)
+                    if busy and not timed_out:
+                        continue
+                    if busy:
+                        log.warning(
+                            "agent %r: drain of %s timed out with %d request(s) in flight",
+                            entry.agent_id,
+                            ep.endpoint,
+                            busy,
+                        )
+                    pending.remove(ep)
+                    self._close_drained(entry, ep)
+                    await asyncio.sleep(0)  # one endpoint per loop turn
+                if pending:
+                    await asyncio.sleep(_DRAIN_POLL)
+        finally:
+            for ep in pending:
+                self._close_drained(entry, ep)
+
+    def _close_drained(self, entry: _AgentEntry, ep: EndpointRecord) -> None:
+        for st in list(ep.states):
+            conn = _conn(st)
+            self._retire(entry, st)
+            conn.close()
+        with contextlib.suppress(ValueError):
+            entry.draining.remove(ep)
+        log.info("agent %r: endpoint %s drained and closed", entry.agent_id, ep.endpoint)
 
     async def remove_agent(self, agent_id: str) -> None:
         """Unregister the agent, close its connections and drop its affinities and sessions."""
@@ -553,6 +814,7 @@ class AgentPool:
         entry = self._agents.pop(agent_id, None)
         if entry is None:
             raise self._not_found(agent_id)
+        self._replicated.discard(agent_id)
         await self._close_entry(entry)
         self._refresh_gauges()
 
@@ -579,20 +841,19 @@ class AgentPool:
                 raise ConnectionFailed(
                     f"Agent {agent_id} already has maximum connections ({limit})"
                 )
-            self._attach(entry, connection)
+            self._attach(entry, entry.active()[0], connection)
             if entry.capabilities is None:
                 self._set_capabilities(entry, capabilities)
         else:
             entry = _AgentEntry(
                 agent_id,
-                f"reverse://{agent_id}",
                 protocol="v2",
                 reverse=True,
                 max_affinities=self._config.max_correlation_affinities,
-                breaker=self._new_breaker(),
             )
+            ep = entry.add_endpoint(f"reverse://{agent_id}", self._config.circuit_breaker)
             self._agents[agent_id] = entry
-            self._attach(entry, connection)
+            self._attach(entry, ep, connection)
             self._set_capabilities(entry, capabilities)
         task = asyncio.get_running_loop().create_task(self._watch_reverse(connection))
         self._tasks.add(task)
@@ -605,15 +866,11 @@ class AgentPool:
             await conn.wait_closed()
         self._on_closed(conn, None)
 
-    def _new_breaker(self) -> CircuitBreaker | None:
-        cb = self._config.circuit_breaker
-        return None if cb is None else CircuitBreaker(cb)
-
     async def _open_many(
-        self, entry: _AgentEntry, count: int
+        self, entry: _AgentEntry, ep: EndpointRecord, count: int
     ) -> list[AgentConnection | BaseException]:
         """Open ``count`` connections concurrently; a cancelled caller leaks none of them."""
-        tasks = [asyncio.ensure_future(self._open(entry)) for _ in range(count)]
+        tasks = [asyncio.ensure_future(self._open(entry, ep)) for _ in range(count)]
         try:
             return await asyncio.gather(*tasks, return_exceptions=True)
         except asyncio.CancelledError:
@@ -624,11 +881,11 @@ class AgentPool:
                     task.result().close()
             raise
 
-    async def _open(self, entry: _AgentEntry) -> AgentConnection:
+    async def _open(self, entry: _AgentEntry, ep: EndpointRecord) -> AgentConnection:
         cfg = self._config
         return await asyncio.wait_for(
             AgentConnection.open(
-                entry.endpoint,
+                ep.endpoint,
                 agent_id=entry.agent_id,
                 encoding=cfg.encoding,
                 protocol=entry.protocol,
@@ -644,10 +901,12 @@ class AgentPool:
             cfg.connect_timeout + 1.0,
         )
 
-    def _attach(self, entry: _AgentEntry, conn: AgentConnection) -> Any:
+    def _attach(self, entry: _AgentEntry, ep: EndpointRecord, conn: AgentConnection) -> Any:
         st = core.ConnState(conn)
         conn.use_accounting(self._metrics, self._affinity_rejected)
         entry.conns.add(st)
+        ep.states.append(st)
+        entry.endpoint_of[st] = ep
         self._conn_index[conn] = (entry, st)
         if not conn.is_connected:
             st.closed = True
@@ -662,10 +921,10 @@ class AgentPool:
             if (
                 status is not None
                 and status.state != HealthState.UNSPECIFIED
-                and conn.last_health_at >= entry.health_at
+                and conn.last_health_at >= ep.health_at
             ):
-                self._apply_health(entry, status, conn.last_health_at)
-            st.healthy = entry.reported_ok
+                self._apply_health(entry, ep, status, conn.last_health_at)
+            st.healthy = ep.reported_ok and ep.selectable
         return st
 
     def _set_capabilities(self, entry: _AgentEntry, caps: AgentCapabilities | None) -> None:
@@ -684,7 +943,12 @@ class AgentPool:
         """Forget a connection: out of its set, index, affinities and sessions."""
         st.closed = True
         st.healthy = False
-        if entry.conns.remove(st):
+        entry.conns.remove(st)
+        ep = entry.endpoint_of.pop(st, None)
+        if ep is not None:
+            ep.states.remove(st)
+            ep.retired_requests += st.request_count
+            ep.retired_errors += st.error_count
             entry.retired_requests += st.request_count
             entry.retired_errors += st.error_count
         self._conn_index.pop(st.conn, None)
@@ -694,7 +958,7 @@ class AgentPool:
 
     async def _close_entry(self, entry: _AgentEntry) -> None:
         conns = []
-        for st in list(entry.conns):
+        for st in entry.all_states():
             conn = _conn(st)
             self._sessions.drop_state(st)
             self._conn_index.pop(conn, None)
@@ -763,22 +1027,33 @@ class AgentPool:
         item = self._conn_index.get(conn)
         if item is None or status.state == HealthState.UNSPECIFIED:
             return
-        self._apply_health(item[0], status, conn.last_health_at)
+        entry, st = item
+        ep = entry.endpoint_of.get(st)
+        if ep is not None:
+            self._apply_health(entry, ep, status, conn.last_health_at)
 
-    def _apply_health(self, entry: _AgentEntry, status: HealthStatus, at: float) -> None:
-        entry.health_at = at
+    def _apply_health(
+        self, entry: _AgentEntry, ep: EndpointRecord, status: HealthStatus, at: float
+    ) -> None:
+        ep.health_at = at
         ok = status.state not in _UNHEALTHY_REPORTS
-        if ok == entry.reported_ok:
+        if ok == ep.reported_ok:
             return
-        entry.reported_ok = ok
+        ep.reported_ok = ok
+        where = f" at {ep.endpoint}" if len(entry.endpoints) > 1 else ""
         if ok:
-            log.info("agent %r reports healthy again", entry.agent_id)
+            log.info("agent %r%s reports healthy again", entry.agent_id, where)
         else:
             log.warning(
-                "agent %r reports %s: %s", entry.agent_id, status.state.name, status.message or ""
+                "agent %r%s reports %s: %s",
+                entry.agent_id,
+                where,
+                status.state.name,
+                status.message or "",
             )
-        for st in entry.conns:
-            st.healthy = ok and self._conn_usable(st)
+        for st in ep.states:
+            st.healthy = ok and ep.selectable and self._conn_usable(st)
+        refresh_selection(entry.active())
         self._metrics.set_healthy_connections(self._count_healthy())
 
     @staticmethod
@@ -801,6 +1076,8 @@ class AgentPool:
         self, agent_id: str, correlation_id: str, event: RequestHeadersEvent
     ) -> Coroutine[Any, Any, AgentResponse]:
         """Send request headers; stores the correlation affinity for the body chunks."""
+        if agent_id in self._replicated:
+            return self._send_failover(agent_id, correlation_id, event, _KIND_HEADERS)
         return self._send(agent_id, correlation_id, event, _KIND_HEADERS, None, None)
 
     def send_request_body_chunk(
@@ -825,6 +1102,8 @@ class AgentPool:
         self, agent_id: str, correlation_id: str, event: GuardrailInspectEvent
     ) -> Coroutine[Any, Any, AgentResponse]:
         """Send a guardrail inspection event."""
+        if agent_id in self._replicated:
+            return self._send_failover(agent_id, correlation_id, event, _KIND_GUARDRAIL)
         return self._send(agent_id, correlation_id, event, _KIND_GUARDRAIL, None, None)
 
     def send_request_complete(
@@ -855,6 +1134,37 @@ class AgentPool:
             if st is not None and (st.closed or self._sessions.agent(session_id) != agent_id):
                 st = None
         return await self._send(agent_id, correlation_id, event, _KIND_WEBSOCKET, st, None)
+
+    async def _send_failover(
+        self, agent_id: str, correlation_id: str, event: Any, kind: int
+    ) -> AgentResponse:
+        """A new request to an agent with several endpoints: when the connection it went out
+        on is lost before the reply (a replica died), it is sent again on another healthy
+        connection, at most once per connection the agent had (docs/pool.md, "Failover")."""
+        tries = 0
+        while True:
+            try:
+                return await self._send(agent_id, correlation_id, event, kind, None, None)
+            except RequestCancelled:
+                raise
+            except ConnectionClosed as exc:
+                entry = self._agents.get(agent_id)
+                if (
+                    entry is None
+                    or self._closing
+                    or tries >= len(entry.conns)
+                    or entry.conns.healthy_count() == 0
+                ):
+                    raise
+                tries += 1
+                self._failovers += 1
+                entry.affinity.remove(correlation_id)
+                log.info(
+                    "agent %r: request %s lost with its connection (%s); sending it again",
+                    agent_id,
+                    correlation_id,
+                    exc,
+                )
 
     async def send_request_headers_with_sticky_session(
         self,
@@ -892,9 +1202,13 @@ class AgentPool:
             raise self._not_found(agent_id)
         if self._closing and kind & _NEW_REQUEST:
             raise Unavailable("pool is shutting down")
-        breaker = None if kind & _NO_BREAKER else entry.breaker
-        if breaker is not None and not entry.breaker_clean and not breaker.is_closed():
+        gate = None if kind & _NO_BREAKER else entry.breaker
+        if gate is not None and not entry.breaker_clean and not gate.is_closed():
             raise CircuitBreakerOpen(agent_id)
+        # the breaker and its clean flag: the agent's gate until a connection is chosen,
+        # then the chosen connection's endpoint (docs/pool.md, "Endpoint sets")
+        breaker: Any = gate
+        holder: Any = entry
         started = _monotonic()
         flags = kind & _SUBMIT_KINDS
         if kind & _TRACK and not self._total_requests & _SERIALIZATION_SAMPLE:
@@ -912,10 +1226,13 @@ class AgentPool:
                 if not await self._flow_gate(entry, st):
                     if kind & _TRACK:
                         self._metrics.inc_requests()
-                    self._after(entry, breaker, False)
+                    self._after(holder, breaker, False)
                     return AgentResponse(fail_open=True)
                 if st.closed:
                     st = entry.conns.select(self._strategy)
+            if gate is not None:
+                holder = entry.endpoint_of.get(st) or entry
+                breaker = None if holder is entry else holder.breaker
             if st.in_flight >= self._limit or (self._slot_waiters and st in self._slot_waiters):
                 st = await self._acquire_slot(entry, st, correlation_id, timeout)
                 flags |= _SUBMIT_BEGUN
@@ -950,9 +1267,9 @@ class AgentPool:
                 else:
                     if not flags & _SUBMIT_BEGUN:
                         st.begin(started)
-                    recorded = self._failed(entry, st, breaker, kind, exc)
+                    recorded = self._failed(holder, st, breaker, kind, exc)
                 self._ended(st, kind, started)
-            self._after(entry, breaker, recorded)
+            self._after(holder, breaker, recorded)
             raise
         try:
             response: AgentResponse = await fut
@@ -970,10 +1287,10 @@ class AgentPool:
             else:  # answered as the caller gave up: the core accounted it
                 if self._slot_waiters:
                     self._wake_slot(st)
-                if breaker is not None and not entry.breaker_clean:
+                if breaker is not None and not holder.breaker_clean:
                     breaker.record_success()
                     recorded = True
-            self._after(entry, breaker, recorded)
+            self._after(holder, breaker, recorded)
             raise
         except BaseException as exc:
             recorded = False
@@ -982,17 +1299,17 @@ class AgentPool:
             if isinstance(exc, _LOCAL_ERRORS):
                 st.release()
             else:
-                recorded = self._failed(entry, st, breaker, kind, exc)
+                recorded = self._failed(holder, st, breaker, kind, exc)
             self._ended(st, kind, started)
-            self._after(entry, breaker, recorded)
+            self._after(holder, breaker, recorded)
             raise
         if self._slot_waiters:
             self._wake_slot(st)
         if self._drained is not None and self._in_flight_total() == 0:
             self._drained.set()
-        if breaker is not None and not entry.breaker_clean:
+        if breaker is not None and not holder.breaker_clean:
             breaker.record_success()
-            entry.breaker_clean = (
+            holder.breaker_clean = (
                 breaker.state is CircuitState.CLOSED and breaker.failure_count == 0
             )
         return response
@@ -1112,7 +1429,7 @@ class AgentPool:
     def _settle(
         self,
         fut: asyncio.Future[Any],
-        entry: _AgentEntry,
+        entry: _AgentEntry | EndpointRecord,
         st: Any,
         breaker: Any,
         kind: int,
@@ -1161,9 +1478,11 @@ class AgentPool:
             raise self._not_found(agent_id)
         if self._closing and kind & _NEW_REQUEST:
             raise Unavailable("pool is shutting down")
-        breaker = None if kind & _NO_BREAKER else entry.breaker
-        if breaker is not None and not entry.breaker_clean and not breaker.is_closed():
+        gate = None if kind & _NO_BREAKER else entry.breaker
+        if gate is not None and not entry.breaker_clean and not gate.is_closed():
             raise CircuitBreakerOpen(agent_id)
+        breaker: Any = gate  # then the chosen connection's endpoint's, as in _send
+        holder: Any = entry
         started = _monotonic()
         flags = kind & _SUBMIT_KINDS
         if kind & _TRACK and not self._total_requests & _SERIALIZATION_SAMPLE:
@@ -1175,6 +1494,9 @@ class AgentPool:
                 st = entry.affinity.get(correlation_id, started)
             if st is None:
                 st = entry.conns.select(self._strategy)
+            if gate is not None:
+                holder = entry.endpoint_of.get(st) or entry
+                breaker = None if holder is entry else holder.breaker
             if (
                 (st.paused and kind & _FLOW)
                 or st.in_flight >= self._limit
@@ -1182,7 +1504,7 @@ class AgentPool:
                 or _conn(st).protocol_core is None
             ):
                 self._total_requests -= 1  # counted again by _send
-                self._after(entry, breaker, False)
+                self._after(holder, breaker, False)
                 return None
             attempted = True
             fut = _conn(st).protocol_core.submit(
@@ -1191,18 +1513,18 @@ class AgentPool:
         except Unavailable as exc:
             if attempted:  # the write queue is full: _send waits for room
                 self._total_requests -= 1
-                self._after(entry, breaker, False)
+                self._after(holder, breaker, False)
                 return None
-            self._refused(entry, st, breaker, kind, exc, started, attempted)
+            self._refused(holder, st, breaker, kind, exc, started, attempted)
             raise
         except BaseException as exc:
-            self._refused(entry, st, breaker, kind, exc, started, attempted)
+            self._refused(holder, st, breaker, kind, exc, started, attempted)
             raise
-        return fut, entry, st, breaker, kind, started
+        return fut, holder, st, breaker, kind, started
 
     def _refused(
         self,
-        entry: _AgentEntry,
+        entry: _AgentEntry | EndpointRecord,
         st: Any,
         breaker: Any,
         kind: int,
@@ -1224,7 +1546,12 @@ class AgentPool:
         self._after(entry, breaker, recorded)
 
     def _failed(
-        self, entry: _AgentEntry, st: Any, breaker: Any, kind: int, exc: BaseException
+        self,
+        entry: _AgentEntry | EndpointRecord,
+        st: Any,
+        breaker: Any,
+        kind: int,
+        exc: BaseException,
     ) -> bool:
         """Account a request the agent (or its connection) failed; True if the breaker got it."""
         st.finish(False)
@@ -1251,7 +1578,7 @@ class AgentPool:
         if self._slot_waiters:
             self._wake_slot(st)
 
-    def _after(self, entry: _AgentEntry, breaker: Any, recorded: bool) -> None:
+    def _after(self, entry: _AgentEntry | EndpointRecord, breaker: Any, recorded: bool) -> None:
         """After a request that did not succeed: the drain event, the breaker's probe slot."""
         if self._drained is not None and self._in_flight_total() == 0:
             self._drained.set()
@@ -1374,7 +1701,9 @@ class AgentPool:
         entry = self._agents.get(agent_id)
         if entry is None:
             raise self._not_found(agent_id)
-        calls = [_conn(st).cancel(correlation_id, reason) for st in entry.conns if not st.closed]
+        calls = [
+            _conn(st).cancel(correlation_id, reason) for st in entry.all_states() if not st.closed
+        ]
         for result in await asyncio.gather(*calls, return_exceptions=True):
             if isinstance(result, asyncio.CancelledError):
                 raise result
@@ -1483,7 +1812,7 @@ class AgentPool:
         if entry is None:
             return push_id
         cid, n = push_id, 0
-        while any(not st.closed and _conn(st).is_pending(cid) for st in entry.conns):
+        while any(not st.closed and _conn(st).is_pending(cid) for st in entry.all_states()):
             n += 1
             cid = f"{push_id}/retry-{n}"
         return cid
@@ -1589,37 +1918,43 @@ class AgentPool:
         probes: list[Any] = []
         cfg = self._config
         idle_before = _monotonic() - cfg.health_check_interval
-        breaker = entry.breaker
-        keepalive = (
-            cfg.keepalive
-            and entry.protocol == "v2"
-            and (breaker is None or breaker.state is CircuitState.CLOSED)
-        )
-        for st in list(entry.conns):
-            if st.closed or not _conn(st).is_connected:
-                dead.append(st)
-            elif st.consecutive_errors >= 3:
-                probes.append(st)
-            else:
-                st.healthy = entry.reported_ok
-                if keepalive and st.in_flight == 0 and st.last_used <= idle_before:
+        eps = entry.active()
+        several = len(eps) > 1
+        refresh_selection(eps)
+        for ep in eps:
+            breaker = ep.breaker
+            keepalive = (
+                cfg.keepalive
+                and entry.protocol == "v2"
+                and (breaker is None or breaker.state is CircuitState.CLOSED)
+            )
+            for st in list(ep.states):
+                if st.closed or not _conn(st).is_connected:
+                    dead.append(st)
+                elif st.consecutive_errors >= 3:
                     probes.append(st)
+                else:
+                    st.healthy = ep.reported_ok and ep.selectable
+                    if keepalive and st.in_flight == 0 and st.last_used <= idle_before:
+                        probes.append(st)
         if probes:
             timeout = cfg.ping_timeout
             results = await asyncio.gather(
                 *(st.conn.ping(timeout) for st in probes), return_exceptions=True
             )
             for st, result in zip(probes, results):
+                owner = entry.endpoint_of.get(st)
                 if isinstance(result, BaseException):
                     log.warning(
-                        "connection to agent %r failed its ping (%s); replacing it",
+                        "connection to agent %r%s failed its ping (%s); replacing it",
                         entry.agent_id,
+                        f" at {owner.endpoint}" if owner is not None and several else "",
                         result,
                     )
                     st.conn.close()
                     dead.append(st)
-                else:
-                    st.healthy = entry.reported_ok and not st.closed
+                elif owner is not None:
+                    st.healthy = owner.reported_ok and owner.selectable and not st.closed
         for st in dead:
             self._retire(entry, st)
         if self._agents.get(entry.agent_id) is not entry:
@@ -1629,6 +1964,9 @@ class AgentPool:
                 del self._agents[entry.agent_id]
                 self._pusher.unregister_agent(entry.agent_id)
             return
+        if several:
+            await self._probe_breakers(entry, eps)
+        refresh_selection(eps)
         healthy = entry.is_healthy()
         if healthy != entry.was_healthy:
             entry.was_healthy = healthy
@@ -1636,49 +1974,100 @@ class AgentPool:
                 log.info("agent %r recovered", entry.agent_id)
             else:
                 log.warning("agent %r marked unhealthy", entry.agent_id)
-        missing = self._config.connections_per_agent - len(entry.conns)
-        if missing > 0 and not entry.reconnecting and _monotonic() >= entry.next_reconnect_at:
-            await self._reconnect(entry, missing)
+        now = _monotonic()
+        due = [
+            ep
+            for ep in eps
+            if cfg.connections_per_agent > len(ep.states)
+            and not ep.reconnecting
+            and now >= ep.next_reconnect_at
+        ]
+        if due:
+            await asyncio.gather(
+                *(
+                    self._reconnect(entry, ep, cfg.connections_per_agent - len(ep.states))
+                    for ep in due
+                )
+            )
 
-    async def _reconnect(self, entry: _AgentEntry, missing: int) -> None:
-        entry.reconnecting = True
-        had_live = entry.live_count() > 0
+    async def _probe_breakers(self, entry: _AgentEntry, eps: list[EndpointRecord]) -> None:
+        """Half-open probes of an endpoint set: pings from maintenance, not live requests.
+
+        With several endpoints, one whose breaker timeout has run out is probed with pings on
+        its connections (live requests keep going to the others); ``success_threshold``
+        answered pings close its breaker, a failed one re-opens it.
+        """
+        for ep in eps:
+            breaker = ep.breaker
+            if breaker is None or breaker.state is CircuitState.CLOSED:
+                continue
+            if breaker.state is CircuitState.OPEN and breaker.retry_after() > 0:
+                continue
+            live = [st for st in ep.states if not st.closed and _conn(st).is_connected]
+            if not live or entry.protocol != "v2":
+                continue
+            breaker.is_closed()  # open -> half-open
+            for i in range(breaker.config.success_threshold):
+                try:
+                    await live[i % len(live)].conn.ping(self._config.ping_timeout)
+                except Exception as exc:  # any failure re-opens it
+                    breaker.record_failure()
+                    log.info(
+                        "agent %r: breaker probe of %s failed: %s", entry.agent_id, ep.endpoint, exc
+                    )
+                    break
+                breaker.record_success()
+            ep.breaker_clean = ep.admits() and breaker.failure_count == 0
+
+    async def _reconnect(self, entry: _AgentEntry, ep: EndpointRecord, missing: int) -> None:
+        ep.reconnecting = True
+        had_live = ep.live_count() > 0
         try:
-            results = await self._open_many(entry, missing)
+            results = await self._open_many(entry, ep, missing)
         finally:
-            entry.reconnecting = False
+            ep.reconnecting = False
         opened = [r for r in results if isinstance(r, AgentConnection)]
         errors = [r for r in results if not isinstance(r, AgentConnection)]
-        if self._agents.get(entry.agent_id) is not entry or self._closing:
+        if (
+            self._agents.get(entry.agent_id) is not entry
+            or self._closing
+            or entry.endpoints.get(ep.endpoint) is not ep
+        ):
             for conn in opened:
                 conn.close()
             return
         if opened and not had_live:
-            entry.reported_ok = True  # a fresh agent process: forget the old health report
+            ep.reported_ok = True  # a fresh agent process: forget the old health report
         for conn in opened:
-            self._attach(entry, conn)
+            self._attach(entry, ep, conn)
+        where = f" at {ep.endpoint}" if len(entry.endpoints) > 1 else ""
         if opened:
             entry.conns.last_error = None
-            entry.reconnect_attempts = 0
-            entry.next_reconnect_at = 0.0
+            ep.last_error = None
+            ep.reconnect_attempts = 0
+            ep.next_reconnect_at = 0.0
             self._set_capabilities(entry, opened[0].capabilities)
-            if not had_live and entry.breaker is not None:
-                entry.breaker.reset()
-                entry.breaker_clean = True
-            log.info("reconnected %d connection(s) to agent %r", len(opened), entry.agent_id)
+            if not had_live and ep.breaker is not None:
+                ep.breaker.reset()
+                ep.breaker_clean = True
+            refresh_selection(entry.active())
+            log.info(
+                "reconnected %d connection(s) to agent %r%s", len(opened), entry.agent_id, where
+            )
             if entry.is_healthy() and not entry.was_healthy:
                 entry.was_healthy = True
                 log.info("agent %r recovered", entry.agent_id)
         else:
             if errors:
-                _record_connect_error(entry, errors[0])
-            entry.reconnect_attempts += 1
-            delay = self._config.reconnect_delay(entry.reconnect_attempts)
-            entry.next_reconnect_at = _monotonic() + delay
+                _record_connect_error(entry, ep, errors[0])
+            ep.reconnect_attempts += 1
+            delay = self._config.reconnect_delay(ep.reconnect_attempts)
+            ep.next_reconnect_at = _monotonic() + delay
             log.warning(
-                "reconnect to agent %r failed (attempt %d, next in %.1fs): %s",
+                "reconnect to agent %r%s failed (attempt %d, next in %.1fs): %s",
                 entry.agent_id,
-                entry.reconnect_attempts,
+                where,
+                ep.reconnect_attempts,
                 delay,
                 errors[0] if errors else "unknown error",
             )
@@ -1715,7 +2104,7 @@ class AgentPool:
 
     @staticmethod
     def _entry_stats(entry: _AgentEntry) -> AgentPoolStats:
-        states = list(entry.conns)
+        states = list(entry.endpoint_of)
         requests = entry.retired_requests + sum(st.request_count for st in states)
         errors = entry.retired_errors + sum(st.error_count for st in states)
         return AgentPoolStats(
