@@ -341,3 +341,18 @@ async def test_least_connections_spreads_over_endpoints(replicas: list[AgentProc
         await pool.add_agent("w", [a.endpoint, b.endpoint, c.endpoint])
         replies = await asyncio.gather(*(send(pool, f"l{i}", delay=0.1) for i in range(6)))
         assert Counter(pid(r) for r in replies) == {a.pid: 2, b.pid: 2, c.pid: 2}
+
+
+async def test_batch_spreads_over_endpoints(replicas: list[AgentProc]) -> None:
+    a, b, _ = replicas
+    breaker = CircuitBreakerConfig(failure_threshold=3)
+    async with AgentPool(cfg(connections_per_agent=1, circuit_breaker=breaker)) as pool:
+        await pool.add_agent("w", [a.endpoint, b.endpoint])
+        items = [(f"b{i}", hdrs(f"b{i}")) for i in range(8)]
+        results = await pool.send_batch("w", items)
+        assert all(isinstance(r, AgentResponse) for r in results), results
+        assert Counter(pid(r) for r in results if isinstance(r, AgentResponse)) == {
+            a.pid: 4,
+            b.pid: 4,
+        }
+        assert all(s.breaker_state == "closed" for s in pool.endpoint_stats("w"))
