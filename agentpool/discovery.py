@@ -16,7 +16,6 @@ connect, removed ones drain, the others are kept). See docs/deployment.md.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import ipaddress
 import logging
@@ -307,12 +306,20 @@ class Discovery:
         return self._task
 
     async def stop(self) -> None:
-        """Cancel the task and wait for it."""
+        """Cancel the task and wait for it.
+
+        The cancellation is repeated until the task has ended: on Python < 3.12
+        ``asyncio.wait_for`` (inside DNS lookups) can swallow a cancellation that lands as
+        the lookup completes, and the task would otherwise run on forever.
+        """
         task, self._task = self._task, None
-        if task is not None:
+        if task is None:
+            return
+        while not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait({task}, timeout=0.1)
+        if not task.cancelled():
+            task.result()
 
     async def __aenter__(self) -> Discovery:
         self.start()

@@ -222,11 +222,13 @@ async def test_discovery_moves_the_pool_to_the_new_endpoint(
             assert pool.agent_ids() == ["waf"]
             assert not pool.is_agent_healthy("waf")
             dns_srv.records[("waf.test", "A")] = (0, ["127.0.0.1"])
+            moved = [f"tcp://127.0.0.1:{waf.port}"]
+            # the new endpoint joins (healthy) before set_endpoints returns: wait for both
             for _ in range(500):
-                if pool.is_agent_healthy("waf"):
+                if pool.is_agent_healthy("waf") and disc.endpoints == moved:
                     break
                 await asyncio.sleep(0.02)
-            assert disc.endpoints == [f"tcp://127.0.0.1:{waf.port}"]
+            assert disc.endpoints == moved
             reply = await pool.send_request_headers("waf", "c1", hdrs("c1"))
             assert isinstance(reply.decision, Allow)
             changes = disc.changes
