@@ -1,5 +1,7 @@
 # Proxy side of one agent connection: frame routing by correlation id, timeouts, write
 # coalescing and backpressure (twin: _protocol_py.py).
+# Long on purpose: one cdef class whose methods share typed C state on the hot path; Cython
+# cannot spread a cdef class's methods over several files without a call per split.
 
 cimport cython
 from libc.math cimport INFINITY

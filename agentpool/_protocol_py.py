@@ -1,4 +1,8 @@
-"""Pure-Python twin of ``_protocol.pxi``: the proxy side's per-connection hot path."""
+"""Pure-Python twin of ``_protocol.pxi``: the proxy side's per-connection hot path.
+
+Long on purpose: it mirrors the compiled core's single class method for method, so the two
+can be compared side by side (until both are built from one source).
+"""
 
 from __future__ import annotations
 
