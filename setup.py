@@ -1,5 +1,9 @@
-"""Build the compiled core ``agentpool._core``.
+"""Build the compiled core: ``agentpool._core`` and the pure-Python-mode modules it cimports.
 
+``agentpool/_selection_c.py`` and ``agentpool/_metrics_c.py`` are links to the plain-Python
+sources ``_selection_py.py`` and ``_metrics_py.py``; Cython compiles them with the C types of
+the ``.pxd`` next to them (pure-Python mode), and the same files run interpreted as the
+pure-Python core.
 ``AGENTPOOL_NO_EXTENSIONS=1`` at build time skips the extension (pure-Python install);
 ``AGENTPOOL_DEBUG=1`` builds with line tracing and an annotated HTML report.
 """
@@ -28,12 +32,14 @@ if not NO_EXTENSIONS:
     ext_modules = cythonize(
         [
             Extension(
-                "agentpool._core",
-                ["agentpool/_core.pyx"],
+                f"agentpool.{name}",
+                [f"agentpool/{name}.{ext}"],
                 define_macros=macros,
                 extra_compile_args=compile_args,
                 extra_link_args=link_args,
             )
+            # the pure-Python-mode modules first: _core cimports them
+            for name, ext in (("_selection_c", "py"), ("_metrics_c", "py"), ("_core", "pyx"))
         ],
         compiler_directives=directives,
         annotate=DEBUG,

@@ -1,17 +1,36 @@
-"""Pure-Python twin of ``_metrics.pxi``: proxy-side protocol counters and histograms.
+# cython: annotation_typing=False
+"""Proxy-side protocol counters, gauges and µs histograms: one source, two builds.
 
 :class:`ProtocolMetrics` carries upstream's counters, gauges and two µs histograms
-(docs/observability.md) with upstream's method names and Prometheus text. The snapshot
-classes and the text renderer defined here are shared with the compiled core, so both render
-identical output.
+(docs/observability.md) with upstream's method names and Prometheus text; snapshots and the
+text renderer live in ``_metrics_snapshot`` and are shared by both builds.
+
+This file is plain Python and is also compiled by Cython (pure-Python mode) as
+``agentpool._metrics_c``: ``_metrics_c.py`` links here and ``_metrics_c.pxd`` adds the C
+types (the histogram slots become C arrays). Write it so that both builds give the same
+results.
 """
 
 from __future__ import annotations
 
-import math
-from bisect import bisect_left
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from array import array
+from collections.abc import Sequence
+from typing import Any
+
+from ._metrics_snapshot import (
+    DEFAULT_BUCKETS_US,
+    HistogramSnapshot,
+    ProtocolMetricsSnapshot,
+    check_bounds,
+    render_prometheus,
+)
+
+try:
+    import cython
+
+    COMPILED: bool = cython.compiled
+except ImportError:  # Cython is a build dependency only
+    COMPILED = False
 
 __all__ = [
     "DEFAULT_BUCKETS_US",
@@ -21,174 +40,33 @@ __all__ = [
     "ProtocolMetricsSnapshot",
 ]
 
-DEFAULT_BUCKETS_US: tuple[int, ...] = (
-    10,
-    50,
-    100,
-    500,
-    1_000,
-    5_000,
-    10_000,
-    50_000,
-    100_000,
-    500_000,
-    1_000_000,
-)
-_MAX_NS = 9_000_000_000_000_000_000
+# durations at or above 9e18 ns are clamped (the largest whole µs count kept)
 _MAX_NS_F = 9e18
-
-
-def _check_bounds(bounds_us: Iterable[int]) -> tuple[int, ...]:
-    out = tuple(int(b) for b in bounds_us)
-    prev = -1
-    for b in out:
-        if b < 0 or b <= prev:
-            raise ValueError("histogram bounds must be non-negative and strictly increasing")
-        prev = b
-    return out
-
-
-@dataclass(slots=True)
-class HistogramSnapshot:
-    """Point-in-time histogram: ``counts[i]`` observations in slot ``i`` (non-cumulative).
-
-    ``buckets`` are the finite upper bounds in µs; ``counts`` has one more slot (overflow);
-    ``sum`` is in µs.
-    """
-
-    buckets: list[int]
-    counts: list[int]
-    sum: int
-    count: int
-
-    def mean_micros(self) -> float:
-        """Mean observation in µs (0.0 if empty)."""
-        if self.count == 0:
-            return 0.0
-        return self.sum / self.count
-
-    def percentile_micros(self, p: float) -> int:
-        """Upper bound (µs) of the slot holding the ``p``-th percentile (0 if empty).
-
-        The overflow slot reports the last finite bound.
-        """
-        if self.count == 0:
-            return 0
-        target = math.ceil(self.count * p / 100.0)
-        cumulative = 0
-        for i, c in enumerate(self.counts):
-            cumulative += c
-            if cumulative >= target:
-                if i < len(self.buckets):
-                    return self.buckets[i]
-                break
-        return self.buckets[-1] if self.buckets else 0
-
-
-@dataclass(slots=True)
-class ProtocolMetricsSnapshot:
-    """Plain values of every :class:`ProtocolMetrics` field at one instant."""
-
-    requests_total: int = 0
-    responses_total: int = 0
-    timeouts_total: int = 0
-    connection_errors_total: int = 0
-    serialization_errors_total: int = 0
-    flow_control_pauses_total: int = 0
-    flow_control_resumes_total: int = 0
-    flow_control_rejections_total: int = 0
-    affinity_evictions_total: int = 0
-    affinity_rejections_total: int = 0
-    in_flight_requests: int = 0
-    correlation_affinities: int = 0
-    buffer_utilization_percent: int = 0
-    healthy_connections: int = 0
-    paused_connections: int = 0
-    serialization_time: HistogramSnapshot = field(
-        default_factory=lambda: HistogramSnapshot(
-            list(DEFAULT_BUCKETS_US), [0] * (len(DEFAULT_BUCKETS_US) + 1), 0, 0
-        )
-    )
-    request_duration: HistogramSnapshot = field(
-        default_factory=lambda: HistogramSnapshot(
-            list(DEFAULT_BUCKETS_US), [0] * (len(DEFAULT_BUCKETS_US) + 1), 0, 0
-        )
-    )
-
-
-_SCALARS: tuple[tuple[str, str, str], ...] = (
-    ("requests_total", "counter", "Total requests sent to agents"),
-    ("responses_total", "counter", "Total responses received from agents"),
-    ("timeouts_total", "counter", "Total request timeouts"),
-    ("connection_errors_total", "counter", "Total connection errors"),
-    ("flow_control_pauses_total", "counter", "Flow control pause events"),
-    ("flow_control_rejections_total", "counter", "Requests rejected due to flow control"),
-    ("affinity_evictions_total", "counter", "Correlation affinities reclaimed by TTL sweep"),
-    (
-        "affinity_rejections_total",
-        "counter",
-        "Affinities dropped because the map was at capacity",
-    ),
-    ("in_flight_requests", "gauge", "Current in-flight requests"),
-    ("correlation_affinities", "gauge", "Current correlation affinity entries"),
-    ("buffer_utilization_percent", "gauge", "Buffer utilization percentage"),
-    ("healthy_connections", "gauge", "Number of healthy agent connections"),
-    ("paused_connections", "gauge", "Number of flow-control paused connections"),
-)
-
-
-def _render_histogram(out: list[str], name: str, help_text: str, h: HistogramSnapshot) -> None:
-    out.append(f"# HELP {name} {help_text}\n# TYPE {name} histogram\n")
-    cumulative = 0
-    for bound, c in zip(h.buckets, h.counts):
-        cumulative += c
-        out.append(f'{name}_bucket{{le="{bound / 1e6:.6f}"}} {cumulative}\n')
-    out.append(f'{name}_bucket{{le="+Inf"}} {h.count}\n')
-    out.append(f"{name}_sum {h.sum / 1e6:.6f}\n{name}_count {h.count}\n\n")
-
-
-def _render_prometheus(snap: ProtocolMetricsSnapshot, prefix: str) -> str:
-    """Upstream's exact Prometheus text for a snapshot (shared by both cores)."""
-    out: list[str] = []
-    for attr, kind, help_text in _SCALARS:
-        name = f"{prefix}_{attr}"
-        out.append(
-            f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n{name} {getattr(snap, attr)}\n\n"
-        )
-    _render_histogram(
-        out,
-        f"{prefix}_serialization_seconds",
-        "Serialization time in seconds",
-        snap.serialization_time,
-    )
-    _render_histogram(
-        out,
-        f"{prefix}_request_duration_seconds",
-        "Request duration in seconds",
-        snap.request_duration,
-    )
-    return "".join(out)
+_MAX_US = 9_000_000_000_000_000
 
 
 class Histogram:
     """Fixed-bucket µs histogram (non-cumulative slots plus an overflow slot).
 
-    ``record(seconds)`` stores ``floor(µs)`` of the duration (rounded to the ns first) in the
-    first slot whose bound is >= it.
+    ``record(seconds)`` stores ``floor(µs)`` of the duration (rounded to the ns, half to
+    even, first) in the first slot whose bound is >= it.
     """
 
-    __slots__ = ("_bounds", "_count", "_counts", "_sum")
+    __slots__ = ("_bounds", "_bounds_us", "_count", "_counts", "_nbounds", "_sum_micros")
 
     def __init__(self, bounds_us: Sequence[int] = DEFAULT_BUCKETS_US) -> None:
-        self._bounds = _check_bounds(bounds_us)
-        self._counts = [0] * (len(self._bounds) + 1)
-        self._sum = 0
+        bounds = check_bounds(bounds_us)
+        self._bounds_us = bounds
+        self._nbounds = len(bounds)
+        self._bounds: Any = array("Q", bounds)
+        self._counts: Any = array("Q", bytes(8 * (len(bounds) + 1)))
         self._count = 0
+        self._sum_micros = 0
 
     @property
     def bounds_us(self) -> tuple[int, ...]:
         """Finite upper bounds in µs."""
-        return self._bounds
+        return self._bounds_us
 
     @property
     def count(self) -> int:
@@ -198,41 +76,61 @@ class Histogram:
     @property
     def sum_micros(self) -> int:
         """Sum of observations in µs."""
-        return self._sum
+        return self._sum_micros
+
+    def _record_micros(self, micros: int) -> None:
+        lo = 0
+        hi = self._nbounds
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if self._bounds[mid] < micros:
+                lo = mid + 1
+            else:
+                hi = mid
+        self._counts[lo] += 1
+        self._sum_micros += micros
+        self._count += 1
+
+    def _record(self, seconds: float) -> None:
+        x = seconds * 1e9
+        if x >= _MAX_NS_F:
+            micros = _MAX_US
+        elif x > 0.0:
+            ns = int(x)
+            frac = x - ns
+            if frac > 0.5 or (frac == 0.5 and ns & 1):
+                ns += 1
+            micros = ns // 1000
+        else:
+            micros = 0
+        self._record_micros(micros)
 
     def record(self, seconds: float) -> None:
         """Observe a duration given in seconds."""
-        x = seconds * 1e9
-        if x >= _MAX_NS_F:
-            micros = _MAX_NS // 1000
-        elif x > 0.0:
-            micros = round(x) // 1000
-        else:
-            micros = 0
-        self._sum += micros
-        self._count += 1
-        self._counts[bisect_left(self._bounds, micros)] += 1
+        self._record(seconds)
 
     def record_micros(self, micros: int) -> None:
         """Observe a duration given in whole µs (negative counts as 0)."""
-        if micros < 0:
-            micros = 0
-        self._sum += micros
-        self._count += 1
-        self._counts[bisect_left(self._bounds, micros)] += 1
+        self._record_micros(micros if micros > 0 else 0)
 
     def reset(self) -> None:
         """Forget every observation."""
-        self._counts = [0] * (len(self._bounds) + 1)
-        self._sum = 0
+        for i in range(self._nbounds + 1):
+            self._counts[i] = 0
         self._count = 0
+        self._sum_micros = 0
 
     def snapshot(self) -> HistogramSnapshot:
         """A copy of the current state."""
-        return HistogramSnapshot(list(self._bounds), list(self._counts), self._sum, self._count)
+        return HistogramSnapshot(
+            list(self._bounds_us),
+            [self._counts[i] for i in range(self._nbounds + 1)],
+            self._sum_micros,
+            self._count,
+        )
 
     def __repr__(self) -> str:
-        return f"<Histogram count={self._count} sum_us={self._sum}>"
+        return f"<Histogram count={self._count} sum_us={self._sum_micros}>"
 
 
 class ProtocolMetrics:
@@ -352,11 +250,11 @@ class ProtocolMetrics:
     # histograms
     def record_serialization_time(self, seconds: float) -> None:
         """Observe one serialization duration (seconds)."""
-        self._serialization_time.record(seconds)
+        self._serialization_time._record(seconds)
 
     def record_request_duration(self, seconds: float) -> None:
         """Observe one request duration (seconds)."""
-        self._request_duration.record(seconds)
+        self._request_duration._record(seconds)
 
     # read access
     @property
@@ -468,7 +366,7 @@ class ProtocolMetrics:
 
     def to_prometheus(self, prefix: str = "agent_protocol") -> str:
         """Upstream's Prometheus text exposition of these metrics."""
-        return _render_prometheus(self.snapshot(), prefix)
+        return render_prometheus(self.snapshot(), prefix)
 
     def __repr__(self) -> str:
         return (

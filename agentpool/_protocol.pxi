@@ -395,13 +395,13 @@ cdef class AgentProtocolCore:
         pm = self._pm
         if pm is not None:
             if flags & _pr_F_TRACK:
-                pm.responses_total += 1
-                if pm.in_flight_requests > 0:
-                    pm.in_flight_requests -= 1
+                pm._responses_total += 1
+                if pm._in_flight_requests > 0:
+                    pm._in_flight_requests -= 1
             if flags & _pr_F_DURATION:
                 started = <double>entry[0] - (
                     self.request_timeout if entry[5] is None else <double>entry[5])
-                pm.request_duration._record(_pr_monotonic() - started)
+                pm._request_duration._record(_pr_monotonic() - started)
         return 0
 
     cpdef object submit(self, object event, str correlation_id, object timeout,
@@ -441,7 +441,7 @@ cdef class AgentProtocolCore:
             # a new request whose id is still owed a reply on another connection of the agent
             prev = affinity.peek(correlation_id)
             if (prev is not None and prev is not st and not (<ConnState>prev).closed
-                    and (<ConnState>prev).conn.is_pending(correlation_id)):
+                    and (<ConnState>prev)._conn.is_pending(correlation_id)):
                 raise _errors.DuplicateCorrelationId(
                     correlation_id, f"agent {self.agent_id!r}")
         buf = self._wbuf
@@ -490,16 +490,16 @@ cdef class AgentProtocolCore:
         if group is not None:
             group.remaining += 1
         if not flags & _pr_F_BEGUN:
-            st.in_flight += 1
-        st.last_used = now
+            st._in_flight += 1
+        st._last_used = now
         if flags & _pr_F_STORE_AFFINITY and not affinity._store(correlation_id, st, now):
             if self._on_aff_reject is not None:
                 self._on_aff_reject()
         if pm is not None and flags & _pr_F_TRACK:
-            pm.requests_total += 1
-            pm.in_flight_requests += 1
+            pm._requests_total += 1
+            pm._in_flight_requests += 1
             if flags & _pr_F_SAMPLE:
-                pm.serialization_time._record(now - t0)
+                pm._serialization_time._record(now - t0)
         return fut
 
     cpdef object send_event(self, object event, str correlation_id, object timeout=None):

@@ -1,23 +1,36 @@
-"""Pure-Python twin of ``_selection.pxi``: connection state, selection, affinity, sessions.
+# cython: annotation_typing=False
+"""Connection state, selection, correlation affinity and sticky sessions: one source, two builds.
 
 Per-connection cached state (:class:`ConnState`), the per-agent ordered connection list with
 the four load-balancing strategies (:class:`ConnectionSet`), the correlation affinity map
 (:class:`AffinityMap`) and sticky sessions (:class:`SessionMap`), as docs/pool.md describes.
 Times are monotonic seconds passed in by the caller, so every rule is testable without sleeping.
+
+This file is plain Python and is also compiled by Cython (pure-Python mode) as
+``agentpool._selection_c``: ``_selection_c.py`` links here and ``_selection_c.pxd`` adds the C
+types. Write it so that both builds give the same results: integers that wrap in C are
+masked to 64 bits here.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterator
 from typing import Any
 
 from .errors import ConnectionFailed
 
+try:
+    import cython
+
+    COMPILED: bool = cython.compiled
+except ImportError:  # Cython is a build dependency only
+    COMPILED = False
+
 __all__ = ["AffinityMap", "ConnState", "ConnectionSet", "SessionMap", "forget_affinity"]
 
 _U64 = 0xFFFFFFFFFFFFFFFF
+_XORSHIFT_MUL = 0x2545F4914F6CDD1D
 _UNHEALTHY_AFTER = 3
 
 ROUND_ROBIN = 0
@@ -61,7 +74,7 @@ class ConnState:
         self._last_used = float(now)
 
     @property
-    def conn(self) -> object:
+    def conn(self) -> Any:
         """The connection object this state describes."""
         return self._conn
 
@@ -98,14 +111,17 @@ class ConnState:
     @property
     def error_rate(self) -> float:
         """``error_count / request_count`` (0.0 before the first completed request)."""
-        if self._request_count == 0:
-            return 0.0
-        return self._error_count / self._request_count
+        return self._rate()
 
     @property
     def selectable(self) -> bool:
         """True when selection may pick this connection (healthy and not closed)."""
-        return self.healthy and not self.closed
+        return bool(self.healthy and not self.closed)
+
+    def _rate(self) -> float:
+        if self._request_count == 0:
+            return 0.0
+        return self._error_count / self._request_count
 
     def begin(self, now: float) -> None:
         """Account a request start: one more in flight, touched at ``now``."""
@@ -132,8 +148,9 @@ class ConnState:
 
     def __repr__(self) -> str:
         return (
-            f"<ConnState conn={self._conn!r} healthy={self.healthy} paused={self.paused} "
-            f"closed={self.closed} in_flight={self._in_flight} requests={self._request_count} "
+            f"<ConnState conn={self._conn!r} healthy={bool(self.healthy)} "
+            f"paused={bool(self.paused)} closed={bool(self.closed)} "
+            f"in_flight={self._in_flight} requests={self._request_count} "
             f"errors={self._error_count}>"
         )
 
@@ -141,7 +158,7 @@ class ConnState:
 class ConnectionSet:
     """The ordered connections of one agent and the strategy pick over them (docs/pool.md)."""
 
-    __slots__ = ("_agent_id", "_rand", "_rr", "_states", "last_error")
+    __slots__ = ("_agent_id", "_rng", "_rr", "_states", "last_error")
 
     def __init__(self, agent_id: str) -> None:
         self._agent_id = agent_id
@@ -149,7 +166,7 @@ class ConnectionSet:
         self.last_error: str | None = None
         self._states: list[ConnState] = []
         self._rr = 0
-        self._rand = random.Random().random
+        self._rng = random.getrandbits(64) | 1
 
     @property
     def agent_id(self) -> str:
@@ -175,16 +192,16 @@ class ConnectionSet:
 
     def remove(self, state: ConnState) -> bool:
         """Remove ``state``; False if it was not in the set."""
-        for i, s in enumerate(self._states):
-            if s is state:
+        for i in range(len(self._states)):
+            if self._states[i] is state:
                 del self._states[i]
                 return True
         return False
 
     def replace(self, old: ConnState, new: ConnState) -> bool:
         """Put ``new`` in ``old``'s slot; if ``old`` is absent append ``new`` and return False."""
-        for i, s in enumerate(self._states):
-            if s is old:
+        for i in range(len(self._states)):
+            if self._states[i] is old:
                 self._states[i] = new
                 return True
         self.add(new)
@@ -197,14 +214,26 @@ class ConnectionSet:
     def __len__(self) -> int:
         return len(self._states)
 
-    def __iter__(self) -> Iterator[ConnState]:
+    def __iter__(self) -> Any:
         return iter(list(self._states))
 
     def __contains__(self, state: object) -> bool:
-        return any(s is state for s in self._states)
+        for s in self._states:
+            if s is state:
+                return True
+        return False
 
     def _with_last_error(self, message: str) -> str:
         return message if self.last_error is None else f"{message} ({self.last_error})"
+
+    def _next_random(self) -> int:
+        """xorshift64* (the same 64-bit sequence in both builds)."""
+        x = self._rng
+        x ^= x >> 12
+        x ^= (x << 25) & _U64
+        x ^= x >> 27
+        self._rng = x
+        return (x * _XORSHIFT_MUL) & _U64
 
     def select(self, strategy: int) -> ConnState:
         """Pick a connection by ``strategy`` (a ``LoadBalanceStrategy``) over the healthy ones.
@@ -213,57 +242,97 @@ class ConnectionSet:
         (healthy = ``healthy and not closed``; paused connections stay selectable).
         """
         states = self._states
-        if not states:
+        n = len(states)
+        best: ConnState | None = None
+        best_rate = 0.0
+        if n == 0:
             raise ConnectionFailed(
                 self._with_last_error(f"No connections available for agent {self._agent_id}")
             )
-        healthy = [s for s in states if s.healthy and not s.closed]
-        if not healthy:
+        if strategy == LEAST_CONNECTIONS:
+            for i in range(n):
+                s = states[i]
+                if (
+                    s.healthy
+                    and not s.closed
+                    and (best is None or s._in_flight < best._in_flight)
+                ):
+                    best = s
+        elif strategy == HEALTH_BASED:
+            for i in range(n):
+                s = states[i]
+                if s.healthy and not s.closed:
+                    rate = s._rate()
+                    if best is None or rate < best_rate:
+                        best = s
+                        best_rate = rate
+        elif strategy == ROUND_ROBIN or strategy == RANDOM:
+            nh = 0
+            for i in range(n):
+                s = states[i]
+                if s.healthy and not s.closed:
+                    nh += 1
+            if nh == 0:
+                raise ConnectionFailed(
+                    self._with_last_error(f"No healthy connections for agent {self._agent_id}")
+                )
+            if strategy == ROUND_ROBIN:
+                k = self._rr % nh
+                self._rr = (self._rr + 1) & _U64
+            else:
+                k = self._next_random() % nh
+            if nh == n:
+                return states[k]
+            for i in range(n):
+                s = states[i]
+                if s.healthy and not s.closed:
+                    if k == 0:
+                        return s
+                    k -= 1
+        else:
+            raise ValueError(f"unknown load balance strategy: {strategy!r}")
+        if best is None:
             raise ConnectionFailed(
                 self._with_last_error(f"No healthy connections for agent {self._agent_id}")
             )
-        if strategy == ROUND_ROBIN:
-            i = self._rr
-            self._rr = (i + 1) & _U64
-            return healthy[i % len(healthy)]
-        if strategy == LEAST_CONNECTIONS:
-            best = healthy[0]
-            for s in healthy:
-                if s._in_flight < best._in_flight:
-                    best = s
-            return best
-        if strategy == HEALTH_BASED:
-            best = healthy[0]
-            best_rate = best.error_rate
-            for s in healthy:
-                rate = s._error_count / s._request_count if s._request_count else 0.0
-                if rate < best_rate:
-                    best = s
-                    best_rate = rate
-            return best
-        if strategy == RANDOM:
-            return healthy[int(self._rand() * len(healthy))]
-        raise ValueError(f"unknown load balance strategy: {strategy!r}")
+        return best
 
     def healthy_count(self) -> int:
         """Connections selection may pick (healthy and not closed)."""
-        return sum(1 for s in self._states if s.healthy and not s.closed)
+        c = 0
+        for s in self._states:
+            if s.healthy and not s.closed:
+                c += 1
+        return c
 
     def paused_count(self) -> int:
         """Connections currently paused by agent flow control."""
-        return sum(1 for s in self._states if s.paused)
+        c = 0
+        for s in self._states:
+            if s.paused:
+                c += 1
+        return c
 
     def total_in_flight(self) -> int:
         """Sum of ``in_flight`` over the connections."""
-        return sum(s._in_flight for s in self._states)
+        c = 0
+        for s in self._states:
+            c += s._in_flight
+        return c
 
     def total_requests(self) -> int:
         """Sum of ``request_count`` over the connections."""
-        return sum(s._request_count for s in self._states)
+        c = 0
+        for s in self._states:
+            c += s._request_count
+        return c
 
     def total_errors(self) -> int:
         """Sum of ``error_count`` over the connections."""
-        return sum(s._error_count for s in self._states)
+        c = 0
+        for s in self._states:
+            c += s._error_count
+        return c
 
     def __repr__(self) -> str:
         return f"<ConnectionSet agent_id={self._agent_id!r} connections={len(self._states)}>"
@@ -272,18 +341,9 @@ class ConnectionSet:
 class _Affinity:
     __slots__ = ("created_at", "last_access", "state")
 
-    def __init__(self, state: ConnState, now: float) -> None:
-        self.state = state
-        self.created_at = now
-        self.last_access = now
-
-
-def _remove_where(entries: dict[str, Any], doomed: Callable[[Any], bool]) -> int:
-    """Delete the entries ``doomed`` picks; return how many."""
-    keys = [k for k, e in entries.items() if doomed(e)]
-    for k in keys:
-        del entries[k]
-    return len(keys)
+    state: ConnState
+    created_at: float
+    last_access: float
 
 
 class AffinityMap:
@@ -299,8 +359,8 @@ class AffinityMap:
     def __init__(self, max_entries: int = 100_000) -> None:
         if max_entries < 0:
             raise ValueError("max_entries must be >= 0")
-        self._max_entries = int(max_entries)
-        self._map: dict[str, _Affinity] = {}
+        self._map: dict[Any, _Affinity] = {}
+        self._max_entries = max_entries
         self._rejections = 0
         self._at_capacity = False
 
@@ -317,26 +377,28 @@ class AffinityMap:
     @property
     def at_capacity(self) -> bool:
         """True from a refused store until the next accepted one."""
-        return self._at_capacity
+        return bool(self._at_capacity)
 
-    def store(self, correlation_id: str, state: ConnState, now: float) -> bool:
+    def store(self, correlation_id: Any, state: ConnState, now: float) -> bool:
         """Bind ``correlation_id`` to ``state``; False if refused at capacity."""
+        return bool(self._store(correlation_id, state, now))
+
+    def _store(self, correlation_id: Any, state: ConnState, now: float) -> bool:
         entry = self._map.get(correlation_id)
-        if entry is not None:
-            entry.state = state
-            entry.created_at = now
-            entry.last_access = now
-            self._at_capacity = False
-            return True
-        if len(self._map) >= self._max_entries:
-            self._rejections += 1
-            self._at_capacity = True
-            return False
+        if entry is None:
+            if len(self._map) >= self._max_entries:
+                self._rejections += 1
+                self._at_capacity = True
+                return False
+            entry = _Affinity.__new__(_Affinity)
+            self._map[correlation_id] = entry
+        entry.state = state
+        entry.created_at = now
+        entry.last_access = now
         self._at_capacity = False
-        self._map[correlation_id] = _Affinity(state, now)
         return True
 
-    def get(self, correlation_id: str, now: float) -> ConnState | None:
+    def get(self, correlation_id: Any, now: float) -> ConnState | None:
         """The bound connection (refreshing its idle timer), or None."""
         entry = self._map.get(correlation_id)
         if entry is None:
@@ -344,22 +406,36 @@ class AffinityMap:
         entry.last_access = now
         return entry.state
 
-    def peek(self, correlation_id: str) -> ConnState | None:
+    def peek(self, correlation_id: Any) -> ConnState | None:
         """The bound connection without refreshing anything, or None."""
         entry = self._map.get(correlation_id)
-        return None if entry is None else entry.state
+        if entry is None:
+            return None
+        return entry.state
 
-    def remove(self, correlation_id: str) -> bool:
+    def remove(self, correlation_id: Any) -> bool:
         """Drop the binding; False if there was none."""
         return self._map.pop(correlation_id, None) is not None
 
     def sweep(self, now: float, ttl: float) -> int:
         """Remove entries idle strictly longer than ``ttl``; return how many."""
-        return _remove_where(self._map, lambda e: now - e.last_access > ttl)
+        expired = []
+        for k, e in self._map.items():
+            if now - e.last_access > ttl:
+                expired.append(k)
+        for k in expired:
+            del self._map[k]
+        return len(expired)
 
     def drop_state(self, state: ConnState) -> int:
         """Remove every entry bound to ``state``; return how many."""
-        return _remove_where(self._map, lambda e: e.state is state)
+        dead = []
+        for k, e in self._map.items():
+            if e.state is state:
+                dead.append(k)
+        for k in dead:
+            del self._map[k]
+        return len(dead)
 
     def clear(self) -> None:
         """Remove every entry."""
@@ -375,12 +451,13 @@ class AffinityMap:
         return f"<AffinityMap entries={len(self._map)} max_entries={self._max_entries}>"
 
 
-def forget_affinity(entries: dict[Any, Any], correlation_id: str) -> int:
+def forget_affinity(entries: dict[Any, Any], correlation_id: Any) -> int:
     """Drop ``correlation_id`` from the ``affinity`` map of every value of ``entries`` (the
     pool's agents) in one call; how many bindings were dropped."""
     n = 0
     for e in entries.values():
-        if e.affinity.remove(correlation_id):
+        m: AffinityMap = e.affinity
+        if m._map and m._map.pop(correlation_id, None) is not None:
             n += 1
     return n
 
@@ -388,11 +465,10 @@ def forget_affinity(entries: dict[Any, Any], correlation_id: str) -> int:
 class _Session:
     __slots__ = ("agent_id", "created_at", "last_accessed", "state")
 
-    def __init__(self, state: ConnState, agent_id: str, now: float) -> None:
-        self.state = state
-        self.agent_id = agent_id
-        self.created_at = now
-        self.last_accessed = now
+    state: ConnState
+    agent_id: Any
+    created_at: float
+    last_accessed: float
 
 
 class SessionMap:
@@ -405,41 +481,55 @@ class SessionMap:
     __slots__ = ("_map",)
 
     def __init__(self) -> None:
-        self._map: dict[str, _Session] = {}
+        self._map: dict[Any, _Session] = {}
 
-    def create(self, session_id: str, state: ConnState, agent_id: str, now: float) -> None:
+    def create(self, session_id: Any, state: ConnState, agent_id: Any, now: float) -> None:
         """Bind ``session_id`` (overwriting an existing one), touched at ``now``."""
-        self._map[session_id] = _Session(state, agent_id, now)
+        entry = _Session.__new__(_Session)
+        entry.state = state
+        entry.agent_id = agent_id
+        entry.created_at = now
+        entry.last_accessed = now
+        self._map[session_id] = entry
 
-    def lookup(self, session_id: str, now: float, timeout: float | None) -> ConnState | None:
+    def lookup(self, session_id: Any, now: float, timeout: float | None) -> ConnState | None:
         """The session's connection, refreshed; an expired session is removed (None)."""
         entry = self._map.get(session_id)
         if entry is None:
             return None
-        if timeout is not None and now - entry.last_accessed > timeout:
-            del self._map[session_id]
-            return None
+        if timeout is not None:
+            t: float = timeout
+            if now - entry.last_accessed > t:
+                del self._map[session_id]
+                return None
         entry.last_accessed = now
         return entry.state
 
-    def has(self, session_id: str, now: float, timeout: float | None) -> bool:
+    def has(self, session_id: Any, now: float, timeout: float | None) -> bool:
         """True if the session exists and is not expired; changes nothing."""
         entry = self._map.get(session_id)
         if entry is None:
             return False
-        return timeout is None or not now - entry.last_accessed > timeout
+        if timeout is None:
+            return True
+        t: float = timeout
+        return not now - entry.last_accessed > t
 
-    def peek(self, session_id: str) -> ConnState | None:
+    def peek(self, session_id: Any) -> ConnState | None:
         """The session's connection, ignoring expiry and refreshing nothing."""
         entry = self._map.get(session_id)
-        return None if entry is None else entry.state
+        if entry is None:
+            return None
+        return entry.state
 
-    def agent(self, session_id: str) -> str | None:
+    def agent(self, session_id: Any) -> Any:
         """The agent id bound to the session (expiry not checked, nothing refreshed)."""
         entry = self._map.get(session_id)
-        return None if entry is None else entry.agent_id
+        if entry is None:
+            return None
+        return entry.agent_id
 
-    def remove(self, session_id: str) -> bool:
+    def remove(self, session_id: Any) -> bool:
         """Drop the session; False if there was none."""
         return self._map.pop(session_id, None) is not None
 
@@ -447,11 +537,24 @@ class SessionMap:
         """Remove every expired session (none when ``timeout`` is None); return how many."""
         if timeout is None:
             return 0
-        return _remove_where(self._map, lambda e: now - e.last_accessed > timeout)
+        t: float = timeout
+        expired = []
+        for k, e in self._map.items():
+            if now - e.last_accessed > t:
+                expired.append(k)
+        for k in expired:
+            del self._map[k]
+        return len(expired)
 
     def drop_state(self, state: ConnState) -> int:
         """Remove every session bound to ``state``; return how many."""
-        return _remove_where(self._map, lambda e: e.state is state)
+        dead = []
+        for k, e in self._map.items():
+            if e.state is state:
+                dead.append(k)
+        for k in dead:
+            del self._map[k]
+        return len(dead)
 
     def clear(self) -> None:
         """Remove every session."""

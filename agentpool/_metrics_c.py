@@ -1,0 +1,1 @@
+_metrics_py.py

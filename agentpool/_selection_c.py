@@ -1,0 +1,1 @@
+_selection_py.py
