@@ -15,11 +15,14 @@ NO_EXTENSIONS = bool(os.environ.get("AGENTPOOL_NO_EXTENSIONS")) or (
 )
 
 
+# the extension modules of the compiled core (_core cimports the other two)
+_COMPILED = ("_core.", "_selection_c.", "_metrics_c.")
+
 
 def _core_missing(exc: ImportError) -> str:
     """Why the compiled core did not import, and what to do about it."""
     here = os.path.dirname(os.path.abspath(__file__))
-    built = any(n.startswith("_core.") and n.endswith((".so", ".pyd")) for n in os.listdir(here))
+    built = any(n.startswith(_COMPILED) and n.endswith((".so", ".pyd")) for n in os.listdir(here))
     if os.path.exists(os.path.join(here, "_core.pyx")) and not built:
         return (
             f"agentpool is being imported from its source tree ({here}), where the compiled "
@@ -39,6 +42,13 @@ if TYPE_CHECKING or NO_EXTENSIONS:
     from . import _core_py as core
 else:
     try:
+        # _selection_c.py and _metrics_c.py are links to the plain sources: without their
+        # extension modules Python would import those and _core would fail obscurely
+        from . import _metrics_c, _selection_c
+
+        for _mod in (_selection_c, _metrics_c):
+            if not _mod.COMPILED:
+                raise ImportError(f"{_mod.__name__} has no compiled extension module")
         from . import _core as core  # type: ignore[no-redef]
     except ImportError as exc:
         raise ImportError(_core_missing(exc)) from exc

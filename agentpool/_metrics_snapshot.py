@@ -32,6 +32,8 @@ DEFAULT_BUCKETS_US: tuple[int, ...] = (
     500_000,
     1_000_000,
 )
+
+
 def check_bounds(bounds_us: Iterable[int]) -> tuple[int, ...]:
     out = tuple(int(b) for b in bounds_us)
     prev = -1

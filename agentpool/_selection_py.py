@@ -226,6 +226,10 @@ class ConnectionSet:
     def _with_last_error(self, message: str) -> str:
         return message if self.last_error is None else f"{message} ({self.last_error})"
 
+    def _seed(self, seed: int) -> None:
+        """Restart the random strategy's sequence from ``seed`` (the builds are compared so)."""
+        self._rng = (seed & _U64) | 1
+
     def _next_random(self) -> int:
         """xorshift64* (the same 64-bit sequence in both builds)."""
         x = self._rng
@@ -252,11 +256,7 @@ class ConnectionSet:
         if strategy == LEAST_CONNECTIONS:
             for i in range(n):
                 s = states[i]
-                if (
-                    s.healthy
-                    and not s.closed
-                    and (best is None or s._in_flight < best._in_flight)
-                ):
+                if s.healthy and not s.closed and (best is None or s._in_flight < best._in_flight):
                     best = s
         elif strategy == HEALTH_BASED:
             for i in range(n):

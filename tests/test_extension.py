@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import json
 import os
@@ -16,10 +17,29 @@ def test_expected_core_is_loaded() -> None:
     if os.environ.get("AGENTPOOL_NO_EXTENSIONS"):
         assert not agentpool.HAS_EXTENSIONS
         assert _impl.core.__name__ == "agentpool._core_py"
+        assert _impl.core.ConnState.__module__ == "agentpool._selection_py"
+        assert _impl.core.ProtocolMetrics.__module__ == "agentpool._metrics_py"
     else:
         assert agentpool.HAS_EXTENSIONS
         assert _impl.core.__name__ == "agentpool._core"
         assert pathlib.Path(_impl.core.__file__).suffix in {".so", ".pyd"}
+        # the pure-Python-mode modules of the core: compiled, not their .py source imported
+        for name, cls in (("_selection_c", "ConnState"), ("_metrics_c", "ProtocolMetrics")):
+            module = importlib.import_module(f"agentpool.{name}")
+            assert module.COMPILED, name
+            assert pathlib.Path(module.__file__ or "").suffix in {".so", ".pyd"}, name
+            assert getattr(_impl.core, cls) is getattr(module, cls)
+
+
+def test_compiled_and_interpreted_builds_share_one_source() -> None:
+    """``_selection_c`` / ``_metrics_c`` are compiled from the very file that runs interpreted."""
+    here = pathlib.Path(_impl.__file__).parent
+    for plain, compiled in (("_selection_py", "_selection_c"), ("_metrics_py", "_metrics_c")):
+        source = here / f"{plain}.py"
+        assert source.is_file(), source
+        link = here / f"{compiled}.py"
+        if link.exists():  # in the source tree (a link) and in wheels (a copy)
+            assert link.read_bytes() == source.read_bytes(), link
 
 
 def test_tests_run_against_installed_package() -> None:
