@@ -1,4 +1,9 @@
-"""Pure-Python twin of the compiled core ``agentpool._core`` (same API, same behaviour)."""
+"""Pure-Python core: the same API and behaviour as the compiled ``agentpool._core``.
+
+Selection and metrics (``_selection_py``, ``_metrics_py``) are the very sources the compiled
+core is built from (Cython pure-Python mode, as ``_selection_c`` / ``_metrics_c``); framing,
+the protocol and the codec helpers are hand-kept twins of their ``.pxi``.
+"""
 
 from __future__ import annotations
 
