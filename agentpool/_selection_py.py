@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from .errors import ConnectionFailed
@@ -214,7 +215,7 @@ class ConnectionSet:
     def __len__(self) -> int:
         return len(self._states)
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[ConnState]:
         return iter(list(self._states))
 
     def __contains__(self, state: object) -> bool:
