@@ -12,7 +12,10 @@ middleware (chunk by chunk, each chunk to the agents) and handed to the handler 
 ``await request.read()`` / ``text()`` / ``json()`` / ``post()``. Responses prepared by the
 middleware (any ``web.Response``) can be replaced by a response-phase Block; a handler that
 streams its own response gets the response header edits, and a response-phase Block then
-aborts the connection (the client sees the response cut off).
+aborts the connection (the client sees the response cut off). WebSocket handlers
+(``web.WebSocketResponse``) get the handshake checked with a sticky session, then every text
+and binary frame both ways (``receive``/``async for``, ``send_str``/``send_bytes``/
+``send_json``/``send_frame``) goes through the agents, whose decision is applied.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 try:
-    from aiohttp import web
+    from aiohttp import WSMsgType, web
     from multidict import CIMultiDict
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError(
@@ -31,6 +34,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 
 from .config import AgentPoolConfig
 from .http import Exchange, Glue, HeaderGuard, Headers, Reply, Route, Stop
+from .messages import WebSocketClose
 from .pool import AgentPool
 
 __all__ = ["GLUE_KEY", "exchange_of", "reply_response", "request_exchange", "setup"]
@@ -143,6 +147,11 @@ def _middleware(glue: Glue) -> Any:
         ex = request_exchange(glue, request)
         if ex is None:
             return await handler(request)
+        if request.headers.get("upgrade", "").lower() == "websocket":
+            try:
+                return await _websocket(ex, request, handler)
+            finally:
+                ex.finish_websocket()
         try:
             reply = await ex.request_headers()
             if reply is None and request.content_length is not None:
@@ -184,6 +193,80 @@ def _middleware(glue: Glue) -> Any:
     return agentpool_middleware
 
 
+async def _websocket(ex: Exchange, request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A WebSocket upgrade: the handshake asked with a sticky session; the frames are checked
+    by the wrappers :func:`_on_prepare` installs on the handler's ``WebSocketResponse``."""
+    reply = await ex.request_headers(session=True)
+    if reply is not None:
+        ex.status = reply.status
+        return reply_response(reply)
+    if ex.edited:
+        request = request.clone(headers=CIMultiDict(ex.headers))
+    request[_EX_KEY] = ex
+    return await handler(request)
+
+
+def _frame(msg_data: Any) -> bytes:
+    return msg_data.encode() if isinstance(msg_data, str) else bytes(msg_data)
+
+
+def _watch_frames(ex: Exchange, ws: web.WebSocketResponse) -> None:
+    """Route the handler's frames through the agents: received frames before the handler sees
+    them, sent frames before they go out; drop skips a frame, a close closes the connection
+    (then nothing more reaches the handler or the client)."""
+    receive, send_frame = ws.receive, ws.send_frame
+    send_str, send_bytes = ws.send_str, ws.send_bytes
+    closed: list[WebSocketClose] = []
+    text, binary = WSMsgType.TEXT, WSMsgType.BINARY
+
+    async def close(decision: WebSocketClose) -> None:
+        closed.append(decision)
+        await ws.close(code=decision.code, message=decision.reason.encode())
+
+    async def checked_receive(timeout: float | None = None) -> Any:
+        while True:
+            msg = await receive(timeout)
+            if closed or (msg.type is not text and msg.type is not binary):
+                return msg
+            opcode = "text" if msg.type is text else "binary"
+            verdict = await ex.websocket_frame(opcode, _frame(msg.data), True)
+            if verdict is True:
+                return msg
+            if isinstance(verdict, WebSocketClose):
+                await close(verdict)
+                return await receive(timeout)
+
+    async def outgoing(opcode: str, data: bytes) -> bool:
+        if closed:
+            return False
+        verdict = await ex.websocket_frame(opcode, data, False)
+        if isinstance(verdict, WebSocketClose):
+            await close(verdict)
+            return False
+        return verdict
+
+    async def checked_send_str(data: str, compress: int | None = None) -> None:
+        if await outgoing("text", data.encode()):
+            await send_str(data, compress=compress)
+
+    async def checked_send_bytes(data: bytes, compress: int | None = None) -> None:
+        if await outgoing("binary", bytes(data)):
+            await send_bytes(data, compress=compress)
+
+    async def checked_send_frame(
+        message: bytes, opcode: WSMsgType, compress: int | None = None
+    ) -> None:
+        if opcode is text or opcode is binary:
+            if not await outgoing("text" if opcode is text else "binary", bytes(message)):
+                return
+        await send_frame(message, opcode, compress)
+
+    ws.receive = checked_receive  # type: ignore[method-assign]
+    ws.send_str = checked_send_str  # type: ignore[method-assign]
+    ws.send_bytes = checked_send_bytes  # type: ignore[method-assign]
+    ws.send_frame = checked_send_frame  # type: ignore[method-assign]
+
+
 async def _response_phase(ex: Exchange, response: web.StreamResponse) -> Reply | None:
     headers = [(k.lower(), v) for k, v in response.headers.items()]
     try:
@@ -209,6 +292,10 @@ async def _on_prepare(request: web.Request, response: web.StreamResponse) -> Non
     if ex is None:
         return
     request[_EX_KEY] = None
+    if isinstance(response, web.WebSocketResponse):
+        if ex.plan.websocket:
+            _watch_frames(ex, response)
+        return
     headers = [(k.lower(), v) for k, v in response.headers.items()]
     reply = await ex.response_headers(response.status, headers)
     if reply is not None:
