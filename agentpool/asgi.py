@@ -175,7 +175,7 @@ class AgentMiddleware:
             uri=uri,
             headers=headers,
             client_ip=client[0] or "",
-            client_port=client[1] or 0,
+            client_port=int(client[1] or 0),  # granian gives the port as a string
             server_name=host.split(":", 1)[0] or (server[0] if server else None),
             protocol=f"HTTP/{scope.get('http_version', '1.1')}",
             tls_version=f"0x{version:04x}" if isinstance(version, int) else version,
@@ -318,6 +318,12 @@ class AgentMiddleware:
 
         try:
             await self.app(scope, rcv, snd)
+        except Exception:
+            if not stopped or started:
+                raise
+            # the app failed on the refused body (Starlette raises ClientDisconnect): the
+            # agent's reply below is the answer, the connection stays usable
+            log.debug("application raised after an agent refusal", exc_info=True)
         finally:
             if stopped and not started:
                 reply = stopped[0]

@@ -226,6 +226,30 @@ def test_starlette_with_example_waf(tmp_path: pytest.TempPathFactory) -> None:
         stop(agent)
 
 
+def test_fastapi_with_script_agent(tmp_path: pytest.TempPathFactory) -> None:
+    pytest.importorskip("fastapi")
+    sock = str(tmp_path / "fa.sock")  # type: ignore[operator]
+    agent = script_agent(sock)
+    proc, url = uvicorn("http_fastapi_app:app", f"unix:{sock}")
+    try:
+        with httpx.Client(base_url=url, timeout=10) as c:
+            r = c.get("/edit")
+            assert (r.status_code, r.json()["added"]) == (200, "by-agent")
+            assert r.json()["agentpool"]["routing_metadata"]["seen-path"] == "/edit"
+            r = c.get("/block")
+            assert (r.status_code, r.text) == (403, "blocked by agent")
+            assert c.post("/body/x", content=b"my secret").json()["body"] == "my XXXXXX"
+            assert c.post("/body/x", content=b"attack").status_code == 403
+            assert c.post("/limit/x", content=b"x" * 17).status_code == 413
+        with ws_client.connect(url.replace("http://", "ws://") + "/ws", open_timeout=5) as ws:
+            ws.send("drop-me")
+            ws.send("hi")
+            assert ws.recv(timeout=5) == "echo:hi"
+    finally:
+        stop(proc)
+        stop(agent)
+
+
 def test_concurrent_requests_with_one_request_id(server: str) -> None:
     cids: list[str] = []
 
@@ -242,34 +266,60 @@ def test_concurrent_requests_with_one_request_id(server: str) -> None:
     assert len(cids) == 3 and len(set(cids)) == 3 and "dup" not in cids
 
 
-def test_hypercorn(tmp_path: pytest.TempPathFactory) -> None:
-    pytest.importorskip("hypercorn")
+SERVERS = {
+    "hypercorn": ["-m", "hypercorn", "--bind", "127.0.0.1:{port}", "http_hypercorn_app:app"],
+    "granian": [
+        "-m",
+        "granian",
+        "--interface",
+        "asgi",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "{port}",
+        "--workers",
+        "1",
+        "--log-level",
+        "warning",
+        "http_hypercorn_app:app",
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(SERVERS))
+def test_other_asgi_servers(name: str, tmp_path: pytest.TempPathFactory) -> None:
+    """The same middleware under hypercorn and granian (real server processes)."""
+    pytest.importorskip(name)
     sock = str(tmp_path / "h.sock")  # type: ignore[operator]
     agent = script_agent(sock)
     port = free_port()
-    proc = spawn(
-        [
-            sys.executable,
-            "-m",
-            "hypercorn",
-            "--bind",
-            f"127.0.0.1:{port}",
-            "http_hypercorn_app:app",
-        ],
-        AP_TEST_AGENT=f"unix:{sock}",
-    )
+    args = [a.replace("{port}", str(port)) for a in SERVERS[name]]
+    proc = spawn([sys.executable, *args], AP_TEST_AGENT=f"unix:{sock}")
     try:
         wait_ready(proc, ("127.0.0.1", port))
         url = f"http://127.0.0.1:{port}"
         with httpx.Client(base_url=url, timeout=10) as c:
-            assert c.get("/edit").json()["headers"]["x-added"] == ["by-agent"]
-            assert c.get("/block").status_code == 403
+            r = c.get("/edit", headers={"x-remove-me": "1"})
+            assert r.json()["headers"]["x-added"] == ["by-agent"]
+            assert "x-remove-me" not in r.json()["headers"]
+            assert r.headers["x-resp-added"] == "yes"
+            r = c.get("/block")
+            assert (r.status_code, r.text) == (403, "blocked by agent")
+            assert c.get("/redirect").headers["location"] == "https://example.test/login"
             assert c.post("/body/x", content=b"a secret").json()["body"] == "a XXXXXX"
+            assert c.post("/limit/x", content=b"x" * 17).status_code == 413
             assert c.get("/resp").text == "hello UPSTREAM bye UPSTREAM"
+            assert c.get("/stall").status_code == 503
+            assert c.get("/open/stall").status_code == 200
         with ws_client.connect(url.replace("http://", "ws://") + "/ws", open_timeout=5) as ws:
             ws.send("drop-me")
             ws.send("hi")
             assert ws.recv(timeout=5) == "echo:hi"
+            ws.send("close-me")
+            with pytest.raises(Exception, match="4000"):
+                ws.recv(timeout=5)
+        with pytest.raises(Exception, match="403"):
+            ws_client.connect(url.replace("http://", "ws://") + "/block", open_timeout=5)
     finally:
         stop(proc)
         stop(agent)
