@@ -11,8 +11,9 @@ and body modes as in docs/integrations.md). A body the agents inspect is read by
 middleware (chunk by chunk, each chunk to the agents) and handed to the handler through
 ``await request.read()`` / ``text()`` / ``json()`` / ``post()``. Responses prepared by the
 middleware (any ``web.Response``) can be replaced by a response-phase Block; a handler that
-streams its own response gets the response header edits, and a response-phase Block then
-aborts the connection (the client sees the response cut off). WebSocket handlers
+streams its own response gets the response header edits and its chunks (``write``) go through
+the body agents; a response-phase Block then aborts the connection (the client sees the
+response cut off). WebSocket handlers
 (``web.WebSocketResponse``) get the handshake checked with a sticky session, then every text
 and binary frame both ways (``receive``/``async for``, ``send_str``/``send_bytes``/
 ``send_json``/``send_frame``) goes through the agents, whose decision is applied.
@@ -304,5 +305,42 @@ async def _on_prepare(request: web.Request, response: web.StreamResponse) -> Non
         if request.transport is not None:
             request.transport.abort()
         raise ConnectionResetError("response refused by an agent")
+    if ex.inspects_response_body:
+        headers = [h for h in headers if h[0] != "content-length"]
+        response.content_length = None
+        _watch_body(ex, request, response)
     response.headers.clear()
     response.headers.extend(headers)
+
+
+def _watch_body(ex: Exchange, request: web.Request, response: web.StreamResponse) -> None:
+    """Route a streamed response's chunks (``write``/``write_eof``) through the body agents;
+    a refusal once the response has started aborts the connection."""
+    write, write_eof = response.write, response.write_eof
+    done = False
+
+    async def checked(data: Any, last: bool) -> bytes:
+        try:
+            return await ex.response_body(bytes(data), last)
+        except Stop:
+            log.warning("agent refused the streamed body of %s; aborting it", ex.correlation_id)
+            if request.transport is not None:
+                request.transport.abort()
+            raise ConnectionResetError("response body refused by an agent") from None
+
+    async def checked_write(data: Any) -> None:
+        out = await checked(data, False)
+        if out:
+            await write(out)
+
+    async def checked_write_eof(data: bytes = b"") -> None:
+        nonlocal done
+        if not done:
+            done = True
+            out = await checked(data, True)
+            if out:
+                await write(out)
+        await write_eof()
+
+    response.write = checked_write  # type: ignore[method-assign]
+    response.write_eof = checked_write_eof  # type: ignore[method-assign]

@@ -2,10 +2,10 @@
 
 Behaviour by request path:
 ``/block`` Block 403 with a body and a header; ``/redirect`` Redirect 302;
-``/challenge`` Challenge captcha; ``/edit`` request header edits (one forbidden: Host) and a
-response header; ``/stall`` never answers; ``/__completes`` answers 200 with the request ids
-(``request_id:status``) of the RequestComplete events seen so far (the test reads the
-agent's state over HTTP).
+``/challenge`` Challenge captcha; ``/edit`` request header edits (three the guard refuses:
+Host, Transfer-Encoding, x-forbidden-*) and a response header; ``/stall`` never answers;
+``/__completes`` answers 200 with the request ids (``request_id:status``) of the
+RequestComplete events seen so far (the test reads the agent's state over HTTP).
 Request body chunks: ``attack`` blocks 403, ``secret`` is replaced by ``XXXXXX``; with
 ``x-needs-more: 1`` every non-last chunk answers needs_more. Response body chunks: ``upstream``
 becomes ``UPSTREAM``; ``/respblock`` blocks on response headers. WebSocket frames: ``drop-me``
@@ -79,6 +79,8 @@ class ScriptAgent(Agent):
                 HeaderOp.set("x-added", "by-agent"),
                 HeaderOp.remove("x-remove-me"),
                 HeaderOp.set("host", "evil.example"),
+                HeaderOp.set("transfer-encoding", "chunked"),
+                HeaderOp.set("x-forbidden-by-guard", "1"),
                 HeaderOp.set("x-client-ip", event.metadata.client_ip),
                 HeaderOp.set("x-request-id-seen", event.metadata.request_id),
             ]

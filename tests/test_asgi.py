@@ -71,6 +71,8 @@ def test_header_edits_and_guard(client: httpx.Client) -> None:
     headers = r.json()["headers"]
     assert headers["x-added"] == ["by-agent"]
     assert "x-remove-me" not in headers
+    assert "x-forbidden-by-guard" not in headers  # HeaderGuard(deny=["x-forbidden-*"])
+    assert "transfer-encoding" not in headers
     assert headers["host"] == [r.request.headers["host"]]  # the guard refused the Host edit
     assert headers["x-client-ip"] == ["127.0.0.1"]
     assert headers["x-request-id-seen"] == ["edit-1"]

@@ -16,7 +16,16 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("aiohttp")
 
 from http_apps import proxy_config  # noqa: E402
-from http_procs import aiohttp_server, env, proxy, script_agent, stop  # noqa: E402
+from http_procs import (  # noqa: E402
+    aiohttp_server,
+    env,
+    free_port,
+    proxy,
+    script_agent,
+    spawn,
+    stop,
+    wait_ready,
+)
 
 
 @pytest.fixture(scope="module", params=["proxy", "middleware"])
@@ -66,6 +75,8 @@ def test_header_edits_and_guard(client: httpx.Client, server: tuple[str, str]) -
     headers = r.json()["headers"]
     assert headers["x-added"] == ["by-agent"]
     assert "x-remove-me" not in headers
+    assert "x-forbidden-by-guard" not in headers  # HeaderGuard(deny=["x-forbidden-*"])
+    assert "transfer-encoding" not in headers
     if server[0] == "middleware":
         assert headers["host"] == [r.request.headers["host"]]
     else:  # the proxy forwards to the upstream's host, never the agent's choice
@@ -99,10 +110,9 @@ def test_request_body_streamed_and_mutated(client: httpx.Client) -> None:
 def test_response_body(client: httpx.Client, server: tuple[str, str]) -> None:
     r = client.get("/respbuf")
     assert r.text == "hello UPSTREAM bye UPSTREAM"
-    r = client.get("/resp")
+    r = client.get("/resp")  # streamed by the upstream / the handler itself (StreamResponse)
     assert r.headers["x-resp-status-seen"] == "200"
-    if server[0] == "proxy":  # the middleware cannot rewrite a body the handler streams itself
-        assert r.text == "hello UPSTREAM bye UPSTREAM"
+    assert r.text == "hello UPSTREAM bye UPSTREAM"
     if server[0] == "proxy":
         r = client.get("/respblock")
         assert (r.status_code, r.text) == (451, "response blocked")
@@ -171,6 +181,57 @@ def test_proxy_killed_agent_two_workers_graceful(tmp_path: pytest.TempPathFactor
     finally:
         stop(proc)
         stop(upstream)
+        stop(agent)
+
+
+def test_middleware_killed_agent_two_workers_graceful(tmp_path: pytest.TempPathFactory) -> None:
+    """Two aiohttp worker processes with the middleware on one port (SO_REUSEPORT), the agent
+    killed (fail closed / open / status), then SIGTERM to both with requests in flight: every
+    one of them is answered before the workers exit."""
+    sock = str(tmp_path / "m.sock")  # type: ignore[operator]
+    agent = script_agent(sock)
+    port = free_port()
+    workers = [
+        spawn([sys.executable, "http_aio_worker.py", str(port)], AP_TEST_AGENT=f"unix:{sock}")
+        for _ in range(2)
+    ]
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for w in workers:
+            wait_ready(w, ("127.0.0.1", port))
+        pids: set[int] = set()
+        deadline = time.monotonic() + 10
+        while len(pids) < 2 and time.monotonic() < deadline:
+            with httpx.Client(base_url=url, timeout=10) as c:  # a new connection each time
+                pids.add(c.get("/hello").json()["pid"])
+        assert pids == {w.pid for w in workers}
+        agent.send_signal(signal.SIGKILL)
+        agent.wait(5)
+        for _ in range(4):  # new connections: both workers see the agent gone
+            with httpx.Client(base_url=url, timeout=10) as c:
+                assert c.get("/hello").status_code == 503
+                assert c.get("/open/hello").status_code == 200
+                r = c.get("/retry/hello")
+                assert (r.status_code, r.headers["retry-after"]) == (503, "7")
+        results: list[int] = []
+
+        def slow() -> None:  # 1 s in the handler (fail open: the agent is gone)
+            with httpx.Client(base_url=url, timeout=10) as c:
+                results.append(c.get("/open/x/slow").status_code)
+
+        threads = [threading.Thread(target=slow) for _ in range(6)]
+        for t in threads:
+            t.start()
+        time.sleep(0.4)
+        for w in workers:
+            w.send_signal(signal.SIGTERM)
+        assert [w.wait(15) for w in workers] == [0, 0]  # one SIGTERM each: graceful
+        for t in threads:
+            t.join(10)
+        assert results == [200] * 6
+    finally:
+        for w in workers:
+            stop(w)
         stop(agent)
 
 
