@@ -10,7 +10,7 @@ Request body chunks: ``attack`` blocks 403, ``secret`` is replaced by ``XXXXXX``
 ``x-needs-more: 1`` every non-last chunk answers needs_more. Response body chunks: ``upstream``
 becomes ``UPSTREAM``; ``/respblock`` blocks on response headers. WebSocket frames: ``drop-me``
 is dropped, ``close-me`` closes 4000, server frames ``hidden`` are dropped, ``slow*`` frames
-are answered after 0.2 s.
+are answered after 0.2 s, ``stall`` never.
 """
 
 from __future__ import annotations
@@ -122,6 +122,8 @@ class ScriptAgent(Agent):
     async def on_websocket_frame(self, event: WebSocketFrameEvent) -> AgentResponse:
         if event.data.startswith(b"slow"):
             await asyncio.sleep(0.2)
+        if event.data == b"stall":
+            await asyncio.Event().wait()
         if event.data == b"drop-me" or (event.data == b"hidden" and not event.client_to_server):
             return AgentResponse.websocket_drop()
         if event.data == b"close-me":

@@ -156,6 +156,10 @@ def test_websocket_frames(server: str) -> None:
         with pytest.raises(Exception) as info:
             ws.recv(timeout=5)
         assert "4000" in str(info.value)
+    with ws_client.connect(url, open_timeout=5) as ws:  # fail closed: 1011
+        ws.send("stall")
+        with pytest.raises(Exception, match="1011"):
+            ws.recv(timeout=5)
 
 
 def test_websocket_blocked_handshake(server: str) -> None:

@@ -293,6 +293,10 @@ def test_websocket_frames(server: tuple[str, str]) -> None:
         ws.send("close-me")
         with pytest.raises(Exception, match="4000"):
             ws.recv(timeout=5)
+    with ws_client.connect(url + "/ws", open_timeout=5) as ws:  # fail closed: 1011
+        ws.send("stall")
+        with pytest.raises(Exception, match="1011"):
+            ws.recv(timeout=5)
     with pytest.raises(Exception, match="403"):
         ws_client.connect(url + "/block", open_timeout=5)
 
