@@ -152,7 +152,7 @@ async def _aio_echo(request: Any) -> Any:
         return ws
     body = await request.read()
     if path.endswith("/slow"):
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(float(request.query.get("s", "1")))
     if path.startswith("/respbuf"):
         return web.Response(text="hello upstream bye upstream")
     if path.startswith("/resp"):

@@ -214,20 +214,24 @@ def test_middleware_killed_agent_two_workers_graceful(tmp_path: pytest.TempPathF
                 r = c.get("/retry/hello")
                 assert (r.status_code, r.headers["retry-after"]) == (503, "7")
         results: list[int] = []
+        connected = threading.Barrier(7)
 
-        def slow() -> None:  # 1 s in the handler (fail open: the agent is gone)
-            with httpx.Client(base_url=url, timeout=10) as c:
-                results.append(c.get("/open/x/slow").status_code)
+        def slow() -> None:  # 3 s in the handler (fail open: the agent is gone)
+            with httpx.Client(base_url=url, timeout=15) as c:
+                c.get("/open/hello")  # the connection is accepted by a worker first
+                connected.wait(10)
+                results.append(c.get("/open/x/slow?s=3").status_code)
 
         threads = [threading.Thread(target=slow) for _ in range(6)]
         for t in threads:
             t.start()
-        time.sleep(0.4)
+        connected.wait(10)
+        time.sleep(1.0)
         for w in workers:
             w.send_signal(signal.SIGTERM)
         assert [w.wait(15) for w in workers] == [0, 0]  # one SIGTERM each: graceful
         for t in threads:
-            t.join(10)
+            t.join(15)
         assert results == [200] * 6
     finally:
         for w in workers:
