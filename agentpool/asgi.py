@@ -32,8 +32,24 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 log = logging.getLogger("agentpool.asgi")
 
 
+_PROTOCOLS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0", "2": "HTTP/2", "2.0": "HTTP/2.0", "3": "HTTP/3"}
+
+
+_NAMES: dict[bytes, str] = {}
+_NAMES_MAX = 512
+
+
+def _name(raw: bytes) -> str:
+    """A header name as a lower-case str; the names seen first are kept (bounded)."""
+    name = raw.decode("latin-1").lower()
+    if len(_NAMES) < _NAMES_MAX:
+        _NAMES[raw] = name
+    return name
+
+
 def _latin1(headers: Sequence[tuple[bytes, bytes]]) -> Headers:
-    return [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in headers]
+    names = _NAMES
+    return [(names.get(k) or _name(k), v.decode("latin-1")) for k, v in headers]
 
 
 def _raw(headers: Headers) -> list[tuple[bytes, bytes]]:
@@ -160,26 +176,39 @@ class AgentMiddleware:
         plan = glue.plan(method, host, path)
         if plan is None or not plan.agents:
             return None
-        raw = scope.get("raw_path") or path.encode()
-        uri = raw.decode("latin-1")
+        raw = scope.get("raw_path")
+        uri = raw.decode("latin-1") if raw else path
         query = scope.get("query_string")
         if query:
             uri += "?" + query.decode("latin-1")
         client = scope.get("client") or ("", 0)
-        server = scope.get("server")
-        tls = (scope.get("extensions") or {}).get("tls") or {}
-        version = tls.get("tls_version")
-        return glue.exchange(
+        server_name = host.split(":", 1)[0] if host else None
+        if not server_name:
+            server = scope.get("server")
+            server_name = server[0] if server else None
+        version = scope.get("http_version", "1.1")
+        protocol = _PROTOCOLS.get(version) or f"HTTP/{version}"
+        tls_version = tls_cipher = None
+        extensions = scope.get("extensions")
+        tls = extensions.get("tls") if extensions else None
+        if tls:
+            tls_version = tls.get("tls_version")
+            if isinstance(tls_version, int):
+                tls_version = f"0x{tls_version:04x}"
+            cipher = tls.get("cipher_suite")
+            tls_cipher = str(cipher) if cipher is not None else None
+        return Exchange(
+            glue,
             plan,
-            method=method,
-            uri=uri,
-            headers=headers,
-            client_ip=client[0] or "",
-            client_port=int(client[1] or 0),  # granian gives the port as a string
-            server_name=host.split(":", 1)[0] or (server[0] if server else None),
-            protocol=f"HTTP/{scope.get('http_version', '1.1')}",
-            tls_version=f"0x{version:04x}" if isinstance(version, int) else version,
-            tls_cipher=str(tls["cipher_suite"]) if tls.get("cipher_suite") is not None else None,
+            method,
+            uri,
+            headers,
+            client[0] or "",
+            int(client[1] or 0),  # granian gives the port as a string
+            server_name,
+            protocol,
+            tls_version,
+            tls_cipher,
         )
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -192,7 +221,8 @@ class AgentMiddleware:
             return
         try:
             reply = await ex.request_headers()
-            if reply is None and ex.plan.max_request_body is not None:
+            plan = ex.plan
+            if reply is None and plan.max_request_body is not None:
                 for name, value in scope["headers"]:
                     if name.lower() == b"content-length":
                         reply = ex.too_large(int(value)) if value.isdigit() else None
@@ -200,8 +230,20 @@ class AgentMiddleware:
             if reply is not None:
                 ex.status = reply.status
                 await _send_reply(send, reply)
-                return
-            await self._forward(ex, scope, receive, send)
+            elif (
+                ex.edited
+                or plan.complete
+                or plan.max_request_body is not None
+                or ex.inspects_request_body
+                or ex.inspects_response
+            ):
+                await self._forward(ex, scope, receive, send)
+            else:  # nothing to apply or watch: the app gets the request as it came
+                scope["agentpool"] = {
+                    "correlation_id": ex.correlation_id,
+                    "routing_metadata": ex.routing_metadata,
+                }
+                await self.app(scope, receive, send)
         finally:
             ex.finish()
 

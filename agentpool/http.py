@@ -112,6 +112,8 @@ _HAS_TIMEOUT = hasattr(asyncio, "timeout")
 _BODY_MODES = ("none", "stream", "buffer")
 _DEFAULT_MAX_BODY = 10 * 1024 * 1024
 _CLOSED_BODY = b"Service unavailable"
+_NO_NAMES: frozenset[str] = frozenset()
+_monotonic = time.monotonic
 
 
 _stamp_sec = -1
@@ -122,11 +124,12 @@ def _timestamp() -> str:
     """RFC 3339 UTC with nanoseconds, like :func:`~agentpool.messages.rfc3339_now`, cheaper."""
     global _stamp_sec, _stamp_prefix
     ns = time.time_ns()
-    secs, frac = divmod(ns, 1_000_000_000)
+    secs = ns // 1_000_000_000
     if secs != _stamp_sec:
         _stamp_sec = secs
-        _stamp_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
-    return f"{_stamp_prefix}.{frac:09d}+00:00"
+        _stamp_prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(secs))
+    # the nanoseconds zero-padded to 9 digits: 1e9 added, its leading "1" cut
+    return _stamp_prefix + str(ns - secs * 1_000_000_000 + 1_000_000_000)[1:] + "+00:00"
 
 
 # --------------------------------------------------------------------------------------------
@@ -809,33 +812,31 @@ class Exchange:
         self.uri = uri
         self.headers = headers
         self.client_ip = client_ip
-        self.started = time.monotonic()
-        request_id = None
-        traceparent = None
+        self.started = _monotonic()
         hdrs: dict[str, list[str]] = {}
-        rid_name = glue.request_id_header
         for name, value in headers:
             values = hdrs.get(name)
             if values is None:
                 hdrs[name] = [value]
             else:
                 values.append(value)
-            if name == rid_name:
-                request_id = value
-            elif name == "traceparent":
-                traceparent = value
+        rid_name = glue.request_id_header
+        found = hdrs.get(rid_name) if rid_name is not None else None
         cid = glue.correlation_id()
+        request_id = found[-1] if found else cid
+        found = hdrs.get("traceparent")
+        traceparent = found[-1] if found else None
         self.correlation_id = cid
-        conn = hdrs.get("connection")
+        found = hdrs.get("connection")
         self._connection_tokens = (
-            frozenset(t.strip().lower() for v in conn for t in v.split(","))
-            if conn
-            else frozenset()
+            frozenset(t.strip().lower() for v in found for t in v.split(","))
+            if found
+            else _NO_NAMES
         )
         self._event = RequestHeadersEvent(
             RequestMetadata(
                 cid,
-                request_id or cid,
+                request_id,
                 client_ip,
                 client_port,
                 server_name,
@@ -851,7 +852,7 @@ class Exchange:
             uri,
             hdrs,
         )
-        self.skipped: set[str] = set()
+        self.skipped: frozenset[str] = _NO_NAMES
         self.response_ops: list[HeaderOp] = []
         self.routing_metadata: dict[str, str] = {}
         self.status = 0
@@ -859,8 +860,10 @@ class Exchange:
         self.response_bytes = 0
         self.complete_sent = False
         self.edited = False
-        self._req_stages = [_BodyStage(a) for a in plan.request_body]
-        self._resp_stages = [_BodyStage(a) for a in plan.response_body]
+        self._req_stages = [_BodyStage(a) for a in plan.request_body] if plan.request_body else []
+        self._resp_stages = (
+            [_BodyStage(a) for a in plan.response_body] if plan.response_body else []
+        )
         self._ws_index = 0
         self._lock: asyncio.Lock | None = None
 
@@ -891,7 +894,7 @@ class Exchange:
             )
         else:
             log.error("agent %r call failed for %s", agent.agent, self.correlation_id, exc_info=exc)
-        self.skipped.add(agent.agent)
+        self.skipped = self.skipped | {agent.agent}
         return _failure_reply(agent)
 
     def _absorb(
@@ -1092,7 +1095,7 @@ class Exchange:
                     new = _mutated(data, mutation)
                 except AgentProtocolError as exc:
                     log.warning("agent %r: %s", agent.agent, exc)
-                    self.skipped.add(agent.agent)
+                    self.skipped = self.skipped | {agent.agent}
                     failed = _failure_reply(agent)
                     if failed is not None:
                         raise Stop(failed) from None
@@ -1198,12 +1201,12 @@ class Exchange:
         if self.complete_sent:
             return
         self.complete_sent = True
-        glue = self.glue
-        agents = [a for a in self.plan.complete if a.agent not in self.skipped]
+        complete = self.plan.complete
+        agents = [a for a in complete if a.agent not in self.skipped] if complete else complete
         if not agents:
             self.pool.clear_correlation_affinity(self.correlation_id)
             return
-        glue.spawn(self._complete(agents, error))
+        self.glue.spawn(self._complete(agents, error))
 
     def finish_websocket(self) -> None:
         """End a WebSocket exchange: drop its sticky sessions and affinity."""
@@ -1216,7 +1219,7 @@ class Exchange:
         event = RequestCompleteEvent(
             cid,
             self.status,
-            int((time.monotonic() - self.started) * 1000),
+            int((_monotonic() - self.started) * 1000),
             self.request_bytes,
             self.response_bytes,
             1,
