@@ -305,7 +305,10 @@ async def _on_prepare(request: web.Request, response: web.StreamResponse) -> Non
         if request.transport is not None:
             request.transport.abort()
         raise ConnectionResetError("response refused by an agent")
-    if ex.inspects_response_body:
+    if ex.inspects_response_body and isinstance(response, web.FileResponse):
+        # sendfile writes to the transport, not through write(): the agents see no chunk
+        log.warning("the body of a FileResponse is not sent to agents (%s)", ex.correlation_id)
+    elif ex.inspects_response_body:
         headers = [h for h in headers if h[0] != "content-length"]
         response.content_length = None
         _watch_body(ex, request, response)
