@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 from typing import Any
+from urllib.parse import parse_qs
 
 import orjson
 
@@ -56,7 +57,8 @@ async def echo_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
             break
     path = scope["path"]
     if path.endswith("/slow"):
-        await asyncio.sleep(1.0)
+        query = parse_qs(scope["query_string"].decode())
+        await asyncio.sleep(float(query.get("s", ["1"])[0]))
     if path.startswith("/resp"):
         await send(
             {

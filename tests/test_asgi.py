@@ -201,17 +201,22 @@ def test_graceful_shutdown_and_two_workers(tmp_path: pytest.TempPathFactory) -> 
                 break
         assert len(pids) == 2
 
+        connected = threading.Barrier(5)
+
         def slow() -> None:
-            with httpx.Client(base_url=url, timeout=10) as c:
-                results.append(c.get("/x/slow").status_code)
+            with httpx.Client(base_url=url, timeout=15) as c:
+                c.get("/hello")  # the connection is accepted by a worker first
+                connected.wait(10)
+                results.append(c.get("/x/slow?s=3").status_code)
 
         threads = [threading.Thread(target=slow) for _ in range(4)]
         for t in threads:
             t.start()
-        time.sleep(0.4)
-        assert stop(proc, signal.SIGTERM, timeout=15) == 0
+        connected.wait(10)
+        time.sleep(1.0)  # the slow requests are in their handlers
+        assert stop(proc, signal.SIGTERM, timeout=20) == 0
         for t in threads:
-            t.join(10)
+            t.join(15)
         assert results == [200] * 4
     finally:
         stop(proc)
