@@ -40,9 +40,10 @@ _NAMES_MAX = 512
 
 
 def _name(raw: bytes) -> str:
-    """A header name as a lower-case str; the names seen first are kept (bounded)."""
+    """A header name as a lower-case str; the first names seen are kept (at most 512 names of
+    at most 64 bytes: clients choose them)."""
     name = raw.decode("latin-1").lower()
-    if len(_NAMES) < _NAMES_MAX:
+    if len(_NAMES) < _NAMES_MAX and len(raw) <= 64:
         _NAMES[raw] = name
     return name
 
