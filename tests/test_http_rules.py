@@ -293,3 +293,28 @@ async def test_needs_more_on_headers_streams_the_body() -> None:
             ex.finish()
         finally:
             await glue.shutdown()
+
+
+def test_asgi_header_names_lower_cased_and_cache_bounded() -> None:
+    from agentpool import asgi
+
+    raw = [(b"X-Mixed-Case", b"caf\xe9"), (b"x-mixed-case", b"two"), (b"N" * 65, b"v")]
+    for _ in range(2):  # the second time through the cache
+        assert asgi._latin1(raw) == [
+            ("x-mixed-case", "café"),
+            ("x-mixed-case", "two"),
+            ("n" * 65, "v"),
+        ]
+    assert b"X-Mixed-Case" in asgi._NAMES and b"N" * 65 not in asgi._NAMES
+    for i in range(2 * asgi._NAMES_MAX):
+        asgi._latin1([(f"x-junk-{i}".encode(), b"")])
+    assert len(asgi._NAMES) <= asgi._NAMES_MAX
+
+
+def test_timestamp_is_rfc3339_with_nanoseconds() -> None:
+    import re
+
+    from agentpool.http import _timestamp
+
+    stamp = _timestamp()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}\+00:00", stamp), stamp
