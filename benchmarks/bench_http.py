@@ -4,7 +4,8 @@
 through). ``python benchmarks/bench_http.py --breakdown`` measures, in one process and one
 connection to the ``bench`` example agent, where the time of one checked request goes: the bare
 ASGI call, the pool round trip alone, and the middleware call (round trip + request to event +
-decision applied), as medians over interleaved repetitions.
+decision applied), as medians over interleaved repetitions. ``--glue [bare|middleware] [N]``
+runs the middleware with the pool's replies given at once in process (the glue alone).
 """
 
 from __future__ import annotations
@@ -133,8 +134,40 @@ def breakdown(n: int = 6400, reps: int = 5, concurrency: int = 1) -> None:
         agent.wait(10)
 
 
+async def _glue(n: int, mode: str) -> None:
+    """The middleware with the pool's sends answered at once in process: what is left is the
+    glue alone (scope to event, correlation id, decision applied, finish)."""
+    from agentpool.enums import EventType
+    from agentpool.messages import AgentCapabilities, AgentResponse
+
+    allow = AgentResponse()
+    mw = AgentMiddleware(_plain, agents={"bench": "unix:/nonexistent"})
+    pool: Any = mw.glue.pool
+    caps = AgentCapabilities("bench", "bench", "1", [EventType.REQUEST_HEADERS])
+
+    async def send_request_headers(agent: str, cid: str, event: Any) -> AgentResponse:
+        return allow
+
+    pool.send_request_headers = send_request_headers
+    pool.clear_correlation_affinity = lambda cid: None
+    pool.agent_capabilities_sync = lambda name: caps
+    mw.glue._started = True
+    app: Any = _plain if mode == "bare" else mw
+    c0 = time.process_time()
+    for _ in range(n):
+        await app(dict(SCOPE), _receive, _send)
+    print(f"{mode}: CPU {(time.process_time() - c0) / n * 1e6:.2f} µs/request")
+
+
 if __name__ == "__main__":
-    if "--breakdown" in sys.argv:
+    if "--glue" in sys.argv:
+        # --glue [bare|middleware] [N]: under `valgrind --tool=callgrind` the difference of the
+        # two modes' instruction counts divided by N is the glue's instructions per request
+        args = sys.argv[sys.argv.index("--glue") + 1 :]
+        modes = [args[0]] if args else ["bare", "middleware"]
+        for mode in modes:
+            asyncio.run(_glue(int(args[1]) if len(args) > 1 else 50000, mode))
+    elif "--breakdown" in sys.argv:
         breakdown(concurrency=1)
         breakdown(concurrency=32)
     else:
