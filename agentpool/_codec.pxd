@@ -5,14 +5,15 @@ cimport cython
 @cython.final
 cdef class ResponseFactory:
     cdef type _resp_cls
-    cdef type _audit_cls
     cdef object _allow
     cdef bytes _head
     cdef bytes _tail
     cdef tuple _msgpack
-    cdef Py_ssize_t _r_off[11]
-    cdef Py_ssize_t _a_off[5]
+    cdef Py_ssize_t _r_off[5]
+    cpdef object make(self, object version, object decision, object needs_more, object lazy)
     cpdef object allow(self, str cid)
+    cpdef object cid_of(self, object response)
+    cpdef object match(self, object payload, int mode)
     cpdef object match_json(self, object payload)
     cpdef object match_msgpack(self, object payload)
 

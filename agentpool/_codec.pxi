@@ -1,4 +1,4 @@
-# Compiled helpers of agentpool.codec: fresh AgentResponse objects without dataclass __init__,
+# Compiled helpers of agentpool.codec: fresh decoded AgentResponse objects (lazy fields),
 # and a direct JSON writer for RequestHeaders events.
 # Twin: agentpool/_codec_py.py.
 
@@ -43,27 +43,20 @@ cdef extern from "Python.h":
     Py_ssize_t _cd_dict_size "PyDict_GET_SIZE"(PyObject* d)
     object _cd_bytes_from "PyBytes_FromStringAndSize"(const char* s, Py_ssize_t n)
 
-_cd_RESPONSE_SLOTS = (
-    "version",
-    "decision",
-    "request_headers",
-    "response_headers",
-    "routing_metadata",
-    "audit",
-    "needs_more",
-    "request_body_mutation",
-    "response_body_mutation",
-    "websocket_decision",
-    "fail_open",
-)
-_cd_AUDIT_SLOTS = ("tags", "rule_ids", "confidence", "reason_codes", "custom")
+# The slots a decoded reply gets at once; its other fields are built on first read from the
+# ``_lazy`` slot (see AgentResponse in messages.py, which declares the fields).
+_cd_EAGER_SLOTS = ("version", "decision", "needs_more", "fail_open", "_lazy")
 
 cdef tuple _cd_EMPTY = ()
 
 
 cdef Py_ssize_t _cd_slot_offset(type cls, str name) except -1:
     """Byte offset of the writable object slot ``name`` declared by ``cls`` itself."""
-    descr = cls.__dict__.get(name)
+    descr = None
+    for base in cls.__mro__:
+        descr = base.__dict__.get(name)
+        if descr is not None:
+            break
     if type(descr) is not _cd_types.MemberDescriptorType:
         raise TypeError(f"{cls.__name__}.{name} is not a slot")
     cdef PyMemberDef* m = (<PyMemberDescrObject*>descr).d_member
@@ -79,98 +72,83 @@ cdef inline void _cd_put(object obj, Py_ssize_t off, object value):
     (<PyObject**>((<char*><PyObject*>obj) + off))[0] = <PyObject*>value
 
 
+cdef inline PyObject* _cd_get(object obj, Py_ssize_t off):
+    return (<PyObject**>((<char*><PyObject*>obj) + off))[0]
+
+
 @cython.final
 cdef class ResponseFactory:
-    """Builds fresh AgentResponse + AuditMetadata objects for the proxy's decode hot path.
+    """Builds fresh decoded AgentResponse objects for the proxy's decode hot path.
 
-    The objects are allocated and their slots written directly (no dataclass ``__init__``);
-    the classes' slot layout is checked once, here. ``match_json`` recognises the canonical
-    JSON Allow reply (template head + correlation id + tail) and ``match_msgpack`` the
-    MessagePack ones (head + fixstr id + tail) without parsing them.
+    ``make`` allocates the reply and writes its eager slots directly (no dataclass
+    ``__init__``), leaving the other fields to be built on first read from ``lazy``; the
+    class's slot layout is checked once, here. ``match_json`` recognises the canonical JSON
+    Allow reply (template head + correlation id + tail) and ``match_msgpack`` the MessagePack
+    ones (head + fixstr id + tail) without parsing them: such a reply is the object plus its
+    correlation id, nothing else.
     """
 
     def __init__(
         self,
         type response_cls,
-        type audit_cls,
         object allow,
         tuple json_template,
         tuple msgpack_templates,
     ):
-        if response_cls.__slots__ != _cd_RESPONSE_SLOTS or audit_cls.__slots__ != _cd_AUDIT_SLOTS:
-            raise TypeError("ResponseFactory: unexpected AgentResponse/AuditMetadata slots")
         self._resp_cls = response_cls
-        self._audit_cls = audit_cls
         self._allow = allow
         head, tail = json_template
         self._head = bytes(head)
         self._tail = bytes(tail)
         self._msgpack = tuple((bytes(h), bytes(t)) for h, t in msgpack_templates)
         cdef Py_ssize_t i
-        for i in range(11):
-            self._r_off[i] = _cd_slot_offset(response_cls, _cd_RESPONSE_SLOTS[i])
         for i in range(5):
-            self._a_off[i] = _cd_slot_offset(audit_cls, _cd_AUDIT_SLOTS[i])
+            self._r_off[i] = _cd_slot_offset(response_cls, _cd_EAGER_SLOTS[i])
 
-    cpdef object allow(self, str cid):
-        """A fresh plain Allow whose ``audit.custom`` routes it to ``cid``."""
-        cdef Py_ssize_t* o = self._a_off
-        cdef object a = (<PyTypeObject*>self._audit_cls).tp_new(
-            self._audit_cls, <PyObject*>_cd_EMPTY, NULL
-        )
-        _cd_put(a, o[0], [])
-        _cd_put(a, o[1], [])
-        _cd_put(a, o[2], None)
-        _cd_put(a, o[3], [])
-        _cd_put(a, o[4], {"correlation_id": cid})
-        o = self._r_off
+    cpdef object make(self, object version, object decision, object needs_more, object lazy):
+        """A fresh reply; ``lazy`` is its cid (a plain Allow) or ``(build, ...)`` whose
+        ``build(lazy)`` returns the lazy fields in declaration order."""
+        cdef Py_ssize_t* o = self._r_off
         cdef object r = (<PyTypeObject*>self._resp_cls).tp_new(
             self._resp_cls, <PyObject*>_cd_EMPTY, NULL
         )
-        _cd_put(r, o[0], 2)
-        _cd_put(r, o[1], self._allow)
-        _cd_put(r, o[2], [])
-        _cd_put(r, o[3], [])
-        _cd_put(r, o[4], {})
-        _cd_put(r, o[5], a)
-        _cd_put(r, o[6], False)
-        _cd_put(r, o[7], None)
-        _cd_put(r, o[8], None)
-        _cd_put(r, o[9], None)
-        _cd_put(r, o[10], False)
+        _cd_put(r, o[0], version)
+        _cd_put(r, o[1], decision)
+        _cd_put(r, o[2], needs_more)
+        _cd_put(r, o[3], False)
+        _cd_put(r, o[4], lazy)
         return r
 
-    cpdef object match_json(self, object payload):
-        """``(cid, Allow)`` for the canonical JSON Allow with a plain-ASCII id, else None."""
-        if type(payload) is not bytes:
-            return None
-        cdef Py_ssize_t n = PyBytes_GET_SIZE(payload)
-        cdef Py_ssize_t hl = PyBytes_GET_SIZE(self._head)
-        cdef Py_ssize_t tl = PyBytes_GET_SIZE(self._tail)
-        if n < hl + tl:
-            return None
-        cdef const char* s = PyBytes_AS_STRING(payload)
-        if memcmp(s, PyBytes_AS_STRING(self._head), hl) != 0:
-            return None
-        if memcmp(s + n - tl, PyBytes_AS_STRING(self._tail), tl) != 0:
-            return None
-        cdef Py_ssize_t i
-        cdef unsigned char c
-        for i in range(hl, n - tl):
-            c = <unsigned char>s[i]
-            if c < 0x20 or c > 0x7E or c == 0x22 or c == 0x5C:
-                return None
-        cid = PyUnicode_DecodeASCII(s + hl, n - tl - hl, NULL)
-        return cid, self.allow(cid)
+    cpdef object allow(self, str cid):
+        """A fresh plain Allow whose ``audit.custom`` routes it to ``cid``."""
+        return self.make(2, self._allow, False, cid)
 
-    cpdef object match_msgpack(self, object payload):
-        """``(cid, Allow)`` for a canonical MessagePack Allow (id < 32 bytes), else None."""
+    cpdef object cid_of(self, object response):
+        """The correlation id of a reply made by :meth:`allow` (still unread)."""
+        return <object>_cd_get(response, self._r_off[4])
+
+    cpdef object match(self, object payload, int mode):
+        """The plain Allow reply of ``payload`` (mode 1 JSON, 2 MessagePack), else None."""
         if type(payload) is not bytes:
             return None
         cdef Py_ssize_t n = PyBytes_GET_SIZE(payload)
         cdef const char* s = PyBytes_AS_STRING(payload)
-        cdef Py_ssize_t hl, tl, idl
-        cdef unsigned char h
+        cdef Py_ssize_t hl, tl, idl, i
+        cdef unsigned char c, h
+        if mode == 1:
+            hl = PyBytes_GET_SIZE(self._head)
+            tl = PyBytes_GET_SIZE(self._tail)
+            if n < hl + tl:
+                return None
+            if memcmp(s, PyBytes_AS_STRING(self._head), hl) != 0:
+                return None
+            if memcmp(s + n - tl, PyBytes_AS_STRING(self._tail), tl) != 0:
+                return None
+            for i in range(hl, n - tl):
+                c = <unsigned char>s[i]
+                if c < 0x20 or c > 0x7E or c == 0x22 or c == 0x5C:
+                    return None
+            return self.make(2, self._allow, False, PyUnicode_DecodeASCII(s + hl, n - tl - hl, NULL))
         for head, tail in self._msgpack:
             hl = PyBytes_GET_SIZE(head)
             tl = PyBytes_GET_SIZE(tail)
@@ -190,8 +168,18 @@ cdef class ResponseFactory:
                 cid = PyUnicode_DecodeUTF8(s + hl + 1, idl, NULL)
             except UnicodeDecodeError:
                 return None
-            return cid, self.allow(cid)
+            return self.make(2, self._allow, False, cid)
         return None
+
+    cpdef object match_json(self, object payload):
+        """``(cid, Allow)`` for the canonical JSON Allow with a plain-ASCII id, else None."""
+        r = self.match(payload, 1)
+        return None if r is None else (self.cid_of(r), r)
+
+    cpdef object match_msgpack(self, object payload):
+        """``(cid, Allow)`` for a canonical MessagePack Allow (id < 32 bytes), else None."""
+        r = self.match(payload, 2)
+        return None if r is None else (self.cid_of(r), r)
 
 
 _cd_EVENT_SLOTS = ("metadata", "method", "uri", "headers")
@@ -209,10 +197,6 @@ _cd_METADATA_SLOTS = (
     "timestamp",
     "traceparent",
 )
-
-
-cdef inline PyObject* _cd_get(object obj, Py_ssize_t off):
-    return (<PyObject**>((<char*><PyObject*>obj) + off))[0]
 
 
 @cython.final

@@ -8,20 +8,6 @@ from typing import Any, Final
 
 __all__ = ["HeadersEventEncoder", "ResponseFactory"]
 
-_RESPONSE_SLOTS: Final = (
-    "version",
-    "decision",
-    "request_headers",
-    "response_headers",
-    "routing_metadata",
-    "audit",
-    "needs_more",
-    "request_body_mutation",
-    "response_body_mutation",
-    "websocket_decision",
-    "fail_open",
-)
-_AUDIT_SLOTS: Final = ("tags", "rule_ids", "confidence", "reason_codes", "custom")
 _EVENT_SLOTS: Final = ("metadata", "method", "uri", "headers")
 _METADATA_SLOTS: Final = (
     "correlation_id",
@@ -42,31 +28,28 @@ _new = object.__new__
 
 
 class ResponseFactory:
-    """Builds fresh AgentResponse + AuditMetadata objects for the proxy's decode hot path.
+    """Builds fresh decoded AgentResponse objects for the proxy's decode hot path.
 
-    The objects are allocated and their slots assigned directly (no dataclass ``__init__``);
-    the classes' slot layout is checked once, here. ``match_json`` recognises the canonical
-    JSON Allow reply (template head + correlation id + tail) and ``match_msgpack`` the
-    MessagePack ones (head + fixstr id + tail) without parsing them.
+    ``make`` allocates the reply and assigns its eager slots directly (no dataclass
+    ``__init__``), leaving the other fields to be built on first read from ``lazy``.
+    ``match_json`` recognises the canonical JSON Allow reply (template head + correlation id +
+    tail) and ``match_msgpack`` the MessagePack ones (head + fixstr id + tail) without parsing
+    them: such a reply is the object plus its correlation id, nothing else.
     """
 
-    __slots__ = ("_allow", "_audit_cls", "_head", "_hl", "_msgpack", "_resp_cls", "_tail", "_tl")
+    __slots__ = ("_allow", "_head", "_hl", "_msgpack", "_resp_cls", "_tail", "_tl")
 
     def __init__(
         self,
         response_cls: type,
-        audit_cls: type,
         allow: object,
         json_template: tuple[bytes, bytes],
         msgpack_templates: tuple[tuple[bytes, bytes], ...],
     ) -> None:
-        if (
-            getattr(response_cls, "__slots__", None) != _RESPONSE_SLOTS
-            or getattr(audit_cls, "__slots__", None) != _AUDIT_SLOTS
-        ):
-            raise TypeError("ResponseFactory: unexpected AgentResponse/AuditMetadata slots")
+        for name in ("version", "decision", "needs_more", "fail_open", "_lazy"):
+            if not any(name in getattr(c, "__slots__", ()) for c in response_cls.__mro__):
+                raise TypeError(f"{response_cls.__name__}.{name} is not a slot")
         self._resp_cls = response_cls
-        self._audit_cls = audit_cls
         self._allow = allow
         head, tail = json_template
         self._head = bytes(head)
@@ -75,50 +58,41 @@ class ResponseFactory:
         self._tl = len(tail)
         self._msgpack = tuple((bytes(h), bytes(t)) for h, t in msgpack_templates)
 
-    def allow(self, cid: str) -> Any:
-        """A fresh plain Allow whose ``audit.custom`` routes it to ``cid``."""
-        a: Any = _new(self._audit_cls)
-        a.tags = []
-        a.rule_ids = []
-        a.confidence = None
-        a.reason_codes = []
-        a.custom = {"correlation_id": cid}
+    def make(self, version: object, decision: object, needs_more: object, lazy: object) -> Any:
+        """A fresh reply; ``lazy`` is its cid (a plain Allow) or ``(build, ...)`` whose
+        ``build(lazy)`` returns the lazy fields in declaration order."""
         r: Any = _new(self._resp_cls)
-        r.version = 2
-        r.decision = self._allow
-        r.request_headers = []
-        r.response_headers = []
-        r.routing_metadata = {}
-        r.audit = a
-        r.needs_more = False
-        r.request_body_mutation = None
-        r.response_body_mutation = None
-        r.websocket_decision = None
+        r.version = version
+        r.decision = decision
+        r.needs_more = needs_more
         r.fail_open = False
+        r._lazy = lazy
         return r
 
-    def match_json(self, payload: object) -> tuple[str, Any] | None:
-        """``(cid, Allow)`` for the canonical JSON Allow with a plain-ASCII id, else None."""
-        if payload.__class__ is not bytes:
-            return None
-        data: bytes = payload  # type: ignore[assignment]
-        if not data.startswith(self._head) or not data.endswith(self._tail):
-            return None
-        n = len(data)
-        hl = self._hl
-        if n < hl + self._tl:
-            return None
-        raw = data[hl : n - self._tl]
-        if not (raw.isalnum() or _CID_SAFE.fullmatch(raw)):
-            return None
-        cid = raw.decode("ascii")
-        return cid, self.allow(cid)
+    def allow(self, cid: str) -> Any:
+        """A fresh plain Allow whose ``audit.custom`` routes it to ``cid``."""
+        return self.make(2, self._allow, False, cid)
 
-    def match_msgpack(self, payload: object) -> tuple[str, Any] | None:
-        """``(cid, Allow)`` for a canonical MessagePack Allow (id < 32 bytes), else None."""
+    def cid_of(self, response: Any) -> Any:
+        """The correlation id of a reply made by :meth:`allow` (still unread)."""
+        return response._lazy
+
+    def match(self, payload: object, mode: int) -> Any:
+        """The plain Allow reply of ``payload`` (mode 1 JSON, 2 MessagePack), else None."""
         if payload.__class__ is not bytes:
             return None
         data: bytes = payload  # type: ignore[assignment]
+        if mode == 1:
+            if not data.startswith(self._head) or not data.endswith(self._tail):
+                return None
+            n = len(data)
+            hl = self._hl
+            if n < hl + self._tl:
+                return None
+            raw = data[hl : n - self._tl]
+            if not (raw.isalnum() or _CID_SAFE.fullmatch(raw)):
+                return None
+            return self.make(2, self._allow, False, raw.decode("ascii"))
         for head, tail in self._msgpack:
             if data.startswith(head) and data.endswith(tail):
                 n = len(head)
@@ -131,8 +105,18 @@ class ResponseFactory:
                     cid = data[n + 1 : n + 1 + (h & 0x1F)].decode("utf-8")
                 except UnicodeDecodeError:
                     return None
-                return cid, self.allow(cid)
+                return self.make(2, self._allow, False, cid)
         return None
+
+    def match_json(self, payload: object) -> tuple[str, Any] | None:
+        """``(cid, Allow)`` for the canonical JSON Allow with a plain-ASCII id, else None."""
+        r = self.match(payload, 1)
+        return None if r is None else (r._lazy, r)
+
+    def match_msgpack(self, payload: object) -> tuple[str, Any] | None:
+        """``(cid, Allow)`` for a canonical MessagePack Allow (id < 32 bytes), else None."""
+        r = self.match(payload, 2)
+        return None if r is None else (r._lazy, r)
 
 
 _REQUIRED_STR = ("client_ip", "protocol", "request_id", "timestamp")

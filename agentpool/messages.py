@@ -8,8 +8,8 @@ Body ``data`` is ``bytes`` on the Python side (base64 in JSON, raw ``bin`` in Me
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, TypeAlias
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeAlias
 
 from ._version import __version__
 from .enums import CancelReason, EventType, FlowAction, HealthState, MessageType
@@ -426,25 +426,73 @@ class WebSocketClose:
 WebSocketDecision: TypeAlias = Literal["allow", "drop"] | WebSocketClose
 
 
+# Field metadata of AgentResponse: ``_LAZY`` fields of a decoded reply are built on first read;
+# ``_LOCAL`` fields are never on the wire.
+_LAZY: Any = {"lazy": True}
+_LOCAL: Any = {"wire": False}
+
+
+class _LazyFields:
+    """Holds a decoded reply's not-yet-built fields (see :class:`AgentResponse`)."""
+
+    __slots__ = ("_lazy",)
+
+
 @dataclass(slots=True)
-class AgentResponse:
+class AgentResponse(_LazyFields):
     """An agent's reply to an event.
 
     ``fail_open`` is never on the wire: True marks a synthetic Allow made by the pool
     because the agent could not be asked (docs/pool.md, "Fail-open responses are marked").
+
+    A reply decoded by the proxy has been validated in full, but its header ops, audit,
+    routing metadata, body mutations and WebSocket decision become objects only when one of
+    them is first read (most callers only look at ``decision``); equality, repr, pickling,
+    copying and assignment behave as for any dataclass instance. This field list is the one
+    place the reply's fields and their wire order are declared.
     """
 
     version: int = 2
     decision: Decision = _ALLOW
-    request_headers: list[HeaderOp] = field(default_factory=list)
-    response_headers: list[HeaderOp] = field(default_factory=list)
-    routing_metadata: dict[str, str] = field(default_factory=dict)
-    audit: AuditMetadata = field(default_factory=AuditMetadata)
+    request_headers: list[HeaderOp] = field(default_factory=list, metadata=_LAZY)
+    response_headers: list[HeaderOp] = field(default_factory=list, metadata=_LAZY)
+    routing_metadata: dict[str, str] = field(default_factory=dict, metadata=_LAZY)
+    audit: AuditMetadata = field(default_factory=AuditMetadata, metadata=_LAZY)
     needs_more: bool = False
-    request_body_mutation: BodyMutation | None = None
-    response_body_mutation: BodyMutation | None = None
-    websocket_decision: WebSocketDecision | None = None
-    fail_open: bool = False
+    request_body_mutation: BodyMutation | None = field(default=None, metadata=_LAZY)
+    response_body_mutation: BodyMutation | None = field(default=None, metadata=_LAZY)
+    websocket_decision: WebSocketDecision | None = field(default=None, metadata=_LAZY)
+    fail_open: bool = field(default=False, metadata=_LOCAL)
+
+    if not TYPE_CHECKING:
+
+        def __getattr__(self, name):
+            # Only reached when a slot is empty: a lazy field of a decoded reply not read yet.
+            if name in _LAZY_SLOTS:
+                try:
+                    lazy = _LAZY_SLOT.__get__(self)
+                except AttributeError:
+                    lazy = None
+                if lazy is not None:
+                    _LAZY_SLOT.__delete__(self)
+                    values = _plain_allow(lazy) if lazy.__class__ is str else lazy[0](lazy)
+                    for key, value in values.items():
+                        slot = _LAZY_SLOTS[key]
+                        try:
+                            slot.__get__(self)
+                        except AttributeError:  # not assigned since decoding
+                            slot.__set__(self, value)
+                    return _LAZY_SLOTS[name].__get__(self)
+            raise AttributeError(
+                f"{type(self).__name__!r} object has no attribute {name!r}", name=name, obj=self
+            )
+
+    def __getstate__(self) -> tuple[None, dict[str, Any]]:
+        return None, {f: getattr(self, f) for f in RESPONSE_FIELDS}
+
+    def __setstate__(self, state: tuple[None, dict[str, Any]]) -> None:
+        for name, value in state[1].items():
+            object.__setattr__(self, name, value)
 
     @classmethod
     def allow(cls) -> AgentResponse:
@@ -507,6 +555,32 @@ class AgentResponse:
     def with_response_body_mutation(self, mutation: BodyMutation) -> AgentResponse:
         self.response_body_mutation = mutation
         return self
+
+
+RESPONSE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(AgentResponse))
+"""AgentResponse's field names in declaration order."""
+RESPONSE_WIRE_FIELDS: tuple[str, ...] = tuple(
+    f.name for f in fields(AgentResponse) if f.metadata.get("wire", True)
+)
+"""The keys of an AgentResponse on the wire, in upstream's struct order."""
+RESPONSE_LAZY_FIELDS: tuple[str, ...] = tuple(
+    f.name for f in fields(AgentResponse) if f.metadata.get("lazy")
+)
+"""The fields a decoded reply builds on first read, in declaration order."""
+_LAZY_SLOT: Any = _LazyFields.__dict__["_lazy"]
+_LAZY_SLOTS: dict[str, Any] = {n: AgentResponse.__dict__[n] for n in RESPONSE_LAZY_FIELDS}
+_LAZY_DEFAULTS: tuple[tuple[str, Any], ...] = tuple(
+    (f.name, f.default_factory if callable(f.default_factory) else (lambda v=f.default: v))
+    for f in fields(AgentResponse)
+    if f.metadata.get("lazy")
+)
+
+
+def _plain_allow(cid: str) -> dict[str, Any]:
+    """The lazy fields of the canonical Allow reply routed to ``cid``."""
+    values = {name: make() for name, make in _LAZY_DEFAULTS}
+    values["audit"] = AuditMetadata([], [], None, [], {"correlation_id": cid})
+    return values
 
 
 def default_allow() -> AgentResponse:

@@ -152,11 +152,10 @@ def routing_round(
     proto.set_decoder(JSON_CODEC.decode_response)
     # as a connection does: the core's own Allow recogniser first (built by the core measured)
     from agentpool import codec as _codec
-    from agentpool.messages import AgentResponse, AuditMetadata
+    from agentpool.messages import AgentResponse
 
     responses = core.ResponseFactory(
         AgentResponse,
-        AuditMetadata,
         _codec._ALLOW,
         (_codec._JSON_ALLOW_HEAD, _codec._JSON_ALLOW_TAIL),
         _codec._MSGPACK_ALLOW_TEMPLATES,
