@@ -29,6 +29,7 @@ import orjson
 from ._impl import core
 from .enums import CancelReason, EventType, FlowAction, HealthState, MessageType
 from .errors import AgentProtocolError, InvalidMessage, Serialization
+from .messages import RESPONSE_WIRE_FIELDS as _RESPONSE_WIRE_FIELDS
 from .messages import (
     AgentCapabilities,
     AgentFeatures,
@@ -80,7 +81,6 @@ from .messages import (
     WebSocketDecision,
     WebSocketFrameEvent,
 )
-from .messages import RESPONSE_WIRE_FIELDS as _RESPONSE_WIRE_FIELDS
 
 __all__ = [
     "JSON_CODEC",

@@ -1,0 +1,272 @@
+"""Decoded replies are lazy: validated in full at once, fields built on first read.
+
+A lazy reply must behave exactly like one built field by field (equality, repr, pickling,
+copying, assignment), must fail at decode time when malformed, and must never show data of
+another reply, whatever happens to the bytes it was decoded from afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import pickle
+import random
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from agents import AgentProc, spawn_agent
+
+from agentpool import codec as C
+from agentpool._impl import core
+from agentpool.config import AgentPoolConfig
+from agentpool.errors import InvalidMessage
+from agentpool.messages import (
+    RESPONSE_FIELDS,
+    AgentResponse,
+    Allow,
+    AuditMetadata,
+    Block,
+    BodyMutation,
+    HeaderOp,
+    RequestHeadersEvent,
+    RequestMetadata,
+    WebSocketClose,
+)
+from agentpool.pool import AgentPool
+
+CODECS = [C.JSON_CODEC, C.MSGPACK_CODEC]
+
+
+def _other_core() -> Any | None:
+    import importlib
+
+    name = "agentpool._core_py" if getattr(core, "COMPILED", False) else "agentpool._core"
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+CORES = [core] + ([m] if (m := _other_core()) is not None else [])
+
+
+def rich(i: int) -> AgentResponse:
+    """A reply with every lazy field set to values that identify ``i``."""
+    return AgentResponse(
+        decision=Block(400 + i % 100, f"body-{i}", {"x-i": str(i)}),
+        request_headers=[HeaderOp.set("x-i", str(i)), HeaderOp.remove(f"r-{i}")],
+        response_headers=[HeaderOp.add("y-i", str(i))],
+        routing_metadata={"i": str(i)},
+        audit=AuditMetadata([f"t{i}"], [f"rule{i}"], 0.5, [f"rc{i}"], {"n": i}),
+        needs_more=bool(i % 2),
+        request_body_mutation=BodyMutation.replace(i, f"d{i}"),
+        response_body_mutation=BodyMutation.drop_chunk(i),
+        websocket_decision=WebSocketClose(1000 + i % 100, f"w{i}"),
+    )
+
+
+def as_received(resp: AgentResponse, cid: str) -> AgentResponse:
+    """What decoding ``resp`` sent under ``cid`` gives: the id is added to ``audit.custom``."""
+    out = copy.deepcopy(resp)
+    out.audit.custom = {"correlation_id": cid, **out.audit.custom}
+    return out
+
+
+SHAPES: list[Callable[[int], AgentResponse]] = [
+    lambda i: AgentResponse(),
+    lambda i: AgentResponse.block(),
+    rich,
+    lambda i: AgentResponse(request_headers=[HeaderOp.set("a", str(i))]),
+    lambda i: AgentResponse.websocket_drop(),
+]
+
+
+def fresh(codec: C.Codec, shape: int, cid: str = "cid-7") -> AgentResponse:
+    """A decoded reply none of whose lazy fields has been read."""
+    got_cid, resp = codec.decode_response(codec.encode_response(SHAPES[shape](7), cid))
+    assert got_cid == cid
+    return resp
+
+
+@pytest.mark.parametrize("shape", range(len(SHAPES)))
+@pytest.mark.parametrize("codec", CODECS, ids=lambda c: c.name)
+def test_lazy_reply_is_a_plain_agent_response(codec: C.Codec, shape: int) -> None:
+    want = as_received(SHAPES[shape](7), "cid-7")
+    assert type(fresh(codec, shape)) is AgentResponse
+    assert fresh(codec, shape) == want
+    assert want == fresh(codec, shape)
+    assert repr(fresh(codec, shape)) == repr(want)
+    assert pickle.loads(pickle.dumps(fresh(codec, shape))) == want
+    # pickled as the same reply built eagerly is (slot state only, no lazy part)
+    assert fresh(codec, shape).__reduce_ex__(4)[1:] == want.__reduce_ex__(4)[1:]
+    assert copy.copy(fresh(codec, shape)) == want
+    assert copy.deepcopy(fresh(codec, shape)) == want
+    assert dataclasses.replace(fresh(codec, shape)) == want
+    assert dataclasses.asdict(fresh(codec, shape)) == dataclasses.asdict(want)
+    assert dataclasses.astuple(fresh(codec, shape)) == dataclasses.astuple(want)
+    r = fresh(codec, shape)
+    assert [getattr(r, f) for f in RESPONSE_FIELDS] == [getattr(want, f) for f in RESPONSE_FIELDS]
+    assert dataclasses.replace(fresh(codec, shape), needs_more=True).needs_more is True
+
+
+@pytest.mark.parametrize("codec", CODECS, ids=lambda c: c.name)
+def test_copies_share_like_a_dataclass(codec: C.Codec) -> None:
+    r = fresh(codec, 2)
+    shallow = copy.copy(r)
+    assert shallow.request_headers is r.request_headers and shallow.audit is r.audit
+    deep = copy.deepcopy(fresh(codec, 2))
+    deep.request_headers.append(HeaderOp.remove("z"))
+    assert fresh(codec, 2).request_headers[-1] == HeaderOp.remove("r-7")
+
+
+@pytest.mark.parametrize("shape", [0, 2])
+@pytest.mark.parametrize("codec", CODECS, ids=lambda c: c.name)
+def test_assignment_before_first_read_wins(codec: C.Codec, shape: int) -> None:
+    mine = AuditMetadata(tags=["mine"])
+    r = fresh(codec, shape)
+    r.audit = mine
+    assert r.request_headers == as_received(SHAPES[shape](7), "cid-7").request_headers
+    assert r.audit is mine
+    r = fresh(codec, shape)
+    r.request_headers = [HeaderOp.set("k", "v")]
+    r.websocket_decision = "allow"
+    assert r.audit.custom["correlation_id"] == "cid-7"
+    assert r.request_headers == [HeaderOp.set("k", "v")] and r.websocket_decision == "allow"
+    r.routing_metadata["x"] = "y"
+    assert r.routing_metadata["x"] == "y"
+    r = fresh(codec, shape)
+    r.add_request_header(HeaderOp.add("n", "1")).with_routing_metadata("a", "b")
+    assert r.request_headers[-1] == HeaderOp.add("n", "1") and r.routing_metadata["a"] == "b"
+
+
+def test_unknown_attributes_still_raise() -> None:
+    r = fresh(C.JSON_CODEC, 0)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        r.nope  # type: ignore[attr-defined]  # noqa: B018
+    assert not hasattr(AgentResponse(), "nope")
+    assert r.is_allow and isinstance(r.decision, Allow)
+
+
+@pytest.mark.parametrize(
+    ("doc", "field"),
+    [
+        ({"request_headers": [{"set": {"name": "a"}}]}, "request_headers.set.value"),
+        ({"response_headers": [{"add": {"name": 1, "value": "v"}}]}, "response_headers"),
+        ({"routing_metadata": {"k": 1}}, "routing_metadata"),
+        ({"audit": {"tags": ["ok", 2]}}, "audit.tags"),
+        ({"audit": {"custom": []}}, "audit.custom"),
+        ({"request_body_mutation": {"chunk_index": -1}}, "request_body_mutation"),
+        ({"websocket_decision": {"close": {"code": 1000}}}, "websocket_decision"),
+    ],
+)
+@pytest.mark.parametrize("codec", CODECS, ids=lambda c: c.name)
+def test_malformed_lazy_field_fails_at_decode(
+    codec: C.Codec, doc: dict[str, Any], field: str
+) -> None:
+    obj = {"version": 2, "decision": "allow", **doc}
+    payload = C._dumps(obj) if codec is C.JSON_CODEC else C._packb(obj, use_bin_type=True)
+    with pytest.raises(InvalidMessage) as info:
+        codec.decode_response(payload)
+    assert (info.value.field or "").startswith(field), (info.value.field, str(info.value))
+
+
+class _NullTransport:
+    def write(self, data: bytes) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("mod", CORES, ids=lambda m: m.__name__)
+@pytest.mark.parametrize("codec", CODECS, ids=lambda c: c.name)
+async def test_replies_read_late_never_cross(codec: C.Codec, mod: Any) -> None:
+    """300 replies (plain Allows and rich ones) fed in random chunks from one buffer that is
+    overwritten after every read; only then is any reply's lazy field read."""
+    loop = asyncio.get_running_loop()
+    proto = mod.AgentProtocolCore(loop, lambda t, p: None, lambda e: None)
+    proto.connection_made(_NullTransport())
+    proto.set_decoder(codec.decode_response)
+    factory = mod.ResponseFactory(
+        AgentResponse,
+        C._ALLOW,
+        (C._JSON_ALLOW_HEAD, C._JSON_ALLOW_TAIL),
+        C._MSGPACK_ALLOW_TEMPLATES,
+    )
+    proto.set_fast_paths(None, factory, codec.name)
+    rng = random.Random(12)
+    cids = [f"c{i:03d}-{rng.randrange(1 << 30):x}" for i in range(300)]
+    futs = [proto.request(0x10, b"{}", cid) for cid in cids]
+    sent = {cid: (rich(i) if i % 3 else AgentResponse()) for i, cid in enumerate(cids)}
+    order = cids[:]
+    rng.shuffle(order)
+    wire = b"".join(mod.encode_frame(0x20, codec.encode_response(sent[cid], cid)) for cid in order)
+    buf = bytearray(len(wire))
+    pos = 0
+    while pos < len(wire):
+        n = rng.randrange(1, 900)
+        chunk = wire[pos : pos + n]
+        buf[: len(chunk)] = chunk
+        proto.data_received(memoryview(buf)[: len(chunk)])
+        buf[:] = b"\xff" * len(buf)  # the reader reuses its buffer
+        pos += n
+    assert proto.decode_errors == 0 and proto.unmatched_responses == 0
+    for cid, fut in zip(cids, futs):
+        assert fut.done()
+        assert fut.result() == as_received(sent[cid], cid)
+        assert fut.result().audit.custom["correlation_id"] == cid
+
+
+@pytest.fixture(scope="module")
+def echo() -> Iterator[AgentProc]:
+    with spawn_agent("echo") as agent:
+        yield agent
+
+
+@pytest.fixture(scope="module")
+def bench_agent() -> Iterator[AgentProc]:
+    with spawn_agent("bench") as agent:
+        yield agent
+
+
+def _hdrs(cid: str, i: int) -> RequestHeadersEvent:
+    meta = RequestMetadata(correlation_id=cid, request_id=cid, client_ip="127.0.0.1", client_port=1)
+    return RequestHeadersEvent(
+        metadata=meta, method="GET", uri=f"/{i}", headers={"x-n": [str(i)], "host": ["h"]}
+    )
+
+
+@pytest.mark.parametrize("example", ["echo", "bench"])
+async def test_pool_replies_read_after_all_arrived(
+    example: str, request: pytest.FixtureRequest
+) -> None:
+    """Over a real socket: 200 concurrent requests on one connection, every reply read only
+    after all have arrived, each still answers its own event."""
+    agent: AgentProc = request.getfixturevalue("echo" if example == "echo" else "bench_agent")
+    config = AgentPoolConfig(
+        connections_per_agent=1,
+        max_concurrent_per_connection=256,
+        request_timeout=10.0,
+        connect_timeout=5.0,
+    )
+    async with AgentPool(config) as pool:
+        await pool.add_agent("a", agent.endpoint)
+        cids = [f"late-{i}" for i in range(200)]
+        replies = await asyncio.gather(
+            *(pool.send_request_headers("a", cid, _hdrs(cid, i)) for i, cid in enumerate(cids))
+        )
+    for i, (cid, r) in enumerate(zip(cids, replies)):
+        assert isinstance(r.decision, Allow) and not r.fail_open
+        assert r.audit.custom.get("correlation_id") == cid
+        if example == "echo":
+            assert HeaderOp.add("x-echo-x-n", str(i)) in r.request_headers
+        else:
+            assert r == as_received(AgentResponse(), cid)
