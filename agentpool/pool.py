@@ -78,7 +78,6 @@ __all__ = ["AgentPool", "AgentPoolStats", "EndpointStats", "is_uds_endpoint"]
 log = logging.getLogger(__name__)
 
 _monotonic = time.monotonic
-_forget_affinity = core.forget_affinity
 
 # What a send does, as bit flags (the table under "Sending" in docs/pool.md).
 _TRACK = 1  # protocol metrics: requests/responses/in-flight/errors
@@ -346,6 +345,10 @@ class AgentPool:
         self._maintenance_lock: asyncio.Lock | None = None
         self._maintenance_wakeups: set[asyncio.Future[None]] = set()
         self._affinity_warned = False
+        # correlation id -> the agent entry (or tuple of entries) whose affinity map it was
+        # stored in: clear_correlation_affinity touches only those. Ids whose binding went
+        # away otherwise (connection lost, refused at capacity) are purged by the ttl sweep.
+        self._affinity_index: dict[str, Any] = {}
         self._closing = False
         self._shutdown_task: asyncio.Task[None] | None = None
         self._drained: asyncio.Event | None = None
@@ -1271,6 +1274,12 @@ class AgentPool:
                 self._ended(st, kind, started)
             self._after(holder, breaker, recorded)
             raise
+        if kind & _STORE_AFFINITY:
+            held = self._affinity_index.get(correlation_id)
+            if held is None:
+                self._affinity_index[correlation_id] = entry
+            elif held is not entry:
+                self._index_affinity(correlation_id, entry, held)
         try:
             response: AgentResponse = await fut
         except asyncio.CancelledError:
@@ -1520,6 +1529,12 @@ class AgentPool:
         except BaseException as exc:
             self._refused(holder, st, breaker, kind, exc, started, attempted)
             raise
+        if kind & _STORE_AFFINITY:
+            held = self._affinity_index.get(correlation_id)
+            if held is None:
+                self._affinity_index[correlation_id] = entry
+            elif held is not entry:
+                self._index_affinity(correlation_id, entry, held)
         return fut, holder, st, breaker, kind, started
 
     def _refused(
@@ -1718,7 +1733,29 @@ class AgentPool:
         The ``correlation_affinities`` gauge is refreshed lazily (``protocol_metrics``,
         ``export_prometheus()``, maintenance), keeping this call cheap.
         """
-        _forget_affinity(self._agents, correlation_id)
+        held = self._affinity_index.pop(correlation_id, None)
+        if held is None:
+            return
+        if held.__class__ is tuple:
+            for entry in held:
+                entry.affinity.remove(correlation_id)
+        else:
+            held.affinity.remove(correlation_id)
+
+    def _index_affinity(self, correlation_id: str, entry: _AgentEntry, held: Any) -> None:
+        """Note a second (third, ...) agent holding ``correlation_id`` in its affinity map."""
+        if held.__class__ is not tuple:
+            self._affinity_index[correlation_id] = (held, entry)
+        elif entry not in held:
+            self._affinity_index[correlation_id] = (*held, entry)
+
+    def _purge_affinity_index(self) -> None:
+        """Drop index entries of ids no longer stored in any map they point to."""
+        index = self._affinity_index
+        for cid, held in list(index.items()):
+            entries = held if held.__class__ is tuple else (held,)
+            if all(e.affinity.peek(cid) is None for e in entries):
+                del index[cid]
 
     def cleanup_expired_affinities(self) -> int:
         """Remove affinities idle longer than ``correlation_affinity_ttl``; returns the count."""
@@ -1728,6 +1765,8 @@ class AgentPool:
         if removed:
             self._metrics.inc_affinity_evictions(removed)
         count = self.correlation_affinity_count()
+        if len(self._affinity_index) > count:  # some indexed bindings are gone
+            self._purge_affinity_index()
         self._metrics.set_correlation_affinities(count)
         if self._affinity_warned and count < self._config.max_correlation_affinities:
             self._affinity_warned = False
