@@ -10,10 +10,18 @@ cdef class ResponseFactory:
     cdef bytes _tail
     cdef tuple _msgpack
     cdef Py_ssize_t _r_off[5]
+    cdef tuple _keys
+    cdef tuple _audit_keys
+    cdef object _block
+    cdef object _f32
+    cdef object _build
+    cdef Py_ssize_t _ix[10]
+    cdef Py_ssize_t _aix[5]
     cpdef object make(self, object version, object decision, object needs_more, object lazy)
     cpdef object allow(self, str cid)
     cpdef object cid_of(self, object response)
     cpdef object match(self, object payload, int mode)
+    cpdef object from_map(self, object d)
     cpdef object match_json(self, object payload)
     cpdef object match_msgpack(self, object payload)
 

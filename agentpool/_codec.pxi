@@ -76,6 +76,65 @@ cdef inline PyObject* _cd_get(object obj, Py_ssize_t off):
     return (<PyObject**>((<char*><PyObject*>obj) + off))[0]
 
 
+cdef bint _cd_str_map(object m):
+    """Whether every key and value of the exact dict ``m`` is an exact str."""
+    cdef Py_ssize_t pos = 0
+    cdef PyObject* k
+    cdef PyObject* x
+    while _cd_dict_next(<PyObject*>m, &pos, &k, &x):
+        if not _cd_str_exact(k) or not _cd_str_exact(x):
+            return False
+    return True
+
+
+cdef bint _cd_str_list(object v):
+    """Whether ``v`` is an exact list of exact str."""
+    if not _cd_list_exact(<PyObject*>v):
+        return False
+    cdef Py_ssize_t i
+    for i in range(_cd_list_size(<PyObject*>v)):
+        if not _cd_str_exact(_cd_list_item(<PyObject*>v, i)):
+            return False
+    return True
+
+
+cdef Py_ssize_t _cd_ops_keys(object ops):
+    """Key count of header ops in their canonical shape; -1 for anything else (the codec's
+    ``_header_ops_count``)."""
+    if not _cd_list_exact(<PyObject*>ops):
+        return -1
+    cdef Py_ssize_t i, nk = 0, pos
+    cdef PyObject* item
+    cdef PyObject* tag
+    cdef PyObject* inner
+    cdef object name, value
+    for i in range(_cd_list_size(<PyObject*>ops)):
+        item = _cd_list_item(<PyObject*>ops, i)
+        if not _cd_dict_exact(item) or _cd_dict_size(item) != 1:
+            return -1
+        pos = 0
+        _cd_dict_next(item, &pos, &tag, &inner)
+        if not _cd_dict_exact(inner):
+            return -1
+        name = (<dict>inner).get("name")
+        if name is None or not _cd_str_exact(<PyObject*>name):
+            return -1
+        if not _cd_str_exact(tag):
+            return -1
+        if <object>tag == "remove":
+            if _cd_dict_size(inner) != 1:
+                return -1
+            nk += 2
+        elif <object>tag == "set" or <object>tag == "add":
+            value = (<dict>inner).get("value")
+            if _cd_dict_size(inner) != 2 or value is None or not _cd_str_exact(<PyObject*>value):
+                return -1
+            nk += 3
+        else:
+            return -1
+    return nk
+
+
 @cython.final
 cdef class ResponseFactory:
     """Builds fresh decoded AgentResponse objects for the proxy's decode hot path.
@@ -170,6 +229,142 @@ cdef class ResponseFactory:
                 return None
             return self.make(2, self._allow, False, cid)
         return None
+
+    def set_map_decoding(self, tuple keys, tuple audit_keys, object block_cls, object f32,
+                         object build_lazy):
+        """Enable :meth:`from_map`: ``keys``/``audit_keys`` the wire keys in order, ``f32(v,
+        path)`` the confidence converter, ``build_lazy`` what builds the lazy fields."""
+        if len(keys) != 10 or len(audit_keys) != 5:
+            raise TypeError("ResponseFactory: unexpected AgentResponse/AuditMetadata keys")
+        self._keys = keys
+        self._audit_keys = audit_keys
+        self._block = block_cls
+        self._f32 = f32
+        self._build = build_lazy
+        cdef Py_ssize_t i
+        for i, name in enumerate(("version", "decision", "request_headers", "response_headers",
+                                  "routing_metadata", "audit", "needs_more",
+                                  "request_body_mutation", "response_body_mutation",
+                                  "websocket_decision")):
+            self._ix[i] = keys.index(name)
+        for i, name in enumerate(("tags", "rule_ids", "confidence", "reason_codes", "custom")):
+            self._aix[i] = audit_keys.index(name)
+
+    cpdef object from_map(self, object d):
+        """``(cid, reply, key count)`` for a decoded AgentResponse map in its canonical shape
+        (upstream's keys in order, decision allow or a plain block, canonical header ops,
+        string maps and lists, a flat audit, no mutations or WebSocket decision), else None:
+        the codec's Python path then decodes it, and raises on errors."""
+        if self._build is None or type(d) is not dict or _cd_dict_size(<PyObject*>d) != 10:
+            return None
+        cdef PyObject* v[10]
+        cdef PyObject* av[5]
+        cdef PyObject* k
+        cdef PyObject* x
+        cdef Py_ssize_t pos = 0, i = 0, n
+        cdef long long nk = 10
+        cdef int overflow = 0
+        cdef long long ll
+        while _cd_dict_next(<PyObject*>d, &pos, &k, &x):
+            if <object>k != self._keys[i]:
+                return None
+            v[i] = x
+            i += 1
+        cdef object version = <object>v[self._ix[0]]
+        if not _cd_int_exact(<PyObject*>version):
+            return None
+        ll = _cd_as_ll(<PyObject*>version, &overflow)
+        if overflow or ll < 0 or ll > 0xFFFFFFFF:
+            return None
+        cdef object dec = <object>v[self._ix[1]]
+        cdef object decision, inner, status, body, hdrs
+        if _cd_str_exact(<PyObject*>dec):
+            if dec != "allow":
+                return None
+            decision = self._allow
+        elif _cd_dict_exact(<PyObject*>dec) and _cd_dict_size(<PyObject*>dec) == 1:
+            inner = (<dict>dec).get("block")
+            if inner is None or not _cd_dict_exact(<PyObject*>inner) \
+                    or _cd_dict_size(<PyObject*>inner) != 3:
+                return None
+            status = (<dict>inner).get("status")
+            if status is None or not _cd_int_exact(<PyObject*>status):
+                return None
+            ll = _cd_as_ll(<PyObject*>status, &overflow)
+            if overflow or ll < 0 or ll > 0xFFFF:
+                return None
+            if "body" not in <dict>inner or "headers" not in <dict>inner:
+                return None
+            body = (<dict>inner)["body"]
+            if body is not None and not _cd_str_exact(<PyObject*>body):
+                return None
+            hdrs = (<dict>inner)["headers"]
+            if hdrs is not None:
+                if not _cd_dict_exact(<PyObject*>hdrs) or not _cd_str_map(hdrs):
+                    return None
+                nk += _cd_dict_size(<PyObject*>hdrs)
+            decision = self._block(status, body, hdrs)
+            nk += 4
+        else:
+            return None
+        cdef object rqh = <object>v[self._ix[2]]
+        cdef object rsh = <object>v[self._ix[3]]
+        n = _cd_ops_keys(rqh)
+        if n < 0:
+            return None
+        nk += n
+        n = _cd_ops_keys(rsh)
+        if n < 0:
+            return None
+        nk += n
+        cdef object rm = <object>v[self._ix[4]]
+        if not _cd_dict_exact(<PyObject*>rm) or not _cd_str_map(rm):
+            return None
+        nk += _cd_dict_size(<PyObject*>rm)
+        cdef object audit_v = <object>v[self._ix[5]]
+        if not _cd_dict_exact(<PyObject*>audit_v) or _cd_dict_size(<PyObject*>audit_v) != 5:
+            return None
+        pos = 0
+        i = 0
+        while _cd_dict_next(<PyObject*>audit_v, &pos, &k, &x):
+            if <object>k != self._audit_keys[i]:
+                return None
+            av[i] = x
+            i += 1
+        nk += 5
+        cdef object tags = <object>av[self._aix[0]]
+        cdef object rule_ids = <object>av[self._aix[1]]
+        cdef object conf = <object>av[self._aix[2]]
+        cdef object reasons = <object>av[self._aix[3]]
+        cdef object custom = <object>av[self._aix[4]]
+        if not (_cd_str_list(tags) and _cd_str_list(rule_ids) and _cd_str_list(reasons)):
+            return None
+        if conf is not None:
+            try:
+                conf = self._f32(conf, "audit.confidence")
+            except Exception:
+                return None
+        if not _cd_dict_exact(<PyObject*>custom):
+            return None
+        cdef object cid = ""
+        if _cd_dict_size(<PyObject*>custom):
+            pos = 0
+            while _cd_dict_next(<PyObject*>custom, &pos, &k, &x):
+                if _cd_dict_exact(x) or _cd_list_exact(x):
+                    return None
+            nk += _cd_dict_size(<PyObject*>custom)
+            cid = (<dict>custom).get("correlation_id", "")
+            if not _cd_str_exact(<PyObject*>cid):
+                return None
+        cdef object needs_more = <object>v[self._ix[6]]
+        if needs_more is not True and needs_more is not False:
+            return None
+        if v[self._ix[7]] != <PyObject*>None or v[self._ix[8]] != <PyObject*>None \
+                or v[self._ix[9]] != <PyObject*>None:
+            return None
+        lazy = (self._build, rqh, rsh, rm, (tags, rule_ids, conf, reasons, custom), None, None,
+                None)
+        return cid, self.make(version, decision, needs_more, lazy), nk
 
     cpdef object match_json(self, object payload):
         """``(cid, Allow)`` for the canonical JSON Allow with a plain-ASCII id, else None."""

@@ -27,6 +27,68 @@ _CID_SAFE: Final = re.compile(rb"[\x20\x21\x23-\x5b\x5d-\x7e]*")
 _new = object.__new__
 
 
+_WIRE_NAMES: Final = (
+    "version",
+    "decision",
+    "request_headers",
+    "response_headers",
+    "routing_metadata",
+    "audit",
+    "needs_more",
+    "request_body_mutation",
+    "response_body_mutation",
+    "websocket_decision",
+)
+_AUDIT_NAMES: Final = ("tags", "rule_ids", "confidence", "reason_codes", "custom")
+
+
+def _str_map(m: dict[Any, Any]) -> bool:
+    """Whether every key and value of the exact dict ``m`` is an exact str."""
+    for k, x in m.items():
+        if k.__class__ is not str or x.__class__ is not str:
+            return False
+    return True
+
+
+def _str_list(v: object) -> bool:
+    """Whether ``v`` is an exact list of exact str."""
+    if v.__class__ is not list:
+        return False
+    for x in v:  # type: ignore[attr-defined]
+        if x.__class__ is not str:
+            return False
+    return True
+
+
+def _ops_keys(ops: object) -> int:
+    """Key count of header ops in their canonical shape; -1 for anything else (the codec's
+    ``_header_ops_count``)."""
+    if ops.__class__ is not list:
+        return -1
+    nk = 0
+    for item in ops:  # type: ignore[attr-defined]
+        if item.__class__ is not dict or len(item) != 1:
+            return -1
+        ((tag, inner),) = item.items()
+        if inner.__class__ is not dict:
+            return -1
+        name = inner.get("name")
+        if name.__class__ is not str or tag.__class__ is not str:
+            return -1
+        if tag == "remove":
+            if len(inner) != 1:
+                return -1
+            nk += 2
+        elif tag == "set" or tag == "add":
+            value = inner.get("value")
+            if len(inner) != 2 or value.__class__ is not str:
+                return -1
+            nk += 3
+        else:
+            return -1
+    return nk
+
+
 class ResponseFactory:
     """Builds fresh decoded AgentResponse objects for the proxy's decode hot path.
 
@@ -37,7 +99,22 @@ class ResponseFactory:
     them: such a reply is the object plus its correlation id, nothing else.
     """
 
-    __slots__ = ("_allow", "_head", "_hl", "_msgpack", "_resp_cls", "_tail", "_tl")
+    __slots__ = (
+        "_aix",
+        "_allow",
+        "_audit_keys",
+        "_block",
+        "_build",
+        "_f32",
+        "_head",
+        "_hl",
+        "_ix",
+        "_keys",
+        "_msgpack",
+        "_resp_cls",
+        "_tail",
+        "_tl",
+    )
 
     def __init__(
         self,
@@ -57,6 +134,7 @@ class ResponseFactory:
         self._hl = len(head)
         self._tl = len(tail)
         self._msgpack = tuple((bytes(h), bytes(t)) for h, t in msgpack_templates)
+        self._build: Any = None
 
     def make(self, version: object, decision: object, needs_more: object, lazy: object) -> Any:
         """A fresh reply; ``lazy`` is its cid (a plain Allow) or ``(build, ...)`` whose
@@ -107,6 +185,124 @@ class ResponseFactory:
                     return None
                 return self.make(2, self._allow, False, cid)
         return None
+
+    def set_map_decoding(
+        self,
+        keys: tuple[str, ...],
+        audit_keys: tuple[str, ...],
+        block_cls: Any,
+        f32: Callable[[Any, str], float],
+        build_lazy: Any,
+    ) -> None:
+        """Enable :meth:`from_map`: ``keys``/``audit_keys`` the wire keys in order, ``f32(v,
+        path)`` the confidence converter, ``build_lazy`` what builds the lazy fields."""
+        if len(keys) != 10 or len(audit_keys) != 5:
+            raise TypeError("ResponseFactory: unexpected AgentResponse/AuditMetadata keys")
+        self._keys = keys
+        self._audit_keys = audit_keys
+        self._block = block_cls
+        self._f32 = f32
+        self._build = build_lazy
+        self._ix = tuple(keys.index(name) for name in _WIRE_NAMES)
+        self._aix = tuple(audit_keys.index(name) for name in _AUDIT_NAMES)
+
+    def from_map(self, d: object) -> tuple[str, Any, int] | None:
+        """``(cid, reply, key count)`` for a decoded AgentResponse map in its canonical shape
+        (upstream's keys in order, decision allow or a plain block, canonical header ops,
+        string maps and lists, a flat audit, no mutations or WebSocket decision), else None:
+        the codec's Python path then decodes it, and raises on errors."""
+        if self._build is None or d.__class__ is not dict or len(d) != 10:  # type: ignore[arg-type]
+            return None
+        m: dict[Any, Any] = d  # type: ignore[assignment]
+        if tuple(m) != self._keys:
+            return None
+        v = tuple(m.values())
+        ix = self._ix
+        nk = 10
+        version = v[ix[0]]
+        if version.__class__ is not int or not 0 <= version <= 0xFFFFFFFF:
+            return None
+        dec = v[ix[1]]
+        if dec.__class__ is str:
+            if dec != "allow":
+                return None
+            decision = self._allow
+        elif dec.__class__ is dict and len(dec) == 1:
+            inner = dec.get("block")
+            if inner.__class__ is not dict or len(inner) != 3:
+                return None
+            status = inner.get("status")
+            if status.__class__ is not int or not 0 <= status <= 0xFFFF:
+                return None
+            if "body" not in inner or "headers" not in inner:
+                return None
+            body = inner["body"]
+            if body is not None and body.__class__ is not str:
+                return None
+            hdrs = inner["headers"]
+            if hdrs is not None:
+                if hdrs.__class__ is not dict or not _str_map(hdrs):
+                    return None
+                nk += len(hdrs)
+            decision = self._block(status, body, hdrs)
+            nk += 4
+        else:
+            return None
+        rqh = v[ix[2]]
+        rsh = v[ix[3]]
+        n = _ops_keys(rqh)
+        if n < 0:
+            return None
+        nk += n
+        n = _ops_keys(rsh)
+        if n < 0:
+            return None
+        nk += n
+        rm = v[ix[4]]
+        if rm.__class__ is not dict or not _str_map(rm):
+            return None
+        nk += len(rm)
+        audit_v = v[ix[5]]
+        if audit_v.__class__ is not dict or len(audit_v) != 5 or tuple(audit_v) != self._audit_keys:
+            return None
+        av = tuple(audit_v.values())
+        aix = self._aix
+        nk += 5
+        tags, rule_ids, conf, reasons, custom = (av[i] for i in aix)
+        if not (_str_list(tags) and _str_list(rule_ids) and _str_list(reasons)):
+            return None
+        if conf is not None:
+            try:
+                conf = self._f32(conf, "audit.confidence")
+            except Exception:
+                return None
+        if custom.__class__ is not dict:
+            return None
+        cid = ""
+        if custom:
+            for x in custom.values():
+                if x.__class__ is dict or x.__class__ is list:
+                    return None
+            nk += len(custom)
+            cid = custom.get("correlation_id", "")
+            if cid.__class__ is not str:
+                return None
+        needs_more = v[ix[6]]
+        if needs_more is not True and needs_more is not False:
+            return None
+        if v[ix[7]] is not None or v[ix[8]] is not None or v[ix[9]] is not None:
+            return None
+        lazy = (
+            self._build,
+            rqh,
+            rsh,
+            rm,
+            (tags, rule_ids, conf, reasons, custom),
+            None,
+            None,
+            None,
+        )
+        return cid, self.make(version, decision, needs_more, lazy), nk
 
     def match_json(self, payload: object) -> tuple[str, Any] | None:
         """``(cid, Allow)`` for the canonical JSON Allow with a plain-ASCII id, else None."""

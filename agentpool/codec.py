@@ -739,8 +739,12 @@ def _response_from_map(d: dict[str, Any]) -> tuple[str, AgentResponse, int]:
     value shapes (decision ``"allow"`` or a plain block, empty lists, canonical header ops, a
     flat ``audit``) are checked inline; anything else goes through the schema converters,
     which also produce the error messages. The whole reply is validated here; canonical header
-    ops and the audit become objects only when the reply's lazy fields are first read.
+    ops and the audit become objects only when the reply's lazy fields are first read. The
+    core's ``ResponseFactory.from_map`` takes the canonical shapes first (in C when compiled).
     """
+    fast = _response_from_map_fast(d)
+    if fast is not None:
+        return fast  # type: ignore[no-any-return]
     nk = len(d)
     if nk == 10 and tuple(d) == _CANONICAL_KEYS:
         version = d["version"]
@@ -1107,14 +1111,20 @@ _MSGPACK_ALLOW_TEMPLATES: Final = tuple(
 )
 
 
-_RESPONSES: Final = core.ResponseFactory(
-    AgentResponse,
-    _ALLOW,
-    (_JSON_ALLOW_HEAD, _JSON_ALLOW_TAIL),
-    _MSGPACK_ALLOW_TEMPLATES,
-)
+def _response_factory(core_module: Any) -> Any:
+    """``core_module``'s ResponseFactory set up for these replies (one per core in parity
+    tests and benchmarks; the codec and connections use the active core's, ``_RESPONSES``)."""
+    factory = core_module.ResponseFactory(
+        AgentResponse, _ALLOW, (_JSON_ALLOW_HEAD, _JSON_ALLOW_TAIL), _MSGPACK_ALLOW_TEMPLATES
+    )
+    factory.set_map_decoding(_CANONICAL_KEYS, _CANONICAL_AUDIT_KEYS, Block, _f32, _build_lazy)
+    return factory
+
+
+_RESPONSES: Final[core.ResponseFactory] = _response_factory(core)
 _json_allow_fast = _RESPONSES.match_json
 _make_response = _RESPONSES.make
+_response_from_map_fast = _RESPONSES.from_map
 _msgpack_allow_fast = _RESPONSES.match_msgpack
 _HEADERS_ENCODER = core.HeadersEventEncoder(RequestHeadersEvent, RequestMetadata, _dumps, _SORT)
 _headers_json = _HEADERS_ENCODER.encode

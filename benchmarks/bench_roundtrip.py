@@ -168,15 +168,7 @@ def routing_round(
     proto.set_decoder(JSON_CODEC.decode_response)
     # as a connection does: the core's own Allow recogniser first (built by the core measured)
     from agentpool import codec as _codec
-    from agentpool.messages import AgentResponse
-
-    responses = core.ResponseFactory(
-        AgentResponse,
-        _codec._ALLOW,
-        (_codec._JSON_ALLOW_HEAD, _codec._JSON_ALLOW_TAIL),
-        _codec._MSGPACK_ALLOW_TEMPLATES,
-    )
-    proto.set_fast_paths(None, responses, "json")
+    proto.set_fast_paths(None, _codec._response_factory(core), "json")
     cids = [f"{i:032x}" for i in range(n)]
     payload = event_json(cids[0])
     make = response_json if reply == "allow" else block_json

@@ -195,13 +195,7 @@ async def test_replies_read_late_never_cross(codec: C.Codec, mod: Any) -> None:
     proto = mod.AgentProtocolCore(loop, lambda t, p: None, lambda e: None)
     proto.connection_made(_NullTransport())
     proto.set_decoder(codec.decode_response)
-    factory = mod.ResponseFactory(
-        AgentResponse,
-        C._ALLOW,
-        (C._JSON_ALLOW_HEAD, C._JSON_ALLOW_TAIL),
-        C._MSGPACK_ALLOW_TEMPLATES,
-    )
-    proto.set_fast_paths(None, factory, codec.name)
+    proto.set_fast_paths(None, C._response_factory(mod), codec.name)
     rng = random.Random(12)
     cids = [f"c{i:03d}-{rng.randrange(1 << 30):x}" for i in range(300)]
     futs = [proto.request(0x10, b"{}", cid) for cid in cids]
@@ -270,3 +264,105 @@ async def test_pool_replies_read_after_all_arrived(
             assert HeaderOp.add("x-echo-x-n", str(i)) in r.request_headers
         else:
             assert r == as_received(AgentResponse(), cid)
+
+
+# --- the core's canonical-map decoder (compiled and pure twin) vs the codec's Python path ---
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+json_leaf = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**40), max_value=2**40),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=4),
+    st.sampled_from(["allow", "set", "add", "remove", "block", "correlation_id", "name"]),
+)
+json_value = st.recursive(
+    json_leaf,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+def _paths(obj: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    out = [prefix]
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out += _paths(v, (*prefix, k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            out += _paths(v, (*prefix, i))
+    return out
+
+
+def _mutated(base: dict[str, Any], pick: int, value: Any, drop: bool) -> dict[str, Any]:
+    d = copy.deepcopy(base)
+    paths = _paths(d)[1:]
+    path = paths[pick % len(paths)]
+    parent = d
+    for step in path[:-1]:
+        parent = parent[step]
+    if drop and isinstance(parent, dict):
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = value
+    return d
+
+
+def _python_path(d: dict[str, Any]) -> Any:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(C, "_response_from_map_fast", lambda d: None)
+        try:
+            return C._response_from_map(d)
+        except InvalidMessage as exc:
+            return ("error", str(exc))
+
+
+BASES = [
+    C._loads(C.JSON_CODEC.encode_response(r, "cid-1"))
+    for r in (
+        AgentResponse(),
+        AgentResponse.block(),
+        AgentResponse(
+            decision=Block(403, "no", {"a": "b"}),
+            request_headers=[HeaderOp.set("a", "1"), HeaderOp.remove("b")],
+            response_headers=[HeaderOp.add("c", "2")],
+            routing_metadata={"k": "v"},
+            audit=AuditMetadata(["t"], ["r"], 0.25, ["rc"], {"x": "y", "n": 3}),
+            needs_more=True,
+        ),
+    )
+]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    base=st.sampled_from(BASES),
+    pick=st.integers(min_value=0, max_value=10_000),
+    value=json_value,
+    drop=st.booleans(),
+    mutate=st.booleans(),
+)
+def test_core_map_decoder_agrees_with_the_python_path(
+    base: dict[str, Any], pick: int, value: Any, drop: bool, mutate: bool
+) -> None:
+    d = _mutated(base, pick, value, drop) if mutate else copy.deepcopy(base)
+    want = _python_path(copy.deepcopy(d))
+    results = [C._response_factory(mod).from_map(copy.deepcopy(d)) for mod in CORES]
+    # the compiled decoder and its twin take exactly the same maps, with the same result
+    assert all((r is None) == (results[0] is None) for r in results)
+    for got in results:
+        if got is not None:
+            assert got == want
+    if not mutate:
+        assert results[0] is not None  # the canonical shapes are taken by the core
+    # whatever the path, decoding gives the Python path's result
+    try:
+        full = C._response_from_map(copy.deepcopy(d))
+    except InvalidMessage as exc:
+        full = ("error", str(exc))
+    assert full == want
