@@ -8,6 +8,10 @@ from cpython.object cimport PyObject, PyTypeObject
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.ref cimport Py_INCREF
 from libc.stdint cimport uint64_t
+from libc.math cimport isinf, isnan
+from libc.stdio cimport snprintf
+from libc.stdlib cimport strtod
+from libc.stdint cimport uint32_t
 from libc.string cimport memcmp, memcpy
 
 import types as _cd_types
@@ -74,6 +78,33 @@ cdef inline void _cd_put(object obj, Py_ssize_t off, object value):
 
 cdef inline PyObject* _cd_get(object obj, Py_ssize_t off):
     return (<PyObject**>((<char*><PyObject*>obj) + off))[0]
+
+
+cdef object _cd_f32_shortest(double x):
+    """The codec's ``f32_shortest`` for a float: round to f32, then the shortest decimal (at
+    most 9 significant digits, as Rust prints) that maps back to the same f32 bits."""
+    if isnan(x) or isinf(x):
+        return x
+    cdef float f = <float>x
+    if isinf(f):
+        return float("inf") if x > 0 else float("-inf")
+    cdef uint32_t bits, cbits
+    memcpy(&bits, &f, 4)
+    cdef double target = <double>f
+    cdef char buf[40]
+    cdef int digits
+    cdef double cand
+    cdef float cf
+    for digits in range(1, 10):
+        snprintf(buf, sizeof(buf), "%.*g", digits, target)
+        cand = strtod(buf, NULL)
+        cf = <float>cand
+        if isinf(cf) and not isinf(cand):
+            continue
+        memcpy(&cbits, &cf, 4)
+        if cbits == bits:
+            return cand
+    return target
 
 
 cdef bint _cd_str_map(object m):
@@ -339,7 +370,9 @@ cdef class ResponseFactory:
         cdef object custom = <object>av[self._aix[4]]
         if not (_cd_str_list(tags) and _cd_str_list(rule_ids) and _cd_str_list(reasons)):
             return None
-        if conf is not None:
+        if type(conf) is float:
+            conf = _cd_f32_shortest(<double>conf)
+        elif conf is not None:
             try:
                 conf = self._f32(conf, "audit.confidence")
             except Exception:

@@ -366,3 +366,19 @@ def test_core_map_decoder_agrees_with_the_python_path(
     except InvalidMessage as exc:
         full = ("error", str(exc))
     assert full == want
+
+
+@settings(max_examples=400, deadline=None)
+@given(conf=st.one_of(st.floats(), st.integers(min_value=-(2**70), max_value=2**70)))
+def test_core_map_decoder_rounds_confidence_like_the_codec(conf: Any) -> None:
+    d = copy.deepcopy(BASES[2])
+    d["audit"]["confidence"] = conf
+    want = C.f32_shortest(float(conf))
+    for mod in CORES:
+        got = C._response_factory(mod).from_map(copy.deepcopy(d))
+        assert got is not None
+        have = got[1].audit.confidence
+        if want != want:  # NaN
+            assert have != have
+        else:
+            assert have == want and repr(have) == repr(want), (conf, have, want)
