@@ -3,6 +3,16 @@ cimport cython
 
 
 @cython.final
+cdef class LazyField:
+    cdef type _cls
+    cdef str _name
+    cdef object _member
+    cdef object _fill
+    cdef Py_ssize_t _off
+    cdef int _check(self, object obj) except -1
+
+
+@cython.final
 cdef class ResponseFactory:
     cdef type _resp_cls
     cdef object _allow

@@ -6,7 +6,7 @@ cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.object cimport PyObject, PyTypeObject
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
-from cpython.ref cimport Py_INCREF
+from cpython.ref cimport Py_INCREF, Py_XDECREF
 from libc.stdint cimport uint64_t
 from libc.math cimport isinf, isnan
 from libc.stdio cimport snprintf
@@ -78,6 +78,59 @@ cdef inline void _cd_put(object obj, Py_ssize_t off, object value):
 
 cdef inline PyObject* _cd_get(object obj, Py_ssize_t off):
     return (<PyObject**>((<char*><PyObject*>obj) + off))[0]
+
+
+@cython.final
+cdef class LazyField:
+    """A field of a decoded AgentResponse built on first read: reads return the slot; an
+    empty slot calls ``fill(obj)`` once (which assigns the lazy fields) and is read again.
+    Assignment and deletion go to the slot."""
+
+    def __init__(self, type cls, str name, object member, object fill):
+        self._off = _cd_slot_offset(cls, name)
+        self._cls = cls
+        self._name = name
+        self._member = member
+        self._fill = fill
+
+    cdef int _check(self, object obj) except -1:
+        if not isinstance(obj, self._cls):
+            raise TypeError(
+                f"descriptor '{self._name}' for '{self._cls.__name__}' objects doesn't apply to "
+                f"a '{type(obj).__name__}' object"
+            )
+        return 0
+
+    def __get__(self, obj, objtype):
+        if obj is None:
+            return self
+        self._check(obj)
+        cdef PyObject* p = _cd_get(obj, self._off)
+        if p == NULL:
+            self._fill(obj)
+            p = _cd_get(obj, self._off)
+            if p == NULL:
+                raise AttributeError(
+                    f"'{type(obj).__name__}' object has no attribute '{self._name}'"
+                )
+        return <object>p
+
+    def __set__(self, obj, value):
+        self._check(obj)
+        cdef PyObject** slot = <PyObject**>((<char*><PyObject*>obj) + self._off)
+        cdef PyObject* old = slot[0]
+        Py_INCREF(value)
+        slot[0] = <PyObject*>value
+        Py_XDECREF(old)
+
+    def __delete__(self, obj):
+        self._check(obj)
+        cdef PyObject** slot = <PyObject**>((<char*><PyObject*>obj) + self._off)
+        cdef PyObject* old = slot[0]
+        if old == NULL:
+            raise AttributeError(self._name)
+        slot[0] = NULL
+        Py_XDECREF(old)
 
 
 cdef object _cd_f32_shortest(double x):

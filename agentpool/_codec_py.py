@@ -6,7 +6,7 @@ import re
 from collections.abc import Callable
 from typing import Any, Final
 
-__all__ = ["HeadersEventEncoder", "ResponseFactory"]
+__all__ = ["HeadersEventEncoder", "LazyField", "ResponseFactory"]
 
 _EVENT_SLOTS: Final = ("metadata", "method", "uri", "headers")
 _METADATA_SLOTS: Final = (
@@ -87,6 +87,37 @@ def _ops_keys(ops: object) -> int:
         else:
             return -1
     return nk
+
+
+class LazyField:
+    """A field of a decoded AgentResponse built on first read: reads return the slot; an
+    empty slot calls ``fill(obj)`` once (which assigns the lazy fields) and is read again.
+    Assignment and deletion go to the slot."""
+
+    __slots__ = ("_fill", "_member", "_name")
+
+    def __init__(self, cls: type, name: str, member: Any, fill: Callable[[Any], None]) -> None:
+        if not any(name in getattr(c, "__slots__", ()) for c in cls.__mro__):
+            raise TypeError(f"{cls.__name__}.{name} is not a slot")
+        self._name = name
+        self._member = member
+        self._fill = fill
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        if obj is None:
+            return self
+        try:
+            return self._member.__get__(obj, objtype)
+        except AttributeError:
+            pass
+        self._fill(obj)
+        return self._member.__get__(obj, objtype)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        self._member.__set__(obj, value)
+
+    def __delete__(self, obj: Any) -> None:
+        self._member.__delete__(obj)
 
 
 class ResponseFactory:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeAlias
+from typing import Any, ClassVar, Literal, TypeAlias
 
+from ._impl import core as _core
 from ._version import __version__
 from .enums import CancelReason, EventType, FlowAction, HealthState, MessageType
 
@@ -448,7 +449,9 @@ class AgentResponse(_LazyFields):
     A reply decoded by the proxy has been validated in full, but its header ops, audit,
     routing metadata, body mutations and WebSocket decision become objects only when one of
     them is first read (most callers only look at ``decision``); equality, repr, pickling,
-    copying and assignment behave as for any dataclass instance. This field list is the one
+    copying and assignment behave as for any dataclass instance. Those fields are read
+    through a small descriptor (``LazyField``, compiled with the core); the others are plain
+    slots. This field list is the one
     place the reply's fields and their wire order are declared.
     """
 
@@ -463,29 +466,6 @@ class AgentResponse(_LazyFields):
     response_body_mutation: BodyMutation | None = field(default=None, metadata=_LAZY)
     websocket_decision: WebSocketDecision | None = field(default=None, metadata=_LAZY)
     fail_open: bool = field(default=False, metadata=_LOCAL)
-
-    if not TYPE_CHECKING:
-
-        def __getattr__(self, name):
-            # Only reached when a slot is empty: a lazy field of a decoded reply not read yet.
-            if name in _LAZY_SLOTS:
-                try:
-                    lazy = _LAZY_SLOT.__get__(self)
-                except AttributeError:
-                    lazy = None
-                if lazy is not None:
-                    _LAZY_SLOT.__delete__(self)
-                    values = _plain_allow(lazy) if lazy.__class__ is str else lazy[0](lazy)
-                    for key, value in values.items():
-                        slot = _LAZY_SLOTS[key]
-                        try:
-                            slot.__get__(self)
-                        except AttributeError:  # not assigned since decoding
-                            slot.__set__(self, value)
-                    return _LAZY_SLOTS[name].__get__(self)
-            raise AttributeError(
-                f"{type(self).__name__!r} object has no attribute {name!r}", name=name, obj=self
-            )
 
     def __getstate__(self) -> tuple[None, dict[str, Any]]:
         return None, {f: getattr(self, f) for f in RESPONSE_FIELDS}
@@ -568,7 +548,7 @@ RESPONSE_LAZY_FIELDS: tuple[str, ...] = tuple(
 )
 """The fields a decoded reply builds on first read, in declaration order."""
 _LAZY_SLOT: Any = _LazyFields.__dict__["_lazy"]
-_LAZY_SLOTS: dict[str, Any] = {n: AgentResponse.__dict__[n] for n in RESPONSE_LAZY_FIELDS}
+_LAZY_MEMBERS: dict[str, Any] = {n: AgentResponse.__dict__[n] for n in RESPONSE_LAZY_FIELDS}
 _LAZY_DEFAULTS: tuple[tuple[str, Any], ...] = tuple(
     (f.name, f.default_factory if callable(f.default_factory) else (lambda v=f.default: v))
     for f in fields(AgentResponse)
@@ -581,6 +561,29 @@ def _plain_allow(cid: str) -> dict[str, Any]:
     values = {name: make() for name, make in _LAZY_DEFAULTS}
     values["audit"] = AuditMetadata([], [], None, [], {"correlation_id": cid})
     return values
+
+
+def _fill_lazy(response: AgentResponse) -> None:
+    """Build a decoded reply's lazy fields (on the first read of one of them), keeping any
+    field assigned since decoding."""
+    try:
+        lazy = _LAZY_SLOT.__get__(response)
+    except AttributeError:
+        return
+    _LAZY_SLOT.__delete__(response)
+    values = _plain_allow(lazy) if lazy.__class__ is str else lazy[0](lazy)
+    for name, value in values.items():
+        member = _LAZY_MEMBERS[name]
+        try:
+            member.__get__(response)
+        except AttributeError:
+            member.__set__(response, value)
+
+
+# A lazy field reads its slot (C when compiled); an empty slot is filled by _fill_lazy first.
+for _name, _member in _LAZY_MEMBERS.items():
+    setattr(AgentResponse, _name, _core.LazyField(AgentResponse, _name, _member, _fill_lazy))
+del _name, _member
 
 
 def default_allow() -> AgentResponse:
