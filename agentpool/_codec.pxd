@@ -3,13 +3,25 @@ cimport cython
 
 
 @cython.final
+cdef class LazyValues:
+    cdef type _audit_cls
+    cdef Py_ssize_t _a_off[5]
+    cdef object _audit(self, str cid)
+    cdef object _plain(self, str name, str cid)
+
+
+@cython.final
 cdef class LazyField:
     cdef type _cls
     cdef str _name
-    cdef object _member
-    cdef object _fill
+    cdef object _values
+    cdef tuple _names
+    cdef Py_ssize_t _n
     cdef Py_ssize_t _off
+    cdef Py_ssize_t _lazy_off
+    cdef Py_ssize_t _offs[16]
     cdef int _check(self, object obj) except -1
+    cdef int _fill(self, object obj) except -1
 
 
 @cython.final

@@ -6,7 +6,8 @@ cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.object cimport PyObject, PyTypeObject
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
-from cpython.ref cimport Py_INCREF, Py_XDECREF
+from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF
+from cpython.dict cimport PyDict_GetItem
 from libc.stdint cimport uint64_t
 from libc.math cimport isinf, isnan
 from libc.stdio cimport snprintf
@@ -54,14 +55,15 @@ _cd_EAGER_SLOTS = ("version", "decision", "needs_more", "fail_open", "_lazy")
 cdef tuple _cd_EMPTY = ()
 
 
-cdef Py_ssize_t _cd_slot_offset(type cls, str name) except -1:
-    """Byte offset of the writable object slot ``name`` declared by ``cls`` itself."""
-    descr = None
-    for base in cls.__mro__:
-        descr = base.__dict__.get(name)
-        if descr is not None:
-            break
-    if type(descr) is not _cd_types.MemberDescriptorType:
+cdef Py_ssize_t _cd_slot_offset(type cls, str name, object descr=None) except -1:
+    """Byte offset of the writable object slot ``name`` of ``cls`` (or of its member
+    descriptor ``descr``, when the class attribute has been replaced)."""
+    if descr is None:
+        for base in cls.__mro__:
+            descr = base.__dict__.get(name)
+            if descr is not None:
+                break
+    if type(descr) is not _cd_types.MemberDescriptorType or descr.__objclass__ not in cls.__mro__:
         raise TypeError(f"{cls.__name__}.{name} is not a slot")
     cdef PyMemberDef* m = (<PyMemberDescrObject*>descr).d_member
     if m.type != T_OBJECT_EX or (m.flags & READONLY) or m.offset < <Py_ssize_t>sizeof(PyObject) \
@@ -80,18 +82,73 @@ cdef inline PyObject* _cd_get(object obj, Py_ssize_t off):
     return (<PyObject**>((<char*><PyObject*>obj) + off))[0]
 
 
+_cd_AUDIT_SLOTS = ("tags", "rule_ids", "confidence", "reason_codes", "custom")
+
+
+@cython.final
+cdef class LazyValues:
+    """``values(lazy)`` for :class:`LazyField`: the lazy fields of a canonical Allow built
+    from its correlation id (a str) in C, else ``lazy[0](lazy)`` (the decoder's builder)."""
+
+    def __init__(self, type audit_cls):
+        cdef Py_ssize_t i
+        for i in range(5):
+            self._a_off[i] = _cd_slot_offset(audit_cls, _cd_AUDIT_SLOTS[i])
+        self._audit_cls = audit_cls
+
+    cdef object _audit(self, str cid):
+        cdef Py_ssize_t* o = self._a_off
+        cdef object a = (<PyTypeObject*>self._audit_cls).tp_new(
+            self._audit_cls, <PyObject*>_cd_EMPTY, NULL
+        )
+        _cd_put(a, o[0], [])
+        _cd_put(a, o[1], [])
+        _cd_put(a, o[2], None)
+        _cd_put(a, o[3], [])
+        _cd_put(a, o[4], {"correlation_id": cid})
+        return a
+
+    cdef object _plain(self, str name, str cid):
+        """The value of lazy field ``name`` in the canonical Allow routed to ``cid``."""
+        if name == "audit":
+            return self._audit(cid)
+        if name == "request_headers" or name == "response_headers":
+            return []
+        if name == "routing_metadata":
+            return {}
+        return None
+
+    def __call__(self, lazy):
+        if type(lazy) is not str:
+            return lazy[0](lazy)
+        return {
+            name: self._plain(name, lazy)
+            for name in ("request_headers", "response_headers", "routing_metadata", "audit",
+                         "request_body_mutation", "response_body_mutation",
+                         "websocket_decision")
+        }
+
+
 @cython.final
 cdef class LazyField:
     """A field of a decoded AgentResponse built on first read: reads return the slot; an
-    empty slot calls ``fill(obj)`` once (which assigns the lazy fields) and is read again.
-    Assignment and deletion go to the slot."""
+    empty slot makes ``values(lazy)`` (``lazy`` taken out of the ``_lazy`` slot) a dict of
+    the lazy fields, which fill the lazy slots still empty, and is read again. Assignment
+    and deletion go to the slot. ``members``: the lazy fields' slot descriptors by name."""
 
-    def __init__(self, type cls, str name, object member, object fill):
-        self._off = _cd_slot_offset(cls, name)
+    def __init__(self, type cls, str name, dict members, object lazy_member, object values):
+        cdef Py_ssize_t i
+        if not 0 < len(members) <= 16:
+            raise TypeError("LazyField: 1 to 16 lazy fields")
+        self._names = tuple(members)
+        self._n = len(self._names)
+        for i in range(self._n):
+            self._offs[i] = _cd_slot_offset(cls, self._names[i], members[self._names[i]])
+        self._off = self._offs[self._names.index(name)]
+        self._lazy_off = _cd_slot_offset(cls, "_lazy", lazy_member)
         self._cls = cls
         self._name = name
-        self._member = member
-        self._fill = fill
+        self._values = values
 
     cdef int _check(self, object obj) except -1:
         if not isinstance(obj, self._cls):
@@ -99,6 +156,38 @@ cdef class LazyField:
                 f"descriptor '{self._name}' for '{self._cls.__name__}' objects doesn't apply to "
                 f"a '{type(obj).__name__}' object"
             )
+        return 0
+
+    cdef int _fill(self, object obj) except -1:
+        cdef PyObject** ls = <PyObject**>((<char*><PyObject*>obj) + self._lazy_off)
+        if ls[0] == NULL:
+            return 0
+        cdef object lazy = <object>ls[0]
+        ls[0] = NULL
+        Py_DECREF(lazy)  # the slot's reference
+        cdef Py_ssize_t i
+        cdef PyObject** s
+        cdef PyObject* v
+        cdef object plain
+        if type(lazy) is str and type(self._values) is LazyValues:
+            # a canonical Allow: its fields written straight into the slots
+            for i in range(self._n):
+                s = <PyObject**>((<char*><PyObject*>obj) + self._offs[i])
+                if s[0] == NULL:
+                    plain = (<LazyValues>self._values)._plain(self._names[i], <str>lazy)
+                    Py_INCREF(plain)
+                    s[0] = <PyObject*>plain
+            return 0
+        values = self._values(lazy)
+        if type(values) is not dict:
+            raise TypeError("LazyField: values() must return a dict")
+        for i in range(self._n):
+            s = <PyObject**>((<char*><PyObject*>obj) + self._offs[i])
+            if s[0] == NULL:
+                v = PyDict_GetItem(values, self._names[i])
+                if v != NULL:
+                    Py_INCREF(<object>v)
+                    s[0] = v
         return 0
 
     def __get__(self, obj, objtype):

@@ -6,7 +6,7 @@ import re
 from collections.abc import Callable
 from typing import Any, Final
 
-__all__ = ["HeadersEventEncoder", "LazyField", "ResponseFactory"]
+__all__ = ["HeadersEventEncoder", "LazyField", "LazyValues", "ResponseFactory"]
 
 _EVENT_SLOTS: Final = ("metadata", "method", "uri", "headers")
 _METADATA_SLOTS: Final = (
@@ -91,17 +91,30 @@ def _ops_keys(ops: object) -> int:
 
 class LazyField:
     """A field of a decoded AgentResponse built on first read: reads return the slot; an
-    empty slot calls ``fill(obj)`` once (which assigns the lazy fields) and is read again.
-    Assignment and deletion go to the slot."""
+    empty slot makes ``values(lazy)`` (``lazy`` taken out of the ``_lazy`` slot) a dict of
+    the lazy fields, which fill the lazy slots still empty, and is read again. Assignment
+    and deletion go to the slot. ``members``: the lazy fields' slot descriptors by name."""
 
-    __slots__ = ("_fill", "_member", "_name")
+    __slots__ = ("_lazy_member", "_member", "_members", "_name", "_values")
 
-    def __init__(self, cls: type, name: str, member: Any, fill: Callable[[Any], None]) -> None:
-        if not any(name in getattr(c, "__slots__", ()) for c in cls.__mro__):
-            raise TypeError(f"{cls.__name__}.{name} is not a slot")
+    def __init__(
+        self,
+        cls: type,
+        name: str,
+        members: dict[str, Any],
+        lazy_member: Any,
+        values: Callable[[Any], dict[str, Any]],
+    ) -> None:
+        if not 0 < len(members) <= 16:
+            raise TypeError("LazyField: 1 to 16 lazy fields")
+        for n, m in (*members.items(), ("_lazy", lazy_member)):
+            if getattr(m, "__objclass__", None) not in cls.__mro__ or m.__name__ != n:
+                raise TypeError(f"{cls.__name__}.{n} is not a slot")
         self._name = name
-        self._member = member
-        self._fill = fill
+        self._member = members[name]
+        self._members = members
+        self._lazy_member = lazy_member
+        self._values = values
 
     def __get__(self, obj: Any, objtype: Any = None) -> Any:
         if obj is None:
@@ -110,7 +123,22 @@ class LazyField:
             return self._member.__get__(obj, objtype)
         except AttributeError:
             pass
-        self._fill(obj)
+        try:
+            lazy = self._lazy_member.__get__(obj)
+        except AttributeError:
+            raise AttributeError(
+                f"'{type(obj).__name__}' object has no attribute '{self._name}'"
+            ) from None
+        self._lazy_member.__delete__(obj)
+        values = self._values(lazy)
+        if values.__class__ is not dict:
+            raise TypeError("LazyField: values() must return a dict")
+        for name, member in self._members.items():
+            if name in values:
+                try:
+                    member.__get__(obj)
+                except AttributeError:
+                    member.__set__(obj, values[name])
         return self._member.__get__(obj, objtype)
 
     def __set__(self, obj: Any, value: Any) -> None:
@@ -118,6 +146,38 @@ class LazyField:
 
     def __delete__(self, obj: Any) -> None:
         self._member.__delete__(obj)
+
+
+class LazyValues:
+    """``values(lazy)`` for :class:`LazyField`: the lazy fields of a canonical Allow built
+    from its correlation id (a str), else ``lazy[0](lazy)`` (the decoder's builder)."""
+
+    __slots__ = ("_audit_cls",)
+
+    def __init__(self, audit_cls: type) -> None:
+        for name in ("tags", "rule_ids", "confidence", "reason_codes", "custom"):
+            if name not in getattr(audit_cls, "__slots__", ()):
+                raise TypeError(f"{audit_cls.__name__}.{name} is not a slot")
+        self._audit_cls = audit_cls
+
+    def __call__(self, lazy: Any) -> dict[str, Any]:
+        if lazy.__class__ is not str:
+            return lazy[0](lazy)  # type: ignore[no-any-return]
+        a: Any = _new(self._audit_cls)
+        a.tags = []
+        a.rule_ids = []
+        a.confidence = None
+        a.reason_codes = []
+        a.custom = {"correlation_id": lazy}
+        return {
+            "request_headers": [],
+            "response_headers": [],
+            "routing_metadata": {},
+            "audit": a,
+            "request_body_mutation": None,
+            "response_body_mutation": None,
+            "websocket_decision": None,
+        }
 
 
 class ResponseFactory:

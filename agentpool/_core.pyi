@@ -304,10 +304,22 @@ class AgentProtocolCore:
 
 @final
 class LazyField:
-    def __init__(self, cls: type, name: str, member: Any, fill: Callable[[Any], None]) -> None: ...
+    def __init__(
+        self,
+        cls: type,
+        name: str,
+        members: dict[str, Any],
+        lazy_member: Any,
+        values: Callable[[Any], dict[str, Any]],
+    ) -> None: ...
     def __get__(self, obj: Any, objtype: Any = None) -> Any: ...
     def __set__(self, obj: Any, value: Any) -> None: ...
     def __delete__(self, obj: Any) -> None: ...
+
+@final
+class LazyValues:
+    def __init__(self, audit_cls: type) -> None: ...
+    def __call__(self, lazy: Any) -> dict[str, Any]: ...
 
 @final
 class ResponseFactory:

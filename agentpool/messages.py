@@ -549,41 +549,23 @@ RESPONSE_LAZY_FIELDS: tuple[str, ...] = tuple(
 """The fields a decoded reply builds on first read, in declaration order."""
 _LAZY_SLOT: Any = _LazyFields.__dict__["_lazy"]
 _LAZY_MEMBERS: dict[str, Any] = {n: AgentResponse.__dict__[n] for n in RESPONSE_LAZY_FIELDS}
-_LAZY_DEFAULTS: tuple[tuple[str, Any], ...] = tuple(
-    (f.name, f.default_factory if callable(f.default_factory) else (lambda v=f.default: v))
-    for f in fields(AgentResponse)
-    if f.metadata.get("lazy")
-)
 
 
-def _plain_allow(cid: str) -> dict[str, Any]:
-    """The lazy fields of the canonical Allow reply routed to ``cid``."""
-    values = {name: make() for name, make in _LAZY_DEFAULTS}
-    values["audit"] = AuditMetadata([], [], None, [], {"correlation_id": cid})
-    return values
+# What the decoder left in a reply's ``_lazy`` slot -> its lazy fields by name: the
+# correlation id of a canonical Allow, or ``(build, ...)`` that ``build`` turns into them.
+_lazy_values: Any = _core.LazyValues(AuditMetadata)
+if set(_lazy_values("")) != set(RESPONSE_LAZY_FIELDS):  # pragma: no cover
+    raise TypeError("LazyValues does not build every lazy AgentResponse field")
 
 
-def _fill_lazy(response: AgentResponse) -> None:
-    """Build a decoded reply's lazy fields (on the first read of one of them), keeping any
-    field assigned since decoding."""
-    try:
-        lazy = _LAZY_SLOT.__get__(response)
-    except AttributeError:
-        return
-    _LAZY_SLOT.__delete__(response)
-    values = _plain_allow(lazy) if lazy.__class__ is str else lazy[0](lazy)
-    for name, value in values.items():
-        member = _LAZY_MEMBERS[name]
-        try:
-            member.__get__(response)
-        except AttributeError:
-            member.__set__(response, value)
-
-
-# A lazy field reads its slot (C when compiled); an empty slot is filled by _fill_lazy first.
-for _name, _member in _LAZY_MEMBERS.items():
-    setattr(AgentResponse, _name, _core.LazyField(AgentResponse, _name, _member, _fill_lazy))
-del _name, _member
+# A lazy field reads its slot (C when compiled); an empty slot is filled from _lazy first.
+for _name in RESPONSE_LAZY_FIELDS:
+    setattr(
+        AgentResponse,
+        _name,
+        _core.LazyField(AgentResponse, _name, _LAZY_MEMBERS, _LAZY_SLOT, _lazy_values),
+    )
+del _name
 
 
 def default_allow() -> AgentResponse:
