@@ -7,7 +7,8 @@ cdef class LazyValues:
     cdef type _audit_cls
     cdef Py_ssize_t _a_off[5]
     cdef object _audit(self, str cid)
-    cdef object _plain(self, str name, str cid)
+    cdef int _kind(self, str name)
+    cdef object _plain(self, int kind, str cid)
 
 
 @cython.final
@@ -20,6 +21,7 @@ cdef class LazyField:
     cdef Py_ssize_t _off
     cdef Py_ssize_t _lazy_off
     cdef Py_ssize_t _offs[16]
+    cdef int _kinds[16]
     cdef int _check(self, object obj) except -1
     cdef int _fill(self, object obj) except -1
 

@@ -108,13 +108,23 @@ cdef class LazyValues:
         _cd_put(a, o[4], {"correlation_id": cid})
         return a
 
-    cdef object _plain(self, str name, str cid):
-        """The value of lazy field ``name`` in the canonical Allow routed to ``cid``."""
+    cdef int _kind(self, str name):
+        """How lazy field ``name`` is built in a canonical Allow (see :meth:`_plain`)."""
         if name == "audit":
-            return self._audit(cid)
+            return 3
         if name == "request_headers" or name == "response_headers":
-            return []
+            return 1
         if name == "routing_metadata":
+            return 2
+        return 0
+
+    cdef object _plain(self, int kind, str cid):
+        """The value of a lazy field of ``kind`` in the canonical Allow routed to ``cid``."""
+        if kind == 3:
+            return self._audit(cid)
+        if kind == 1:
+            return []
+        if kind == 2:
             return {}
         return None
 
@@ -122,7 +132,7 @@ cdef class LazyValues:
         if type(lazy) is not str:
             return lazy[0](lazy)
         return {
-            name: self._plain(name, lazy)
+            name: self._plain(self._kind(name), lazy)
             for name in ("request_headers", "response_headers", "routing_metadata", "audit",
                          "request_body_mutation", "response_body_mutation",
                          "websocket_decision")
@@ -146,6 +156,9 @@ cdef class LazyField:
             self._offs[i] = _cd_slot_offset(cls, self._names[i], members[self._names[i]])
         self._off = self._offs[self._names.index(name)]
         self._lazy_off = _cd_slot_offset(cls, "_lazy", lazy_member)
+        if type(values) is LazyValues:
+            for i in range(self._n):
+                self._kinds[i] = (<LazyValues>values)._kind(self._names[i])
         self._cls = cls
         self._name = name
         self._values = values
@@ -174,7 +187,7 @@ cdef class LazyField:
             for i in range(self._n):
                 s = <PyObject**>((<char*><PyObject*>obj) + self._offs[i])
                 if s[0] == NULL:
-                    plain = (<LazyValues>self._values)._plain(self._names[i], <str>lazy)
+                    plain = (<LazyValues>self._values)._plain(self._kinds[i], <str>lazy)
                     Py_INCREF(plain)
                     s[0] = <PyObject*>plain
             return 0
