@@ -490,6 +490,30 @@ async def test_affinity_clear_touches_only_the_agents_that_hold_it(control: Agen
         assert pool.protocol_metrics.snapshot().correlation_affinities == 1
 
 
+async def test_affinity_clear_across_agents_joining_and_leaving(control: AgentProc) -> None:
+    async with AgentPool(cfg(connections_per_agent=1)) as pool:
+        await pool.add_agent("first", control.endpoint)
+        await pool.send_request_headers("first", "early", hdrs("early"))  # the only agent
+        await pool.add_agent("second", control.endpoint)
+        await pool.send_request_headers("first", "late", hdrs("late"))
+        await pool.send_request_headers("second", "late", hdrs("late"))
+        await pool.send_request_headers("second", "early", hdrs("early"))
+        assert pool.correlation_affinity_count() == 4
+        pool.clear_correlation_affinity("early")
+        assert pool.correlation_affinity_count() == 2
+        await pool.remove_agent("first")
+        await pool.send_request_headers("second", "alone", hdrs("alone"))
+        assert pool.correlation_affinity_count() == 2
+        pool.clear_correlation_affinity("late")
+        pool.clear_correlation_affinity("alone")
+        assert pool.correlation_affinity_count() == 0
+        await pool.add_agent("first", control.endpoint)
+        await pool.send_request_headers("first", "again", hdrs("again"))
+        await pool.send_request_headers("second", "again", hdrs("again"))
+        pool.clear_correlation_affinity("again")
+        assert pool.correlation_affinity_count() == 0
+
+
 async def test_affinity_index_does_not_outlive_its_bindings(control: AgentProc) -> None:
     """Ids whose binding went away without a clear (agent removed, refused at capacity) are
     forgotten by the next sweep; ids still bound are kept and still clear."""
