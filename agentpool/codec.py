@@ -1089,24 +1089,15 @@ _TEMPLATE_CID = "\x00cid\x00"
 _JSON_ALLOW_HEAD, _JSON_ALLOW_TAIL = _split_template(
     orjson.dumps(_response_obj(AgentResponse(), _TEMPLATE_CID)), b"\\u0000cid\\u0000"
 )
-# MessagePack: our named map, and upstream 0.6.20's positional array; the cid's str header
-# (a fixstr for ids under 32 bytes) is the byte right before it.
+# MessagePack: our named map, and upstream 0.6.20's positional array (the same values in field
+# order, the audit as an array too); the cid's str header (a fixstr for ids under 32 bytes) is
+# the byte right before it.
+_ALLOW_OBJ: Final = _response_obj(AgentResponse(), _TEMPLATE_CID)
 _MSGPACK_ALLOW_TEMPLATES: Final = tuple(
     _split_template(msgpack.packb(obj, use_bin_type=True), b"\xa5\x00cid\x00")
     for obj in (
-        _response_obj(AgentResponse(), _TEMPLATE_CID),
-        [
-            2,
-            "allow",
-            [],
-            [],
-            {},
-            [[], [], None, [], {"correlation_id": _TEMPLATE_CID}],
-            False,
-            None,
-            None,
-            None,
-        ],
+        _ALLOW_OBJ,
+        [list(v.values()) if k == "audit" else v for k, v in _ALLOW_OBJ.items()],
     )
 )
 
