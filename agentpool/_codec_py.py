@@ -27,6 +27,7 @@ _CID_SAFE: Final = re.compile(rb"[\x20\x21\x23-\x5b\x5d-\x7e]*")
 _new = object.__new__
 
 
+# The fields from_map gives a meaning to (their positions come from the keys it is given).
 _WIRE_NAMES: Final = (
     "version",
     "decision",

@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 from agents import AgentProc, spawn_agent
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from agentpool import codec as C
 from agentpool._impl import core
@@ -267,9 +269,6 @@ async def test_pool_replies_read_after_all_arrived(
 
 
 # --- the core's canonical-map decoder (compiled and pure twin) vs the codec's Python path ---
-
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 json_leaf = st.one_of(
     st.none(),
