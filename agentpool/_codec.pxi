@@ -1,4 +1,4 @@
-# Compiled helpers of agentpool.codec: fresh AgentResponse objects without dataclass __init__,
+# Compiled helpers of agentpool.codec: fresh decoded AgentResponse objects (lazy fields),
 # and a direct JSON writer for RequestHeaders events.
 # Twin: agentpool/_codec_py.py.
 
@@ -6,8 +6,13 @@ cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.object cimport PyObject, PyTypeObject
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
-from cpython.ref cimport Py_INCREF
+from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF
+from cpython.dict cimport PyDict_GetItem
 from libc.stdint cimport uint64_t
+from libc.math cimport isinf, isnan
+from libc.stdio cimport snprintf
+from libc.stdlib cimport strtod
+from libc.stdint cimport uint32_t
 from libc.string cimport memcmp, memcpy
 
 import types as _cd_types
@@ -43,28 +48,22 @@ cdef extern from "Python.h":
     Py_ssize_t _cd_dict_size "PyDict_GET_SIZE"(PyObject* d)
     object _cd_bytes_from "PyBytes_FromStringAndSize"(const char* s, Py_ssize_t n)
 
-_cd_RESPONSE_SLOTS = (
-    "version",
-    "decision",
-    "request_headers",
-    "response_headers",
-    "routing_metadata",
-    "audit",
-    "needs_more",
-    "request_body_mutation",
-    "response_body_mutation",
-    "websocket_decision",
-    "fail_open",
-)
-_cd_AUDIT_SLOTS = ("tags", "rule_ids", "confidence", "reason_codes", "custom")
+# The slots a decoded reply gets at once; its other fields are built on first read from the
+# ``_lazy`` slot (see AgentResponse in messages.py, which declares the fields).
+_cd_EAGER_SLOTS = ("version", "decision", "needs_more", "fail_open", "_lazy")
 
 cdef tuple _cd_EMPTY = ()
 
 
-cdef Py_ssize_t _cd_slot_offset(type cls, str name) except -1:
-    """Byte offset of the writable object slot ``name`` declared by ``cls`` itself."""
-    descr = cls.__dict__.get(name)
-    if type(descr) is not _cd_types.MemberDescriptorType:
+cdef Py_ssize_t _cd_slot_offset(type cls, str name, object descr=None) except -1:
+    """Byte offset of the writable object slot ``name`` of ``cls`` (or of its member
+    descriptor ``descr``, when the class attribute has been replaced)."""
+    if descr is None:
+        for base in cls.__mro__:
+            descr = base.__dict__.get(name)
+            if descr is not None:
+                break
+    if type(descr) is not _cd_types.MemberDescriptorType or descr.__objclass__ not in cls.__mro__:
         raise TypeError(f"{cls.__name__}.{name} is not a slot")
     cdef PyMemberDef* m = (<PyMemberDescrObject*>descr).d_member
     if m.type != T_OBJECT_EX or (m.flags & READONLY) or m.offset < <Py_ssize_t>sizeof(PyObject) \
@@ -79,41 +78,25 @@ cdef inline void _cd_put(object obj, Py_ssize_t off, object value):
     (<PyObject**>((<char*><PyObject*>obj) + off))[0] = <PyObject*>value
 
 
+cdef inline PyObject* _cd_get(object obj, Py_ssize_t off):
+    return (<PyObject**>((<char*><PyObject*>obj) + off))[0]
+
+
+_cd_AUDIT_SLOTS = ("tags", "rule_ids", "confidence", "reason_codes", "custom")
+
+
 @cython.final
-cdef class ResponseFactory:
-    """Builds fresh AgentResponse + AuditMetadata objects for the proxy's decode hot path.
+cdef class LazyValues:
+    """``values(lazy)`` for :class:`LazyField`: the lazy fields of a canonical Allow built
+    from its correlation id (a str) in C, else ``lazy[0](lazy)`` (the decoder's builder)."""
 
-    The objects are allocated and their slots written directly (no dataclass ``__init__``);
-    the classes' slot layout is checked once, here. ``match_json`` recognises the canonical
-    JSON Allow reply (template head + correlation id + tail) and ``match_msgpack`` the
-    MessagePack ones (head + fixstr id + tail) without parsing them.
-    """
-
-    def __init__(
-        self,
-        type response_cls,
-        type audit_cls,
-        object allow,
-        tuple json_template,
-        tuple msgpack_templates,
-    ):
-        if response_cls.__slots__ != _cd_RESPONSE_SLOTS or audit_cls.__slots__ != _cd_AUDIT_SLOTS:
-            raise TypeError("ResponseFactory: unexpected AgentResponse/AuditMetadata slots")
-        self._resp_cls = response_cls
-        self._audit_cls = audit_cls
-        self._allow = allow
-        head, tail = json_template
-        self._head = bytes(head)
-        self._tail = bytes(tail)
-        self._msgpack = tuple((bytes(h), bytes(t)) for h, t in msgpack_templates)
+    def __init__(self, type audit_cls):
         cdef Py_ssize_t i
-        for i in range(11):
-            self._r_off[i] = _cd_slot_offset(response_cls, _cd_RESPONSE_SLOTS[i])
         for i in range(5):
             self._a_off[i] = _cd_slot_offset(audit_cls, _cd_AUDIT_SLOTS[i])
+        self._audit_cls = audit_cls
 
-    cpdef object allow(self, str cid):
-        """A fresh plain Allow whose ``audit.custom`` routes it to ``cid``."""
+    cdef object _audit(self, str cid):
         cdef Py_ssize_t* o = self._a_off
         cdef object a = (<PyTypeObject*>self._audit_cls).tp_new(
             self._audit_cls, <PyObject*>_cd_EMPTY, NULL
@@ -123,54 +106,294 @@ cdef class ResponseFactory:
         _cd_put(a, o[2], None)
         _cd_put(a, o[3], [])
         _cd_put(a, o[4], {"correlation_id": cid})
-        o = self._r_off
+        return a
+
+    cdef int _kind(self, str name):
+        """How lazy field ``name`` is built in a canonical Allow (see :meth:`_plain`)."""
+        if name == "audit":
+            return 3
+        if name == "request_headers" or name == "response_headers":
+            return 1
+        if name == "routing_metadata":
+            return 2
+        return 0
+
+    cdef object _plain(self, int kind, str cid):
+        """The value of a lazy field of ``kind`` in the canonical Allow routed to ``cid``."""
+        if kind == 3:
+            return self._audit(cid)
+        if kind == 1:
+            return []
+        if kind == 2:
+            return {}
+        return None
+
+    def __call__(self, lazy):
+        if type(lazy) is not str:
+            return lazy[0](lazy)
+        return {
+            name: self._plain(self._kind(name), lazy)
+            for name in ("request_headers", "response_headers", "routing_metadata", "audit",
+                         "request_body_mutation", "response_body_mutation",
+                         "websocket_decision")
+        }
+
+
+@cython.final
+cdef class LazyField:
+    """A field of a decoded AgentResponse built on first read: reads return the slot; an
+    empty slot makes ``values(lazy)`` (``lazy`` taken out of the ``_lazy`` slot) a dict of
+    the lazy fields, which fill the lazy slots still empty, and is read again. Assignment
+    and deletion go to the slot. ``members``: the lazy fields' slot descriptors by name."""
+
+    def __init__(self, type cls, str name, dict members, object lazy_member, object values):
+        cdef Py_ssize_t i
+        if not 0 < len(members) <= 16:
+            raise TypeError("LazyField: 1 to 16 lazy fields")
+        self._names = tuple(members)
+        self._n = len(self._names)
+        for i in range(self._n):
+            self._offs[i] = _cd_slot_offset(cls, self._names[i], members[self._names[i]])
+        self._off = self._offs[self._names.index(name)]
+        self._lazy_off = _cd_slot_offset(cls, "_lazy", lazy_member)
+        if type(values) is LazyValues:
+            for i in range(self._n):
+                self._kinds[i] = (<LazyValues>values)._kind(self._names[i])
+        self._cls = cls
+        self._name = name
+        self._values = values
+
+    cdef int _check(self, object obj) except -1:
+        if not isinstance(obj, self._cls):
+            raise TypeError(
+                f"descriptor '{self._name}' for '{self._cls.__name__}' objects doesn't apply to "
+                f"a '{type(obj).__name__}' object"
+            )
+        return 0
+
+    cdef int _fill(self, object obj) except -1:
+        cdef PyObject** ls = <PyObject**>((<char*><PyObject*>obj) + self._lazy_off)
+        if ls[0] == NULL:
+            return 0
+        cdef object lazy = <object>ls[0]
+        ls[0] = NULL
+        Py_DECREF(lazy)  # the slot's reference
+        cdef Py_ssize_t i
+        cdef PyObject** s
+        cdef PyObject* v
+        cdef object plain
+        if type(lazy) is str and type(self._values) is LazyValues:
+            # a canonical Allow: its fields written straight into the slots
+            for i in range(self._n):
+                s = <PyObject**>((<char*><PyObject*>obj) + self._offs[i])
+                if s[0] == NULL:
+                    plain = (<LazyValues>self._values)._plain(self._kinds[i], <str>lazy)
+                    Py_INCREF(plain)
+                    s[0] = <PyObject*>plain
+            return 0
+        values = self._values(lazy)
+        if type(values) is not dict:
+            raise TypeError("LazyField: values() must return a dict")
+        for i in range(self._n):
+            s = <PyObject**>((<char*><PyObject*>obj) + self._offs[i])
+            if s[0] == NULL:
+                v = PyDict_GetItem(values, self._names[i])
+                if v != NULL:
+                    Py_INCREF(<object>v)
+                    s[0] = v
+        return 0
+
+    def __get__(self, obj, objtype):
+        if obj is None:
+            return self
+        self._check(obj)
+        cdef PyObject* p = _cd_get(obj, self._off)
+        if p == NULL:
+            self._fill(obj)
+            p = _cd_get(obj, self._off)
+            if p == NULL:
+                raise AttributeError(
+                    f"'{type(obj).__name__}' object has no attribute '{self._name}'"
+                )
+        return <object>p
+
+    def __set__(self, obj, value):
+        self._check(obj)
+        cdef PyObject** slot = <PyObject**>((<char*><PyObject*>obj) + self._off)
+        cdef PyObject* old = slot[0]
+        Py_INCREF(value)
+        slot[0] = <PyObject*>value
+        Py_XDECREF(old)
+
+    def __delete__(self, obj):
+        self._check(obj)
+        cdef PyObject** slot = <PyObject**>((<char*><PyObject*>obj) + self._off)
+        cdef PyObject* old = slot[0]
+        if old == NULL:
+            raise AttributeError(self._name)
+        slot[0] = NULL
+        Py_XDECREF(old)
+
+
+cdef object _cd_f32_shortest(double x):
+    """The codec's ``f32_shortest`` for a float: round to f32, then the shortest decimal (at
+    most 9 significant digits, as Rust prints) that maps back to the same f32 bits."""
+    if isnan(x) or isinf(x):
+        return x
+    cdef float f = <float>x
+    if isinf(f):
+        return float("inf") if x > 0 else float("-inf")
+    cdef uint32_t bits, cbits
+    memcpy(&bits, &f, 4)
+    cdef double target = <double>f
+    cdef char buf[40]
+    cdef int digits
+    cdef double cand
+    cdef float cf
+    for digits in range(1, 10):
+        snprintf(buf, sizeof(buf), "%.*g", digits, target)
+        cand = strtod(buf, NULL)
+        cf = <float>cand
+        if isinf(cf) and not isinf(cand):
+            continue
+        memcpy(&cbits, &cf, 4)
+        if cbits == bits:
+            return cand
+    return target
+
+
+cdef bint _cd_str_map(object m):
+    """Whether every key and value of the exact dict ``m`` is an exact str."""
+    cdef Py_ssize_t pos = 0
+    cdef PyObject* k
+    cdef PyObject* x
+    while _cd_dict_next(<PyObject*>m, &pos, &k, &x):
+        if not _cd_str_exact(k) or not _cd_str_exact(x):
+            return False
+    return True
+
+
+cdef bint _cd_str_list(object v):
+    """Whether ``v`` is an exact list of exact str."""
+    if not _cd_list_exact(<PyObject*>v):
+        return False
+    cdef Py_ssize_t i
+    for i in range(_cd_list_size(<PyObject*>v)):
+        if not _cd_str_exact(_cd_list_item(<PyObject*>v, i)):
+            return False
+    return True
+
+
+cdef Py_ssize_t _cd_ops_keys(object ops):
+    """Key count of header ops in their canonical shape; -1 for anything else (the codec's
+    ``_header_ops_count``)."""
+    if not _cd_list_exact(<PyObject*>ops):
+        return -1
+    cdef Py_ssize_t i, nk = 0, pos
+    cdef PyObject* item
+    cdef PyObject* tag
+    cdef PyObject* inner
+    cdef object name, value
+    for i in range(_cd_list_size(<PyObject*>ops)):
+        item = _cd_list_item(<PyObject*>ops, i)
+        if not _cd_dict_exact(item) or _cd_dict_size(item) != 1:
+            return -1
+        pos = 0
+        _cd_dict_next(item, &pos, &tag, &inner)
+        if not _cd_dict_exact(inner):
+            return -1
+        name = (<dict>inner).get("name")
+        if name is None or not _cd_str_exact(<PyObject*>name):
+            return -1
+        if not _cd_str_exact(tag):
+            return -1
+        if <object>tag == "remove":
+            if _cd_dict_size(inner) != 1:
+                return -1
+            nk += 2
+        elif <object>tag == "set" or <object>tag == "add":
+            value = (<dict>inner).get("value")
+            if _cd_dict_size(inner) != 2 or value is None or not _cd_str_exact(<PyObject*>value):
+                return -1
+            nk += 3
+        else:
+            return -1
+    return nk
+
+
+@cython.final
+cdef class ResponseFactory:
+    """Builds fresh decoded AgentResponse objects for the proxy's decode hot path.
+
+    ``make`` allocates the reply and writes its eager slots directly (no dataclass
+    ``__init__``), leaving the other fields to be built on first read from ``lazy``; the
+    class's slot layout is checked once, here. ``match_json`` recognises the canonical JSON
+    Allow reply (template head + correlation id + tail) and ``match_msgpack`` the MessagePack
+    ones (head + fixstr id + tail) without parsing them: such a reply is the object plus its
+    correlation id, nothing else.
+    """
+
+    def __init__(
+        self,
+        type response_cls,
+        object allow,
+        tuple json_template,
+        tuple msgpack_templates,
+    ):
+        self._resp_cls = response_cls
+        self._allow = allow
+        head, tail = json_template
+        self._head = bytes(head)
+        self._tail = bytes(tail)
+        self._msgpack = tuple((bytes(h), bytes(t)) for h, t in msgpack_templates)
+        cdef Py_ssize_t i
+        for i in range(5):
+            self._r_off[i] = _cd_slot_offset(response_cls, _cd_EAGER_SLOTS[i])
+
+    cpdef object make(self, object version, object decision, object needs_more, object lazy):
+        """A fresh reply; ``lazy`` is its cid (a plain Allow) or ``(build, ...)`` whose
+        ``build(lazy)`` returns the lazy fields in declaration order."""
+        cdef Py_ssize_t* o = self._r_off
         cdef object r = (<PyTypeObject*>self._resp_cls).tp_new(
             self._resp_cls, <PyObject*>_cd_EMPTY, NULL
         )
-        _cd_put(r, o[0], 2)
-        _cd_put(r, o[1], self._allow)
-        _cd_put(r, o[2], [])
-        _cd_put(r, o[3], [])
-        _cd_put(r, o[4], {})
-        _cd_put(r, o[5], a)
-        _cd_put(r, o[6], False)
-        _cd_put(r, o[7], None)
-        _cd_put(r, o[8], None)
-        _cd_put(r, o[9], None)
-        _cd_put(r, o[10], False)
+        _cd_put(r, o[0], version)
+        _cd_put(r, o[1], decision)
+        _cd_put(r, o[2], needs_more)
+        _cd_put(r, o[3], False)
+        _cd_put(r, o[4], lazy)
         return r
 
-    cpdef object match_json(self, object payload):
-        """``(cid, Allow)`` for the canonical JSON Allow with a plain-ASCII id, else None."""
-        if type(payload) is not bytes:
-            return None
-        cdef Py_ssize_t n = PyBytes_GET_SIZE(payload)
-        cdef Py_ssize_t hl = PyBytes_GET_SIZE(self._head)
-        cdef Py_ssize_t tl = PyBytes_GET_SIZE(self._tail)
-        if n < hl + tl:
-            return None
-        cdef const char* s = PyBytes_AS_STRING(payload)
-        if memcmp(s, PyBytes_AS_STRING(self._head), hl) != 0:
-            return None
-        if memcmp(s + n - tl, PyBytes_AS_STRING(self._tail), tl) != 0:
-            return None
-        cdef Py_ssize_t i
-        cdef unsigned char c
-        for i in range(hl, n - tl):
-            c = <unsigned char>s[i]
-            if c < 0x20 or c > 0x7E or c == 0x22 or c == 0x5C:
-                return None
-        cid = PyUnicode_DecodeASCII(s + hl, n - tl - hl, NULL)
-        return cid, self.allow(cid)
+    cpdef object allow(self, str cid):
+        """A fresh plain Allow whose ``audit.custom`` routes it to ``cid``."""
+        return self.make(2, self._allow, False, cid)
 
-    cpdef object match_msgpack(self, object payload):
-        """``(cid, Allow)`` for a canonical MessagePack Allow (id < 32 bytes), else None."""
+    cpdef object cid_of(self, object response):
+        """The correlation id of a reply made by :meth:`allow` (still unread)."""
+        return <object>_cd_get(response, self._r_off[4])
+
+    cpdef object match(self, object payload, int mode):
+        """The plain Allow reply of ``payload`` (mode 1 JSON, 2 MessagePack), else None."""
         if type(payload) is not bytes:
             return None
         cdef Py_ssize_t n = PyBytes_GET_SIZE(payload)
         cdef const char* s = PyBytes_AS_STRING(payload)
-        cdef Py_ssize_t hl, tl, idl
-        cdef unsigned char h
+        cdef Py_ssize_t hl, tl, idl, i
+        cdef unsigned char c, h
+        if mode == 1:
+            hl = PyBytes_GET_SIZE(self._head)
+            tl = PyBytes_GET_SIZE(self._tail)
+            if n < hl + tl:
+                return None
+            if memcmp(s, PyBytes_AS_STRING(self._head), hl) != 0:
+                return None
+            if memcmp(s + n - tl, PyBytes_AS_STRING(self._tail), tl) != 0:
+                return None
+            for i in range(hl, n - tl):
+                c = <unsigned char>s[i]
+                if c < 0x20 or c > 0x7E or c == 0x22 or c == 0x5C:
+                    return None
+            return self.make(2, self._allow, False, PyUnicode_DecodeASCII(s + hl, n - tl - hl, NULL))
         for head, tail in self._msgpack:
             hl = PyBytes_GET_SIZE(head)
             tl = PyBytes_GET_SIZE(tail)
@@ -190,8 +413,156 @@ cdef class ResponseFactory:
                 cid = PyUnicode_DecodeUTF8(s + hl + 1, idl, NULL)
             except UnicodeDecodeError:
                 return None
-            return cid, self.allow(cid)
+            return self.make(2, self._allow, False, cid)
         return None
+
+    def set_map_decoding(self, tuple keys, tuple audit_keys, object block_cls, object f32,
+                         object build_lazy):
+        """Enable :meth:`from_map`: ``keys``/``audit_keys`` the wire keys in order, ``f32(v,
+        path)`` the confidence converter, ``build_lazy`` what builds the lazy fields."""
+        if len(keys) != 10 or len(audit_keys) != 5:
+            raise TypeError("ResponseFactory: unexpected AgentResponse/AuditMetadata keys")
+        self._keys = keys
+        self._audit_keys = audit_keys
+        self._block = block_cls
+        self._f32 = f32
+        self._build = build_lazy
+        cdef Py_ssize_t i
+        for i, name in enumerate(("version", "decision", "request_headers", "response_headers",
+                                  "routing_metadata", "audit", "needs_more",
+                                  "request_body_mutation", "response_body_mutation",
+                                  "websocket_decision")):
+            self._ix[i] = keys.index(name)
+        for i, name in enumerate(("tags", "rule_ids", "confidence", "reason_codes", "custom")):
+            self._aix[i] = audit_keys.index(name)
+
+    cpdef object from_map(self, object d):
+        """``(cid, reply, key count)`` for a decoded AgentResponse map in its canonical shape
+        (upstream's keys in order, decision allow or a plain block, canonical header ops,
+        string maps and lists, a flat audit, no mutations or WebSocket decision), else None:
+        the codec's Python path then decodes it, and raises on errors."""
+        if self._build is None or type(d) is not dict or _cd_dict_size(<PyObject*>d) != 10:
+            return None
+        cdef PyObject* v[10]
+        cdef PyObject* av[5]
+        cdef PyObject* k
+        cdef PyObject* x
+        cdef Py_ssize_t pos = 0, i = 0, n
+        cdef long long nk = 10
+        cdef int overflow = 0
+        cdef long long ll
+        while _cd_dict_next(<PyObject*>d, &pos, &k, &x):
+            if <object>k != self._keys[i]:
+                return None
+            v[i] = x
+            i += 1
+        cdef object version = <object>v[self._ix[0]]
+        if not _cd_int_exact(<PyObject*>version):
+            return None
+        ll = _cd_as_ll(<PyObject*>version, &overflow)
+        if overflow or ll < 0 or ll > 0xFFFFFFFF:
+            return None
+        cdef object dec = <object>v[self._ix[1]]
+        cdef object decision, inner, status, body, hdrs
+        if _cd_str_exact(<PyObject*>dec):
+            if dec != "allow":
+                return None
+            decision = self._allow
+        elif _cd_dict_exact(<PyObject*>dec) and _cd_dict_size(<PyObject*>dec) == 1:
+            inner = (<dict>dec).get("block")
+            if inner is None or not _cd_dict_exact(<PyObject*>inner) \
+                    or _cd_dict_size(<PyObject*>inner) != 3:
+                return None
+            status = (<dict>inner).get("status")
+            if status is None or not _cd_int_exact(<PyObject*>status):
+                return None
+            ll = _cd_as_ll(<PyObject*>status, &overflow)
+            if overflow or ll < 0 or ll > 0xFFFF:
+                return None
+            if "body" not in <dict>inner or "headers" not in <dict>inner:
+                return None
+            body = (<dict>inner)["body"]
+            if body is not None and not _cd_str_exact(<PyObject*>body):
+                return None
+            hdrs = (<dict>inner)["headers"]
+            if hdrs is not None:
+                if not _cd_dict_exact(<PyObject*>hdrs) or not _cd_str_map(hdrs):
+                    return None
+                nk += _cd_dict_size(<PyObject*>hdrs)
+            decision = self._block(status, body, hdrs)
+            nk += 4
+        else:
+            return None
+        cdef object rqh = <object>v[self._ix[2]]
+        cdef object rsh = <object>v[self._ix[3]]
+        n = _cd_ops_keys(rqh)
+        if n < 0:
+            return None
+        nk += n
+        n = _cd_ops_keys(rsh)
+        if n < 0:
+            return None
+        nk += n
+        cdef object rm = <object>v[self._ix[4]]
+        if not _cd_dict_exact(<PyObject*>rm) or not _cd_str_map(rm):
+            return None
+        nk += _cd_dict_size(<PyObject*>rm)
+        cdef object audit_v = <object>v[self._ix[5]]
+        if not _cd_dict_exact(<PyObject*>audit_v) or _cd_dict_size(<PyObject*>audit_v) != 5:
+            return None
+        pos = 0
+        i = 0
+        while _cd_dict_next(<PyObject*>audit_v, &pos, &k, &x):
+            if <object>k != self._audit_keys[i]:
+                return None
+            av[i] = x
+            i += 1
+        nk += 5
+        cdef object tags = <object>av[self._aix[0]]
+        cdef object rule_ids = <object>av[self._aix[1]]
+        cdef object conf = <object>av[self._aix[2]]
+        cdef object reasons = <object>av[self._aix[3]]
+        cdef object custom = <object>av[self._aix[4]]
+        if not (_cd_str_list(tags) and _cd_str_list(rule_ids) and _cd_str_list(reasons)):
+            return None
+        if type(conf) is float:
+            conf = _cd_f32_shortest(<double>conf)
+        elif conf is not None:
+            try:
+                conf = self._f32(conf, "audit.confidence")
+            except Exception:
+                return None
+        if not _cd_dict_exact(<PyObject*>custom):
+            return None
+        cdef object cid = ""
+        if _cd_dict_size(<PyObject*>custom):
+            pos = 0
+            while _cd_dict_next(<PyObject*>custom, &pos, &k, &x):
+                if _cd_dict_exact(x) or _cd_list_exact(x):
+                    return None
+            nk += _cd_dict_size(<PyObject*>custom)
+            cid = (<dict>custom).get("correlation_id", "")
+            if not _cd_str_exact(<PyObject*>cid):
+                return None
+        cdef object needs_more = <object>v[self._ix[6]]
+        if needs_more is not True and needs_more is not False:
+            return None
+        if v[self._ix[7]] != <PyObject*>None or v[self._ix[8]] != <PyObject*>None \
+                or v[self._ix[9]] != <PyObject*>None:
+            return None
+        lazy = (self._build, rqh, rsh, rm, (tags, rule_ids, conf, reasons, custom), None, None,
+                None)
+        return cid, self.make(version, decision, needs_more, lazy), nk
+
+    cpdef object match_json(self, object payload):
+        """``(cid, Allow)`` for the canonical JSON Allow with a plain-ASCII id, else None."""
+        r = self.match(payload, 1)
+        return None if r is None else (self.cid_of(r), r)
+
+    cpdef object match_msgpack(self, object payload):
+        """``(cid, Allow)`` for a canonical MessagePack Allow (id < 32 bytes), else None."""
+        r = self.match(payload, 2)
+        return None if r is None else (self.cid_of(r), r)
 
 
 _cd_EVENT_SLOTS = ("metadata", "method", "uri", "headers")
@@ -209,10 +580,6 @@ _cd_METADATA_SLOTS = (
     "timestamp",
     "traceparent",
 )
-
-
-cdef inline PyObject* _cd_get(object obj, Py_ssize_t off):
-    return (<PyObject**>((<char*><PyObject*>obj) + off))[0]
 
 
 @cython.final

@@ -262,20 +262,14 @@ cdef class AgentProtocolCore:
             return
         decode = self._decode
         cdef ResponseFactory resp = self._resp
-        cdef object fast
         for frame in frames:
             msg_type = frame[0]
             payload = frame[1]
             self.frames_received += 1
             if msg_type is _pr_AGENT_RESPONSE and decode is not None:
-                fast = None
-                if self._resp_mode == 1:
-                    fast = resp.match_json(payload)
-                elif self._resp_mode == 2:
-                    fast = resp.match_msgpack(payload)
-                if fast is not None:
-                    cid = (<tuple>fast)[0]
-                    response = (<tuple>fast)[1]
+                response = resp.match(payload, self._resp_mode) if self._resp_mode else None
+                if response is not None:
+                    cid = resp.cid_of(response)
                 else:
                     try:
                         cid, response = decode(payload)

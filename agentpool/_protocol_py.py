@@ -297,13 +297,9 @@ class AgentProtocolCore:
         for msg_type, payload in frames:
             self.frames_received += 1
             if msg_type is _AGENT_RESPONSE and decode is not None:
-                fast = None
-                if self._resp_mode == 1:
-                    fast = self._resp.match_json(payload)
-                elif self._resp_mode == 2:
-                    fast = self._resp.match_msgpack(payload)
-                if fast is not None:
-                    cid, response = fast
+                response = self._resp.match(payload, self._resp_mode) if self._resp_mode else None
+                if response is not None:
+                    cid = response._lazy
                 else:
                     try:
                         cid, response = decode(payload)

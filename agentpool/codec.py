@@ -29,6 +29,7 @@ import orjson
 from ._impl import core
 from .enums import CancelReason, EventType, FlowAction, HealthState, MessageType
 from .errors import AgentProtocolError, InvalidMessage, Serialization
+from .messages import RESPONSE_WIRE_FIELDS as _RESPONSE_WIRE_FIELDS
 from .messages import (
     AgentCapabilities,
     AgentFeatures,
@@ -598,49 +599,61 @@ def _mk_audit(
     return a
 
 
-def _mk_response(
-    version: int,
-    decision: Decision,
-    request_headers: list[HeaderOp],
-    response_headers: list[HeaderOp],
-    routing_metadata: dict[str, str],
-    audit: AuditMetadata,
-    needs_more: bool,
-    request_body_mutation: BodyMutation | None,
-    response_body_mutation: BodyMutation | None,
-    websocket_decision: WebSocketDecision | None,
-) -> AgentResponse:
-    """``AgentResponse(...)`` without the dataclass ``__init__`` call (decode hot path)."""
-    r = _new(AgentResponse)
-    r.version = version
-    r.decision = decision
-    r.request_headers = request_headers
-    r.response_headers = response_headers
-    r.routing_metadata = routing_metadata
-    r.audit = audit
-    r.needs_more = needs_more
-    r.request_body_mutation = request_body_mutation
-    r.response_body_mutation = response_body_mutation
-    r.websocket_decision = websocket_decision
-    r.fail_open = False
-    return r
+def _mk_response(*values: Any) -> AgentResponse:
+    """A decoded reply from its wire fields in order (the schema path); nothing left to build."""
+    kv = dict(zip(_CANONICAL_KEYS, values, strict=True))
+    return _make_response(  # type: ignore[no-any-return]
+        kv.pop("version"), kv.pop("decision"), kv.pop("needs_more"), (_lazy_as_is, kv)
+    )
 
 
+def _lazy_as_is(lazy: tuple[Any, dict[str, Any]]) -> dict[str, Any]:
+    return lazy[1]
+
+
+def _build_lazy(lazy: tuple[Any, ...]) -> dict[str, Any]:
+    """The lazy fields of a reply validated by ``_response_from_map``, built on first read.
+
+    Header ops still in their canonical wire shape (validated: a list whose items are dicts)
+    become :class:`HeaderOp`; an audit still a tuple of its validated parts becomes
+    :class:`AuditMetadata`; everything else was built while validating.
+    """
+    _, rqh, rsh, rm, audit, rqm, rsm, wsd = lazy
+    if rqh and rqh[0].__class__ is dict:
+        rqh = _header_ops_build(rqh)
+    if rsh and rsh[0].__class__ is dict:
+        rsh = _header_ops_build(rsh)
+    if audit.__class__ is tuple:
+        audit = _mk_audit(*audit)
+    return {
+        "request_headers": rqh,
+        "response_headers": rsh,
+        "routing_metadata": rm,
+        "audit": audit,
+        "request_body_mutation": rqm,
+        "response_body_mutation": rsm,
+        "websocket_decision": wsd,
+    }
+
+
+_RESPONSE_FIELD_SPECS: Final[dict[str, tuple[Any, ...]]] = {
+    "version": (_u32, _REQ),
+    "decision": (_decision, _REQ),
+    "request_headers": (_header_ops, _DEF, list),
+    "response_headers": (_header_ops, _DEF, list),
+    "routing_metadata": (_map_str, _DEF, dict),
+    "audit": (_AUDIT.conv, _DEF, AuditMetadata),
+    "needs_more": (_bool, _DEF, bool),
+    "request_body_mutation": (_opt(_REQ_MUT.conv), _OPT),
+    "response_body_mutation": (_opt(_RESP_MUT.conv), _OPT),
+    "websocket_decision": (_opt(_ws_decision), _OPT),
+}
+# The wire order is AgentResponse's field order (messages.py); this only adds converters.
+_CANONICAL_KEYS: Final = _RESPONSE_WIRE_FIELDS
 _RESPONSE = _Struct(
     "AgentResponse",
     "",
-    [
-        ("version", _u32, _REQ),
-        ("decision", _decision, _REQ),
-        ("request_headers", _header_ops, _DEF, list),
-        ("response_headers", _header_ops, _DEF, list),
-        ("routing_metadata", _map_str, _DEF, dict),
-        ("audit", _AUDIT.conv, _DEF, AuditMetadata),
-        ("needs_more", _bool, _DEF, bool),
-        ("request_body_mutation", _opt(_REQ_MUT.conv), _OPT),
-        ("response_body_mutation", _opt(_RESP_MUT.conv), _OPT),
-        ("websocket_decision", _opt(_ws_decision), _OPT),
-    ],
+    [(key, *_RESPONSE_FIELD_SPECS[key]) for key in _CANONICAL_KEYS],
     _mk_response,
 )
 _RESPONSE_KEYS: Final = frozenset(f.key for f in _RESPONSE.fields)
@@ -667,33 +680,38 @@ def _nkeys(o: Any) -> int:
     return 0
 
 
-def _header_ops_fast(ops: list[Any]) -> tuple[list[HeaderOp], int] | None:
-    """Header ops in their canonical JSON shape, with their key count; None for anything else."""
-    out = []
+def _header_ops_count(ops: list[Any]) -> int:
+    """Key count of header ops in their canonical JSON shape; -1 for anything else."""
     nk = 0
     for item in ops:
         if item.__class__ is not dict or len(item) != 1:
-            return None
+            return -1
         ((tag, inner),) = item.items()
-        if inner.__class__ is not dict:
-            return None
-        name = inner.get("name")
-        if name.__class__ is not str:
-            return None
+        if inner.__class__ is not dict or inner.get("name").__class__ is not str:
+            return -1
         if tag == "remove":
             if len(inner) != 1:
-                return None
-            out.append(HeaderOp("remove", name, None))
+                return -1
             nk += 2
         elif tag == "set" or tag == "add":
-            value = inner.get("value")
-            if len(inner) != 2 or value.__class__ is not str:
-                return None
-            out.append(HeaderOp("set" if tag == "set" else "add", name, value))
+            if len(inner) != 2 or inner.get("value").__class__ is not str:
+                return -1
             nk += 3
         else:
-            return None
-    return out, nk
+            return -1
+    return nk
+
+
+def _header_ops_build(ops: list[dict[str, dict[str, str]]]) -> list[HeaderOp]:
+    """HeaderOp objects from canonical ops already checked by ``_header_ops_count``."""
+    out = []
+    for item in ops:
+        ((tag, inner),) = item.items()
+        if tag == "remove":
+            out.append(HeaderOp("remove", inner["name"], None))
+        else:
+            out.append(HeaderOp("set" if tag == "set" else "add", inner["name"], inner["value"]))
+    return out
 
 
 def _response_cid(custom: dict[str, Any]) -> str:
@@ -710,33 +728,35 @@ def _response_cid(custom: dict[str, Any]) -> str:
     return ""
 
 
-_CANONICAL_KEYS: Final = (
-    "version",
-    "decision",
-    "request_headers",
-    "response_headers",
-    "routing_metadata",
-    "audit",
-    "needs_more",
-    "request_body_mutation",
-    "response_body_mutation",
-    "websocket_decision",
-)
-_CANONICAL_AUDIT_KEYS: Final = ("tags", "rule_ids", "confidence", "reason_codes", "custom")
+_CANONICAL_AUDIT_KEYS: Final = tuple(f.key for f in _AUDIT.fields)
 
 
 def _response_from_map(d: dict[str, Any]) -> tuple[str, AgentResponse, int]:
     """Decode an AgentResponse map; also return its object-key count for the JSON duplicate check.
 
     A map with exactly upstream's keys in struct order (what every Rust agent and our own
-    encoder write) is unpacked positionally; other maps are read key by key with defaults.
-    The common value shapes (decision ``"allow"`` or a plain block, empty lists, canonical
-    header ops, a flat ``audit``) are checked inline; anything else goes through the schema
-    converters, which also produce the error messages.
+    encoder write) is read without defaults; other maps key by key with defaults. The common
+    value shapes (decision ``"allow"`` or a plain block, empty lists, canonical header ops, a
+    flat ``audit``) are checked inline; anything else goes through the schema converters,
+    which also produce the error messages. The whole reply is validated here; canonical header
+    ops and the audit become objects only when the reply's lazy fields are first read. The
+    core's ``ResponseFactory.from_map`` takes the canonical shapes first (in C when compiled).
     """
+    fast = _response_from_map_fast(d)
+    if fast is not None:
+        return fast  # type: ignore[no-any-return]
     nk = len(d)
     if nk == 10 and tuple(d) == _CANONICAL_KEYS:
-        version, dec, rqh, rsh, rm, audit_v, needs_more, rqm, rsm, wsd = d.values()
+        version = d["version"]
+        dec = d["decision"]
+        rqh = d["request_headers"]
+        rsh = d["response_headers"]
+        rm = d["routing_metadata"]
+        audit_v = d["audit"]
+        needs_more = d["needs_more"]
+        rqm = d["request_body_mutation"]
+        rsm = d["response_body_mutation"]
+        wsd = d["websocket_decision"]
     else:
         get = d.get
         version = get("version", _MISSING)
@@ -814,18 +834,16 @@ def _response_from_map(d: dict[str, Any]) -> tuple[str, AgentResponse, int]:
         nk += _nkeys(dec)
 
     if rqh.__class__ is not list or rqh:
-        fast_ops = _header_ops_fast(rqh) if rqh.__class__ is list else None
-        if fast_ops is not None:
-            rqh, n_op_keys = fast_ops
+        n_op_keys = _header_ops_count(rqh) if rqh.__class__ is list else -1
+        if n_op_keys >= 0:
             nk += n_op_keys
         else:
             nk += _nkeys(rqh)
             rqh = _header_ops(rqh, "request_headers")
 
     if rsh.__class__ is not list or rsh:
-        fast_ops = _header_ops_fast(rsh) if rsh.__class__ is list else None
-        if fast_ops is not None:
-            rsh, n_op_keys = fast_ops
+        n_op_keys = _header_ops_count(rsh) if rsh.__class__ is list else -1
+        if n_op_keys >= 0:
             nk += n_op_keys
         else:
             nk += _nkeys(rsh)
@@ -836,8 +854,9 @@ def _response_from_map(d: dict[str, Any]) -> tuple[str, AgentResponse, int]:
         nk += len(rm)
 
     cid = ""
+    audit: Any
     if audit_v is _MISSING:
-        audit = _mk_audit([], [], None, [], {})
+        audit = ([], [], None, [], {})
     elif audit_v.__class__ is dict:
         n_audit = len(audit_v)
         nk += n_audit
@@ -874,7 +893,7 @@ def _response_from_map(d: dict[str, Any]) -> tuple[str, AgentResponse, int]:
         if custom:
             nk += _nkeys(custom)
             cid = _response_cid(custom)
-        audit = _mk_audit(tags, rule_ids, conf, reasons, custom)
+        audit = (tags, rule_ids, conf, reasons, custom)
     else:
         audit = _AUDIT.decode(audit_v, "audit")
         nk += _nkeys(audit_v)
@@ -893,7 +912,9 @@ def _response_from_map(d: dict[str, Any]) -> tuple[str, AgentResponse, int]:
         nk += _nkeys(wsd)
         wsd = _ws_decision(wsd)
 
-    resp = _mk_response(version, decision, rqh, rsh, rm, audit, needs_more, rqm, rsm, wsd)
+    resp = _make_response(
+        version, decision, needs_more, (_build_lazy, rqh, rsh, rm, audit, rqm, rsm, wsd)
+    )
     return cid, resp, nk
 
 
@@ -1009,8 +1030,7 @@ def _ws_obj(w: WebSocketDecision | None) -> Any:
     raise Serialization(f"unknown websocket decision {w!r}")
 
 
-def _response_obj(r: AgentResponse, correlation_id: str) -> dict[str, Any]:
-    a = r.audit
+def _audit_obj(a: AuditMetadata, correlation_id: str) -> dict[str, Any]:
     custom = a.custom
     if not custom:
         custom = {"correlation_id": correlation_id}
@@ -1019,23 +1039,42 @@ def _response_obj(r: AgentResponse, correlation_id: str) -> dict[str, Any]:
         custom["correlation_id"] = correlation_id
     conf = a.confidence
     return {
-        "version": r.version,
-        "decision": _decision_obj(r.decision),
-        "request_headers": [_op_obj(o) for o in r.request_headers],
-        "response_headers": [_op_obj(o) for o in r.response_headers],
-        "routing_metadata": r.routing_metadata,
-        "audit": {
-            "tags": a.tags,
-            "rule_ids": a.rule_ids,
-            "confidence": None if conf is None else f32_shortest(conf),
-            "reason_codes": a.reason_codes,
-            "custom": custom,
-        },
-        "needs_more": r.needs_more,
-        "request_body_mutation": _mutation_obj(r.request_body_mutation),
-        "response_body_mutation": _mutation_obj(r.response_body_mutation),
-        "websocket_decision": _ws_obj(r.websocket_decision),
+        "tags": a.tags,
+        "rule_ids": a.rule_ids,
+        "confidence": None if conf is None else f32_shortest(conf),
+        "reason_codes": a.reason_codes,
+        "custom": custom,
     }
+
+
+# How each wire field of an AgentResponse is written: (value -> wire object, or None to write
+# the value itself, and whether it needs the correlation id); the order is the field order.
+_FIELD_OBJ: Final[dict[str, Callable[..., Any] | None]] = {
+    "version": None,
+    "decision": _decision_obj,
+    "request_headers": lambda ops: [_op_obj(o) for o in ops],
+    "response_headers": lambda ops: [_op_obj(o) for o in ops],
+    "routing_metadata": None,
+    "audit": _audit_obj,
+    "needs_more": None,
+    "request_body_mutation": _mutation_obj,
+    "response_body_mutation": _mutation_obj,
+    "websocket_decision": _ws_obj,
+}
+_RESPONSE_OBJ: Final = tuple((key, _FIELD_OBJ[key]) for key in _CANONICAL_KEYS)
+
+
+def _response_obj(r: AgentResponse, correlation_id: str) -> dict[str, Any]:
+    out = {}
+    for key, conv in _RESPONSE_OBJ:
+        v = getattr(r, key)
+        if conv is None:
+            out[key] = v
+        elif conv is _audit_obj:
+            out[key] = _audit_obj(v, correlation_id)
+        else:
+            out[key] = conv(v)
+    return out
 
 
 def _split_template(sample: bytes, cid: bytes) -> tuple[bytes, bytes]:
@@ -1050,36 +1089,33 @@ _TEMPLATE_CID = "\x00cid\x00"
 _JSON_ALLOW_HEAD, _JSON_ALLOW_TAIL = _split_template(
     orjson.dumps(_response_obj(AgentResponse(), _TEMPLATE_CID)), b"\\u0000cid\\u0000"
 )
-# MessagePack: our named map, and upstream 0.6.20's positional array; the cid's str header
-# (a fixstr for ids under 32 bytes) is the byte right before it.
+# MessagePack: our named map, and upstream 0.6.20's positional array (the same values in field
+# order, the audit as an array too); the cid's str header (a fixstr for ids under 32 bytes) is
+# the byte right before it.
+_ALLOW_OBJ: Final = _response_obj(AgentResponse(), _TEMPLATE_CID)
 _MSGPACK_ALLOW_TEMPLATES: Final = tuple(
     _split_template(msgpack.packb(obj, use_bin_type=True), b"\xa5\x00cid\x00")
     for obj in (
-        _response_obj(AgentResponse(), _TEMPLATE_CID),
-        [
-            2,
-            "allow",
-            [],
-            [],
-            {},
-            [[], [], None, [], {"correlation_id": _TEMPLATE_CID}],
-            False,
-            None,
-            None,
-            None,
-        ],
+        _ALLOW_OBJ,
+        [list(v.values()) if k == "audit" else v for k, v in _ALLOW_OBJ.items()],
     )
 )
 
 
-_RESPONSES: Final = core.ResponseFactory(
-    AgentResponse,
-    AuditMetadata,
-    _ALLOW,
-    (_JSON_ALLOW_HEAD, _JSON_ALLOW_TAIL),
-    _MSGPACK_ALLOW_TEMPLATES,
-)
+def _response_factory(core_module: Any) -> Any:
+    """``core_module``'s ResponseFactory set up for these replies (one per core in parity
+    tests and benchmarks; the codec and connections use the active core's, ``_RESPONSES``)."""
+    factory = core_module.ResponseFactory(
+        AgentResponse, _ALLOW, (_JSON_ALLOW_HEAD, _JSON_ALLOW_TAIL), _MSGPACK_ALLOW_TEMPLATES
+    )
+    factory.set_map_decoding(_CANONICAL_KEYS, _CANONICAL_AUDIT_KEYS, Block, _f32, _build_lazy)
+    return factory
+
+
+_RESPONSES: Final[core.ResponseFactory] = _response_factory(core)
 _json_allow_fast = _RESPONSES.match_json
+_make_response = _RESPONSES.make
+_response_from_map_fast = _RESPONSES.from_map
 _msgpack_allow_fast = _RESPONSES.match_msgpack
 _HEADERS_ENCODER = core.HeadersEventEncoder(RequestHeadersEvent, RequestMetadata, _dumps, _SORT)
 _headers_json = _HEADERS_ENCODER.encode

@@ -8,9 +8,10 @@ Body ``data`` is ``bytes`` on the Python side (base64 in JSON, raw ``bin`` in Me
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Literal, TypeAlias
 
+from ._impl import core as _core
 from ._version import __version__
 from .enums import CancelReason, EventType, FlowAction, HealthState, MessageType
 
@@ -426,25 +427,52 @@ class WebSocketClose:
 WebSocketDecision: TypeAlias = Literal["allow", "drop"] | WebSocketClose
 
 
+# Field metadata of AgentResponse: ``_LAZY`` fields of a decoded reply are built on first read;
+# ``_LOCAL`` fields are never on the wire.
+_LAZY: Any = {"lazy": True}
+_LOCAL: Any = {"wire": False}
+
+
+class _LazyFields:
+    """Holds a decoded reply's not-yet-built fields (see :class:`AgentResponse`)."""
+
+    __slots__ = ("_lazy",)
+
+
 @dataclass(slots=True)
-class AgentResponse:
+class AgentResponse(_LazyFields):
     """An agent's reply to an event.
 
     ``fail_open`` is never on the wire: True marks a synthetic Allow made by the pool
     because the agent could not be asked (docs/pool.md, "Fail-open responses are marked").
+
+    A reply decoded by the proxy has been validated in full, but its header ops, audit,
+    routing metadata, body mutations and WebSocket decision become objects only when one of
+    them is first read (most callers only look at ``decision``); equality, repr, pickling,
+    copying and assignment behave as for any dataclass instance. Those fields are read
+    through a small descriptor (``LazyField``, compiled with the core); the others are plain
+    slots. This field list is the one
+    place the reply's fields and their wire order are declared.
     """
 
     version: int = 2
     decision: Decision = _ALLOW
-    request_headers: list[HeaderOp] = field(default_factory=list)
-    response_headers: list[HeaderOp] = field(default_factory=list)
-    routing_metadata: dict[str, str] = field(default_factory=dict)
-    audit: AuditMetadata = field(default_factory=AuditMetadata)
+    request_headers: list[HeaderOp] = field(default_factory=list, metadata=_LAZY)
+    response_headers: list[HeaderOp] = field(default_factory=list, metadata=_LAZY)
+    routing_metadata: dict[str, str] = field(default_factory=dict, metadata=_LAZY)
+    audit: AuditMetadata = field(default_factory=AuditMetadata, metadata=_LAZY)
     needs_more: bool = False
-    request_body_mutation: BodyMutation | None = None
-    response_body_mutation: BodyMutation | None = None
-    websocket_decision: WebSocketDecision | None = None
-    fail_open: bool = False
+    request_body_mutation: BodyMutation | None = field(default=None, metadata=_LAZY)
+    response_body_mutation: BodyMutation | None = field(default=None, metadata=_LAZY)
+    websocket_decision: WebSocketDecision | None = field(default=None, metadata=_LAZY)
+    fail_open: bool = field(default=False, metadata=_LOCAL)
+
+    def __getstate__(self) -> tuple[None, dict[str, Any]]:
+        return None, {f: getattr(self, f) for f in RESPONSE_FIELDS}
+
+    def __setstate__(self, state: tuple[None, dict[str, Any]]) -> None:
+        for name, value in state[1].items():
+            object.__setattr__(self, name, value)
 
     @classmethod
     def allow(cls) -> AgentResponse:
@@ -507,6 +535,37 @@ class AgentResponse:
     def with_response_body_mutation(self, mutation: BodyMutation) -> AgentResponse:
         self.response_body_mutation = mutation
         return self
+
+
+RESPONSE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(AgentResponse))
+"""AgentResponse's field names in declaration order."""
+RESPONSE_WIRE_FIELDS: tuple[str, ...] = tuple(
+    f.name for f in fields(AgentResponse) if f.metadata.get("wire", True)
+)
+"""The keys of an AgentResponse on the wire, in upstream's struct order."""
+RESPONSE_LAZY_FIELDS: tuple[str, ...] = tuple(
+    f.name for f in fields(AgentResponse) if f.metadata.get("lazy")
+)
+"""The fields a decoded reply builds on first read, in declaration order."""
+_LAZY_SLOT: Any = _LazyFields.__dict__["_lazy"]
+_LAZY_MEMBERS: dict[str, Any] = {n: AgentResponse.__dict__[n] for n in RESPONSE_LAZY_FIELDS}
+
+
+# What the decoder left in a reply's ``_lazy`` slot -> its lazy fields by name: the
+# correlation id of a canonical Allow, or ``(build, ...)`` that ``build`` turns into them.
+_lazy_values: Any = _core.LazyValues(AuditMetadata)
+if set(_lazy_values("")) != set(RESPONSE_LAZY_FIELDS):  # pragma: no cover
+    raise TypeError("LazyValues does not build every lazy AgentResponse field")
+
+
+# A lazy field reads its slot (C when compiled); an empty slot is filled from _lazy first.
+for _name in RESPONSE_LAZY_FIELDS:
+    setattr(
+        AgentResponse,
+        _name,
+        _core.LazyField(AgentResponse, _name, _LAZY_MEMBERS, _LAZY_SLOT, _lazy_values),
+    )
+del _name
 
 
 def default_allow() -> AgentResponse:

@@ -78,7 +78,6 @@ __all__ = ["AgentPool", "AgentPoolStats", "EndpointStats", "is_uds_endpoint"]
 log = logging.getLogger(__name__)
 
 _monotonic = time.monotonic
-_forget_affinity = core.forget_affinity
 
 # What a send does, as bit flags (the table under "Sending" in docs/pool.md).
 _TRACK = 1  # protocol metrics: requests/responses/in-flight/errors
@@ -346,6 +345,14 @@ class AgentPool:
         self._maintenance_lock: asyncio.Lock | None = None
         self._maintenance_wakeups: set[asyncio.Future[None]] = set()
         self._affinity_warned = False
+        # correlation id -> the agent entry (or tuple of entries) whose affinity map it was
+        # stored in: clear_correlation_affinity touches only those. Ids whose binding went
+        # away otherwise (connection lost, refused at capacity) are purged by the ttl sweep.
+        # While the pool has one agent (``_sole``) its ids are not indexed; ``_unindexed`` is
+        # the agent (at most one) whose map may hold such ids, cleared directly.
+        self._affinity_index: dict[str, Any] = {}
+        self._sole: _AgentEntry | None = None
+        self._unindexed: _AgentEntry | None = None
         self._closing = False
         self._shutdown_task: asyncio.Task[None] | None = None
         self._drained: asyncio.Event | None = None
@@ -521,6 +528,7 @@ class AgentPool:
             self._pusher.unregister_agent(entry.agent_id)
             if self._agents.get(entry.agent_id) is entry:
                 del self._agents[entry.agent_id]
+        self._agents_changed()
         await asyncio.gather(*(self._close_entry(e) for e in entries))
         for t in list(self._tasks):
             t.cancel()
@@ -583,6 +591,7 @@ class AgentPool:
             raise Unavailable("pool is shut down")
         old = self._agents.get(agent_id)
         self._agents[agent_id] = entry
+        self._agents_changed()
         self._note_replicas(entry)
         opened = self._join(entry, eps, results, first=True)
         if opened:
@@ -814,6 +823,7 @@ class AgentPool:
         entry = self._agents.pop(agent_id, None)
         if entry is None:
             raise self._not_found(agent_id)
+        self._agents_changed()
         self._replicated.discard(agent_id)
         await self._close_entry(entry)
         self._refresh_gauges()
@@ -853,6 +863,7 @@ class AgentPool:
             )
             ep = entry.add_endpoint(f"reverse://{agent_id}", self._config.circuit_breaker)
             self._agents[agent_id] = entry
+            self._agents_changed()
             self._attach(entry, ep, connection)
             self._set_capabilities(entry, capabilities)
         task = asyncio.get_running_loop().create_task(self._watch_reverse(connection))
@@ -1002,6 +1013,7 @@ class AgentPool:
             self._retire(entry, st)
             if len(entry.conns) == 0 and self._agents.get(entry.agent_id) is entry:
                 del self._agents[entry.agent_id]
+                self._agents_changed()
                 self._pusher.unregister_agent(entry.agent_id)
                 log.info("reverse agent %r disconnected; removed from the pool", entry.agent_id)
         self._refresh_gauges()
@@ -1271,6 +1283,12 @@ class AgentPool:
                 self._ended(st, kind, started)
             self._after(holder, breaker, recorded)
             raise
+        if kind & _STORE_AFFINITY and entry is not self._sole:
+            held = self._affinity_index.get(correlation_id)
+            if held is None:
+                self._affinity_index[correlation_id] = entry
+            elif held is not entry:
+                self._index_affinity(correlation_id, entry, held)
         try:
             response: AgentResponse = await fut
         except asyncio.CancelledError:
@@ -1520,6 +1538,12 @@ class AgentPool:
         except BaseException as exc:
             self._refused(holder, st, breaker, kind, exc, started, attempted)
             raise
+        if kind & _STORE_AFFINITY and entry is not self._sole:
+            held = self._affinity_index.get(correlation_id)
+            if held is None:
+                self._affinity_index[correlation_id] = entry
+            elif held is not entry:
+                self._index_affinity(correlation_id, entry, held)
         return fut, holder, st, breaker, kind, started
 
     def _refused(
@@ -1718,7 +1742,43 @@ class AgentPool:
         The ``correlation_affinities`` gauge is refreshed lazily (``protocol_metrics``,
         ``export_prometheus()``, maintenance), keeping this call cheap.
         """
-        _forget_affinity(self._agents, correlation_id)
+        unindexed = self._unindexed
+        if unindexed is not None:
+            unindexed.affinity.remove(correlation_id)
+        held = self._affinity_index.pop(correlation_id, None)
+        if held is None:
+            return
+        if held.__class__ is tuple:
+            for entry in held:
+                entry.affinity.remove(correlation_id)
+        else:
+            held.affinity.remove(correlation_id)
+
+    def _agents_changed(self) -> None:
+        """Keep ``_sole``/``_unindexed`` right after an agent joined or left."""
+        if len(self._agents) == 1:
+            (only,) = self._agents.values()
+            self._sole = self._unindexed = only
+        else:
+            self._sole = None
+            u = self._unindexed
+            if u is not None and self._agents.get(u.agent_id) is not u:
+                self._unindexed = None
+
+    def _index_affinity(self, correlation_id: str, entry: _AgentEntry, held: Any) -> None:
+        """Note a second (third, ...) agent holding ``correlation_id`` in its affinity map."""
+        if held.__class__ is not tuple:
+            self._affinity_index[correlation_id] = (held, entry)
+        elif entry not in held:
+            self._affinity_index[correlation_id] = (*held, entry)
+
+    def _purge_affinity_index(self) -> None:
+        """Drop index entries of ids no longer stored in any map they point to."""
+        index = self._affinity_index
+        for cid, held in list(index.items()):
+            entries = held if held.__class__ is tuple else (held,)
+            if all(e.affinity.peek(cid) is None for e in entries):
+                del index[cid]
 
     def cleanup_expired_affinities(self) -> int:
         """Remove affinities idle longer than ``correlation_affinity_ttl``; returns the count."""
@@ -1728,6 +1788,8 @@ class AgentPool:
         if removed:
             self._metrics.inc_affinity_evictions(removed)
         count = self.correlation_affinity_count()
+        if len(self._affinity_index) > count:  # some indexed bindings are gone
+            self._purge_affinity_index()
         self._metrics.set_correlation_affinities(count)
         if self._affinity_warned and count < self._config.max_correlation_affinities:
             self._affinity_warned = False
@@ -1962,6 +2024,7 @@ class AgentPool:
         if entry.reverse:
             if len(entry.conns) == 0:
                 del self._agents[entry.agent_id]
+                self._agents_changed()
                 self._pusher.unregister_agent(entry.agent_id)
             return
         if several:

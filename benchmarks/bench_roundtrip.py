@@ -16,7 +16,8 @@ and prints paired ratios; this file exists so the figures can be tracked with py
 its pure-Python twin on the per-request work without I/O — ``AgentProtocolCore.request`` for 64
 events, one flush, then one ``data_received`` carrying the 64 Allow replies (frame decode,
 ``decode_response``, waiter lookup, Future resolution); and ``data_received`` alone on replies
-nobody waits for (frame decode + decode + lookup).
+nobody waits for (frame decode + decode + lookup); each for the canonical Allow reply and for a
+Block with header ops and an audit.
 """
 
 from __future__ import annotations
@@ -137,10 +138,25 @@ class _NullTransport:
         pass
 
 
+def block_json(cid: str) -> bytes:
+    """A non-Allow reply as a WAF sends it: Block, two header ops, an audit with tags/rules."""
+    from agentpool.messages import AgentResponse, AuditMetadata, Block, HeaderOp
+
+    return JSON_CODEC.encode_response(
+        AgentResponse(
+            decision=Block(403, "Forbidden"),
+            request_headers=[HeaderOp.set("x-waf", "block"), HeaderOp.remove("x-debug")],
+            audit=AuditMetadata(tags=["waf", "sqli"], rule_ids=["942100"], confidence=0.9),
+        ),
+        cid,
+    )
+
+
 def routing_round(
-    core: types.ModuleType, waited: bool, n: int = 64
+    core: types.ModuleType, waited: bool, n: int = 64, reply: str = "allow"
 ) -> tuple[Any, Callable[[], None]]:
-    """(loop, one round): n requests + one read of n replies, or (waited=False) the read only."""
+    """(loop, one round): n requests + one read of n replies, or (waited=False) the read only;
+    ``reply`` is ``allow`` (the canonical Allow) or ``block`` (see :func:`block_json`)."""
     try:
         import uvloop
 
@@ -152,19 +168,11 @@ def routing_round(
     proto.set_decoder(JSON_CODEC.decode_response)
     # as a connection does: the core's own Allow recogniser first (built by the core measured)
     from agentpool import codec as _codec
-    from agentpool.messages import AgentResponse, AuditMetadata
-
-    responses = core.ResponseFactory(
-        AgentResponse,
-        AuditMetadata,
-        _codec._ALLOW,
-        (_codec._JSON_ALLOW_HEAD, _codec._JSON_ALLOW_TAIL),
-        _codec._MSGPACK_ALLOW_TEMPLATES,
-    )
-    proto.set_fast_paths(None, responses, "json")
+    proto.set_fast_paths(None, _codec._response_factory(core), "json")
     cids = [f"{i:032x}" for i in range(n)]
     payload = event_json(cids[0])
-    replies = b"".join(core.encode_frame(0x20, response_json(c)) for c in cids)
+    make = response_json if reply == "allow" else block_json
+    replies = b"".join(core.encode_frame(0x20, make(c)) for c in cids)
     request, flush, feed = proto.request, proto._flush, proto.data_received
 
     def full() -> None:
@@ -193,13 +201,15 @@ def _summary() -> None:
     from agentpool import _core, _core_py
 
     print(f"{'ns per request (64 per read)':44}{'compiled':>10}{'pure':>10}{'ratio':>8}")
-    for waited, label in (
-        (True, "request + frame decode + routing"),
-        (False, "frame decode + routing"),
+    for waited, reply, label in (
+        (True, "allow", "request + frame decode + routing"),
+        (False, "allow", "frame decode + routing"),
+        (True, "block", "request + decode + routing (Block reply)"),
+        (False, "block", "frame decode + routing (Block reply)"),
     ):
         res = {}
         for name, core in (("compiled", _core), ("pure", _core_py)):
-            loop, rnd = routing_round(core, waited)
+            loop, rnd = routing_round(core, waited, reply=reply)
             rnd()
             res[name] = min(timeit.repeat(rnd, number=300, repeat=7)) / 300 / 64 * 1e9
             loop.close()

@@ -456,6 +456,82 @@ async def test_affinity_is_per_agent(control: AgentProc) -> None:
         assert pool.correlation_affinity_count() == 1
 
 
+async def test_affinity_clear_touches_only_the_agents_that_hold_it(control: AgentProc) -> None:
+    async with AgentPool(cfg(connections_per_agent=2)) as pool:
+        for agent_id in ("one", "two", "three"):
+            await pool.add_agent(agent_id, control.endpoint)
+        await pool.send_request_headers("one", "s", hdrs("s"))
+        await pool.send_request_headers("three", "s", hdrs("s"))
+        await pool.send_request_headers("two", "k", hdrs("k"))
+        await pool.send_request_headers("three", "k", hdrs("k"))
+        # "k" goes to the connection of "three" that "s" did not use
+        await pool.send_request_headers("three", "only", hdrs("only"))
+        assert pool.correlation_affinity_count() == 5
+        pool.clear_correlation_affinity("s")
+        assert pool.correlation_affinity_count() == 3
+        pool.clear_correlation_affinity("s")  # twice: nothing left to clear
+        assert pool.correlation_affinity_count() == 3
+        # "k" keeps its bindings on both agents
+        for agent_id in ("two", "three"):
+            before = counts(pool, agent_id)
+            await pool.send_request_body_chunk(agent_id, "k", body("k"))
+            after = counts(pool, agent_id)
+            await pool.send_request_body_chunk(agent_id, "k", body("k", 1))
+            assert served_by(after, counts(pool, agent_id)) == served_by(before, after)
+        # a body chunk for a cleared id is sent by normal selection, and stores nothing
+        await pool.send_request_body_chunk("one", "s", body("s"))
+        assert pool.correlation_affinity_count() == 3
+        # an id stored again after its clear is cleared again
+        await pool.send_request_headers("one", "s", hdrs("s"))
+        assert pool.correlation_affinity_count() == 4
+        pool.clear_correlation_affinity("s")
+        pool.clear_correlation_affinity("k")
+        assert pool.correlation_affinity_count() == 1
+        assert pool.protocol_metrics.snapshot().correlation_affinities == 1
+
+
+async def test_affinity_clear_across_agents_joining_and_leaving(control: AgentProc) -> None:
+    async with AgentPool(cfg(connections_per_agent=1)) as pool:
+        await pool.add_agent("first", control.endpoint)
+        await pool.send_request_headers("first", "early", hdrs("early"))  # the only agent
+        await pool.add_agent("second", control.endpoint)
+        await pool.send_request_headers("first", "late", hdrs("late"))
+        await pool.send_request_headers("second", "late", hdrs("late"))
+        await pool.send_request_headers("second", "early", hdrs("early"))
+        assert pool.correlation_affinity_count() == 4
+        pool.clear_correlation_affinity("early")
+        assert pool.correlation_affinity_count() == 2
+        await pool.remove_agent("first")
+        await pool.send_request_headers("second", "alone", hdrs("alone"))
+        assert pool.correlation_affinity_count() == 2
+        pool.clear_correlation_affinity("late")
+        pool.clear_correlation_affinity("alone")
+        assert pool.correlation_affinity_count() == 0
+        await pool.add_agent("first", control.endpoint)
+        await pool.send_request_headers("first", "again", hdrs("again"))
+        await pool.send_request_headers("second", "again", hdrs("again"))
+        pool.clear_correlation_affinity("again")
+        assert pool.correlation_affinity_count() == 0
+
+
+async def test_affinity_index_does_not_outlive_its_bindings(control: AgentProc) -> None:
+    """Ids whose binding went away without a clear (agent removed, refused at capacity) are
+    forgotten by the next sweep; ids still bound are kept and still clear."""
+    config = cfg(connections_per_agent=1, max_correlation_affinities=2)
+    async with AgentPool(config) as pool:
+        await pool.add_agent("a", control.endpoint)
+        await pool.add_agent("b", control.endpoint)
+        for i in range(5):  # 2 stored, 3 refused at capacity
+            await pool.send_request_headers("a", f"a{i}", hdrs(f"a{i}"))
+        await pool.send_request_headers("b", "kept", hdrs("kept"))
+        await pool.remove_agent("a")
+        assert pool.correlation_affinity_count() == 1
+        assert pool.cleanup_expired_affinities() == 0
+        assert set(pool._affinity_index) == {"kept"}
+        pool.clear_correlation_affinity("kept")
+        assert pool.correlation_affinity_count() == 0 and not pool._affinity_index
+
+
 async def test_affinity_capacity(control: AgentProc) -> None:
     async with AgentPool(cfg(connections_per_agent=1, max_correlation_affinities=3)) as pool:
         await pool.add_agent("c", control.endpoint)
