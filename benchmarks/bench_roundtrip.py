@@ -167,7 +167,8 @@ def routing_round(
     proto.connection_made(_NullTransport())
     proto.set_decoder(JSON_CODEC.decode_response)
     # as a connection does: the core's own Allow recogniser first (built by the core measured)
-    from agentpool import codec as _codec
+    from agentpool.codec import response as _codec
+
     proto.set_fast_paths(None, _codec._response_factory(core), "json")
     cids = [f"{i:032x}" for i in range(n)]
     payload = event_json(cids[0])

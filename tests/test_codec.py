@@ -12,6 +12,8 @@ import orjson
 import pytest
 
 from agentpool import codec as C
+from agentpool.codec import events as CE
+from agentpool.codec import response as CR
 from agentpool.enums import CancelReason, Encoding, EventType, FlowAction, HealthState, MessageType
 from agentpool.errors import AgentProtocolError, InvalidMessage, Serialization
 from agentpool.messages import (
@@ -508,7 +510,7 @@ def test_allow_fast_path_matches_generic(codec: C.Codec, cid: str) -> None:
         d = orjson.loads(payload)
     else:
         d = msgpack.unpackb(payload, raw=False)
-    c2, r2, _ = C._response_from_map(d)
+    c2, r2, _ = CR._response_from_map(d)
     assert (c2, r2) == got
     # responses are independent objects
     got[1].request_headers.append(HeaderOp.set("a", "b"))
@@ -783,11 +785,11 @@ def test_event_correlation_id_matches_decode(codec: C.Codec, cid: str) -> None:
 def test_request_headers_fast_and_schema_paths_agree() -> None:
     ev = RequestHeadersEvent(_meta(traceparent="tp"), "GET", "/", {"a": ["1"], "b": []})
     doc = orjson.loads(C.JSON_CODEC.encode_event(ev, "meta-id"))
-    fast = C._request_headers_fast(doc)
-    slow = C._EVENT_SCHEMAS[0x10].decode(doc, "$")
+    fast = CE._request_headers_fast(doc)
+    slow = CE._EVENT_SCHEMAS[0x10].decode(doc, "$")
     assert fast == slow == ev
     doc["metadata"]["client_port"] = 70000
-    assert C._request_headers_fast(doc) is None
+    assert CE._request_headers_fast(doc) is None
     with pytest.raises(InvalidMessage) as info:
         C.JSON_CODEC.decode_event(0x10, orjson.dumps(doc))
     assert info.value.field == "metadata.client_port"

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agentpool import codec as C
+from agentpool.codec import response as CR
 from agentpool.enums import CancelReason, EventType, FlowAction, HealthState
 from agentpool.errors import AgentProtocolError
 from agentpool.messages import (
@@ -485,7 +486,7 @@ def test_mutated_payloads_only_typed_errors(
 
 
 @SETTINGS
-@given(doc=st.dictionaries(st.sampled_from([*sorted(C._RESPONSE_KEYS), "x"]), json_value))
+@given(doc=st.dictionaries(st.sampled_from([*sorted(CR._RESPONSE_KEYS), "x"]), json_value))
 def test_response_shaped_documents(doc: dict[str, Any]) -> None:
     """Documents with the right keys but arbitrary values: decode or InvalidMessage."""
     doc.setdefault("version", 2)

@@ -22,6 +22,8 @@ from hypothesis import strategies as st
 
 from agentpool import codec as C
 from agentpool._impl import core
+from agentpool.codec import response as CR
+from agentpool.codec import schema as CS
 from agentpool.config import AgentPoolConfig
 from agentpool.errors import InvalidMessage
 from agentpool.messages import (
@@ -168,7 +170,7 @@ def test_malformed_lazy_field_fails_at_decode(
     codec: C.Codec, doc: dict[str, Any], field: str
 ) -> None:
     obj = {"version": 2, "decision": "allow", **doc}
-    payload = C._dumps(obj) if codec is C.JSON_CODEC else C._packb(obj, use_bin_type=True)
+    payload = CS._dumps(obj) if codec is C.JSON_CODEC else CS._packb(obj, use_bin_type=True)
     with pytest.raises(InvalidMessage) as info:
         codec.decode_response(payload)
     assert (info.value.field or "").startswith(field), (info.value.field, str(info.value))
@@ -197,7 +199,7 @@ async def test_replies_read_late_never_cross(codec: C.Codec, mod: Any) -> None:
     proto = mod.AgentProtocolCore(loop, lambda t, p: None, lambda e: None)
     proto.connection_made(_NullTransport())
     proto.set_decoder(codec.decode_response)
-    proto.set_fast_paths(None, C._response_factory(mod), codec.name)
+    proto.set_fast_paths(None, CR._response_factory(mod), codec.name)
     rng = random.Random(12)
     cids = [f"c{i:03d}-{rng.randrange(1 << 30):x}" for i in range(300)]
     futs = [proto.request(0x10, b"{}", cid) for cid in cids]
@@ -314,15 +316,15 @@ def _mutated(base: dict[str, Any], pick: int, value: Any, drop: bool) -> dict[st
 
 def _python_path(d: dict[str, Any]) -> Any:
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(C, "_response_from_map_fast", lambda d: None)
+        mp.setattr(CR, "_response_from_map_fast", lambda d: None)
         try:
-            return C._response_from_map(d)
+            return CR._response_from_map(d)
         except InvalidMessage as exc:
             return ("error", str(exc))
 
 
 BASES = [
-    C._loads(C.JSON_CODEC.encode_response(r, "cid-1"))
+    CS._loads(C.JSON_CODEC.encode_response(r, "cid-1"))
     for r in (
         AgentResponse(),
         AgentResponse.block(),
@@ -351,7 +353,7 @@ def test_core_map_decoder_agrees_with_the_python_path(
 ) -> None:
     d = _mutated(base, pick, value, drop) if mutate else copy.deepcopy(base)
     want = _python_path(copy.deepcopy(d))
-    results = [C._response_factory(mod).from_map(copy.deepcopy(d)) for mod in CORES]
+    results = [CR._response_factory(mod).from_map(copy.deepcopy(d)) for mod in CORES]
     # the compiled decoder and its twin take exactly the same maps, with the same result
     assert all((r is None) == (results[0] is None) for r in results)
     for got in results:
@@ -361,7 +363,7 @@ def test_core_map_decoder_agrees_with_the_python_path(
         assert results[0] is not None  # the canonical shapes are taken by the core
     # whatever the path, decoding gives the Python path's result
     try:
-        full = C._response_from_map(copy.deepcopy(d))
+        full = CR._response_from_map(copy.deepcopy(d))
     except InvalidMessage as exc:
         full = ("error", str(exc))
     assert full == want
@@ -374,7 +376,7 @@ def test_core_map_decoder_rounds_confidence_like_the_codec(conf: Any) -> None:
     d["audit"]["confidence"] = conf
     want = C.f32_shortest(float(conf))
     for mod in CORES:
-        got = C._response_factory(mod).from_map(copy.deepcopy(d))
+        got = CR._response_factory(mod).from_map(copy.deepcopy(d))
         assert got is not None
         have = got[1].audit.confidence
         if want != want:  # NaN

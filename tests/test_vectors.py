@@ -17,6 +17,7 @@ import pytest
 
 from agentpool import codec as C
 from agentpool._impl import core
+from agentpool.codec import events as CE
 from agentpool.enums import CancelReason, EventType, FlowAction, HealthState, MessageType
 from agentpool.errors import AgentProtocolError, InvalidMessage, MessageTooLarge
 from agentpool.messages import (
@@ -270,7 +271,7 @@ def test_json_events_reencode_byte_exact(v: dict[str, Any]) -> None:
     """decode -> message object -> encode reproduces every JSON event frame exactly."""
     msg_type, payload = split(v)
     event = C.JSON_CODEC.decode_event(msg_type, payload)
-    assert isinstance(event, C._EVENT_CLASSES)
+    assert isinstance(event, CE._EVENT_CLASSES)
     assert event.MESSAGE_TYPE == msg_type
     cid = orjson.loads(payload)["correlation_id"]
     assert event.correlation_id == cid

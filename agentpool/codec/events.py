@@ -1,0 +1,544 @@
+"""Events: encoding and validation (proxy side), decoding (agent side)."""
+
+from __future__ import annotations
+
+from typing import Any, Final, NoReturn
+
+from .._impl import core
+from ..enums import MessageType
+from ..errors import InvalidMessage, Serialization
+from ..messages import (
+    ConfigureEvent,
+    Event,
+    GuardrailInspectEvent,
+    RequestBodyChunkEvent,
+    RequestCompleteEvent,
+    RequestHeadersEvent,
+    RequestMetadata,
+    ResponseBodyChunkEvent,
+    ResponseHeadersEvent,
+    WebSocketFrameEvent,
+)
+from .schema import (
+    _DEF,
+    _OPT,
+    _REQ,
+    _SKP,
+    _SORT,
+    _U16,
+    _U32,
+    _U64,
+    _any,
+    _b64,
+    _bool,
+    _data,
+    _dumps,
+    _list_str,
+    _map_headers,
+    _map_str,
+    _opt,
+    _str,
+    _Struct,
+    _u16,
+    _u32,
+    _u64,
+    _unknown_variant,
+    _unpackb,
+)
+
+_HEADERS_ENCODER = core.HeadersEventEncoder(RequestHeadersEvent, RequestMetadata, _dumps, _SORT)
+_headers_json = _HEADERS_ENCODER.encode
+_headers_typed = _HEADERS_ENCODER.check
+
+
+# --------------------------------------------------------------------------------------------
+# Events: encoding (proxy side)
+
+
+def _metadata_obj(m: RequestMetadata, cid: str) -> dict[str, Any]:
+    md = {
+        "correlation_id": cid,
+        "request_id": m.request_id,
+        "client_ip": m.client_ip,
+        "client_port": m.client_port,
+        "server_name": m.server_name,
+        "protocol": m.protocol,
+        "tls_version": m.tls_version,
+        "tls_cipher": m.tls_cipher,
+        "route_id": m.route_id,
+        "upstream_id": m.upstream_id,
+        "timestamp": m.timestamp,
+    }
+    if m.traceparent is not None:
+        md["traceparent"] = m.traceparent
+    return md
+
+
+def _event_obj(event: Event, cid: str, binary: bool) -> dict[str, Any]:
+    """The event as a map with the injected ``correlation_id`` first (JSON sorts it later)."""
+    cls = event.__class__
+    if cls is RequestHeadersEvent:
+        e: Any = event
+        return {
+            "correlation_id": cid,
+            "metadata": _metadata_obj(e.metadata, cid),
+            "method": e.method,
+            "uri": e.uri,
+            "headers": e.headers,
+        }
+    if cls is RequestBodyChunkEvent or cls is ResponseBodyChunkEvent:
+        e = event
+        data = bytes(e.data) if binary else _b64(e.data)
+        d = {
+            "correlation_id": cid,
+            "data": data,
+            "is_last": e.is_last,
+            "total_size": e.total_size,
+            "chunk_index": e.chunk_index,
+        }
+        if cls is RequestBodyChunkEvent:
+            d["bytes_received"] = e.bytes_received
+        else:
+            d["bytes_sent"] = e.bytes_sent
+        return d
+    if cls is ResponseHeadersEvent:
+        e = event
+        return {"correlation_id": cid, "status": e.status, "headers": e.headers}
+    if cls is RequestCompleteEvent:
+        e = event
+        return {
+            "correlation_id": cid,
+            "status": e.status,
+            "duration_ms": e.duration_ms,
+            "request_body_size": e.request_body_size,
+            "response_body_size": e.response_body_size,
+            "upstream_attempts": e.upstream_attempts,
+            "error": e.error,
+        }
+    if cls is WebSocketFrameEvent:
+        e = event
+        return {
+            "correlation_id": cid,
+            "opcode": e.opcode,
+            "data": bytes(e.data) if binary else _b64(e.data),
+            "client_to_server": e.client_to_server,
+            "frame_index": e.frame_index,
+            "fin": e.fin,
+            "route_id": e.route_id,
+            "client_ip": e.client_ip,
+        }
+    if cls is GuardrailInspectEvent:
+        e = event
+        d = {"correlation_id": cid, "inspection_type": e.inspection_type, "content": e.content}
+        if e.model is not None:
+            d["model"] = e.model
+        d["categories"] = e.categories
+        if e.route_id is not None:
+            d["route_id"] = e.route_id
+        d["metadata"] = e.metadata
+        return d
+    if cls is ConfigureEvent:
+        e = event
+        return {"correlation_id": cid, "config": e.config, "config_version": e.config_version}
+    for known in _EVENT_CLASSES:
+        if isinstance(event, known):
+            return _event_obj(_rebase(event, known), cid, binary)
+    raise Serialization(f"not an event: {type(event).__name__}")
+
+
+def _rebase(event: Any, cls: type) -> Any:
+    """Copy an instance of an event subclass into its base class (subclasses encode like it)."""
+    from dataclasses import fields
+
+    return cls(**{f.name: getattr(event, f.name) for f in fields(cls)})
+
+
+# --------------------------------------------------------------------------------------------
+# Events: validation before encoding (proxy side). A wrong type must fail here, naming the
+# field, and never reach an agent (which may answer Allow to what it cannot decode).
+
+
+def _bad_field(where: str, expected: str, value: Any) -> NoReturn:
+    got = f"{type(value).__name__} {_short(value)}"
+    raise Serialization(f"`{where}`: expected {expected}, got {got}")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _v_str(v: Any, where: str) -> None:
+    if not isinstance(v, str):
+        _bad_field(where, "a string", v)
+
+
+def _v_opt_str(v: Any, where: str) -> None:
+    if v is not None and not isinstance(v, str):
+        _bad_field(where, "a string or None", v)
+
+
+def _v_bool(v: Any, where: str) -> None:
+    if v.__class__ is not bool:
+        _bad_field(where, "a bool", v)
+
+
+def _v_uint(v: Any, where: str, top: int) -> None:
+    if not isinstance(v, int) or v.__class__ is bool or not 0 <= v <= top:
+        _bad_field(where, f"an integer in 0..{top}", v)
+
+
+def _v_bytes(v: Any, where: str) -> None:
+    if not isinstance(v, (bytes, bytearray, memoryview)):
+        _bad_field(where, "bytes", v)
+
+
+def _v_headers(v: Any, where: str) -> None:
+    if not isinstance(v, dict):
+        _bad_field(where, "a map of header name to a list of strings", v)
+    for name, values in v.items():
+        if not isinstance(name, str):
+            _bad_field(f"{where} (a name)", "a string", name)
+        if not isinstance(values, list):
+            _bad_field(f"{where}[{name!r}]", "a list of strings", values)
+        for item in values:
+            if not isinstance(item, str):
+                _bad_field(f"{where}[{name!r}] (a value)", "a string", item)
+
+
+def _v_str_list(v: Any, where: str) -> None:
+    if not isinstance(v, list):
+        _bad_field(where, "a list of strings", v)
+    for item in v:
+        _v_str(item, f"{where} (an item)")
+
+
+def _v_str_map(v: Any, where: str) -> None:
+    if not isinstance(v, dict):
+        _bad_field(where, "a map of strings", v)
+    for key, item in v.items():
+        _v_str(key, f"{where} (a key)")
+        _v_str(item, f"{where}[{key!r}]")
+
+
+def _validate_metadata(m: Any) -> None:
+    where = "RequestHeadersEvent.metadata"
+    if not isinstance(m, RequestMetadata):
+        _bad_field(where, "a RequestMetadata", m)
+    for name in ("correlation_id", "request_id", "client_ip", "protocol", "timestamp"):
+        _v_str(getattr(m, name), f"{where}.{name}")
+    _v_uint(m.client_port, f"{where}.client_port", _U16)
+    for name in ("server_name", "tls_version", "tls_cipher", "route_id", "upstream_id"):
+        _v_opt_str(getattr(m, name), f"{where}.{name}")
+    _v_opt_str(m.traceparent, f"{where}.traceparent")
+
+
+def _chunk_typed(e: Any, correlation_id: Any) -> bool:
+    """The body-chunk fields have exactly their declared types (the common, fast case)."""
+    count = e.bytes_received if e.__class__ is RequestBodyChunkEvent else e.bytes_sent
+    index, total = e.chunk_index, e.total_size
+    return bool(
+        e.data.__class__ is bytes
+        and e.is_last.__class__ is bool
+        and count.__class__ is int
+        and index.__class__ is int
+        and correlation_id.__class__ is str
+        and 0 <= count <= _U64
+        and 0 <= index <= _U32
+        and (total is None or (total.__class__ is int and 0 <= total <= _U64))
+    )
+
+
+def validate_event(event: Any, correlation_id: Any = "") -> None:
+    """Raise Serialization, naming the field, unless ``event`` has the types its wire form needs.
+
+    Called by the encoders on every path that does not check types while writing.
+    """
+    cls = event.__class__
+    if cls is RequestHeadersEvent:
+        if _headers_typed(event, correlation_id):
+            return
+    elif cls is RequestBodyChunkEvent or cls is ResponseBodyChunkEvent:
+        if _chunk_typed(event, correlation_id):
+            return
+    _v_str(correlation_id, "correlation_id")
+    try:
+        _validate_event(event)
+    except AttributeError as exc:
+        raise Serialization(f"{type(event).__name__}: {exc}") from None
+
+
+def _validate_event(e: Any) -> None:
+    cls = e.__class__
+    if cls is RequestHeadersEvent or isinstance(e, RequestHeadersEvent):
+        _validate_metadata(e.metadata)
+        _v_str(e.method, "RequestHeadersEvent.method")
+        _v_str(e.uri, "RequestHeadersEvent.uri")
+        _v_headers(e.headers, "RequestHeadersEvent.headers")
+    elif isinstance(e, (RequestBodyChunkEvent, ResponseBodyChunkEvent)):
+        name = type(e).__name__
+        _v_bytes(e.data, f"{name}.data")
+        _v_bool(e.is_last, f"{name}.is_last")
+        if e.total_size is not None:
+            _v_uint(e.total_size, f"{name}.total_size", _U64)
+        _v_uint(e.chunk_index, f"{name}.chunk_index", _U32)
+        if isinstance(e, RequestBodyChunkEvent):
+            _v_uint(e.bytes_received, f"{name}.bytes_received", _U64)
+        else:
+            _v_uint(e.bytes_sent, f"{name}.bytes_sent", _U64)
+    elif isinstance(e, ResponseHeadersEvent):
+        _v_uint(e.status, "ResponseHeadersEvent.status", _U16)
+        _v_headers(e.headers, "ResponseHeadersEvent.headers")
+    elif isinstance(e, RequestCompleteEvent):
+        _v_uint(e.status, "RequestCompleteEvent.status", _U16)
+        _v_uint(e.duration_ms, "RequestCompleteEvent.duration_ms", _U64)
+        _v_uint(e.request_body_size, "RequestCompleteEvent.request_body_size", _U64)
+        _v_uint(e.response_body_size, "RequestCompleteEvent.response_body_size", _U64)
+        _v_uint(e.upstream_attempts, "RequestCompleteEvent.upstream_attempts", _U32)
+        _v_opt_str(e.error, "RequestCompleteEvent.error")
+    elif isinstance(e, WebSocketFrameEvent):
+        _v_str(e.opcode, "WebSocketFrameEvent.opcode")
+        _v_bytes(e.data, "WebSocketFrameEvent.data")
+        _v_bool(e.client_to_server, "WebSocketFrameEvent.client_to_server")
+        _v_uint(e.frame_index, "WebSocketFrameEvent.frame_index", _U64)
+        _v_bool(e.fin, "WebSocketFrameEvent.fin")
+        _v_opt_str(e.route_id, "WebSocketFrameEvent.route_id")
+        _v_str(e.client_ip, "WebSocketFrameEvent.client_ip")
+    elif isinstance(e, GuardrailInspectEvent):
+        _v_str(e.inspection_type, "GuardrailInspectEvent.inspection_type")
+        _v_str(e.content, "GuardrailInspectEvent.content")
+        _v_opt_str(e.model, "GuardrailInspectEvent.model")
+        _v_str_list(e.categories, "GuardrailInspectEvent.categories")
+        _v_opt_str(e.route_id, "GuardrailInspectEvent.route_id")
+        _v_str_map(e.metadata, "GuardrailInspectEvent.metadata")
+    elif isinstance(e, ConfigureEvent):
+        _v_opt_str(e.config_version, "ConfigureEvent.config_version")
+    else:
+        raise Serialization(f"not an event: {type(e).__name__}")
+
+
+# --------------------------------------------------------------------------------------------
+# Events: decoding (agent side)
+
+
+def _metadata_conv(v: Any, path: str) -> RequestMetadata:
+    return _METADATA.decode(v, path)  # type: ignore[no-any-return]
+
+
+_METADATA = _Struct(
+    "RequestMetadata",
+    "metadata",
+    [
+        ("correlation_id", _str, _REQ),
+        ("request_id", _str, _REQ),
+        ("client_ip", _str, _REQ),
+        ("client_port", _u16, _REQ),
+        ("server_name", _opt(_str), _OPT),
+        ("protocol", _str, _REQ),
+        ("tls_version", _opt(_str), _OPT),
+        ("tls_cipher", _opt(_str), _OPT),
+        ("route_id", _opt(_str), _OPT),
+        ("upstream_id", _opt(_str), _OPT),
+        ("timestamp", _str, _REQ),
+        ("traceparent", _opt(_str), _SKP),
+    ],
+    RequestMetadata,
+)
+
+_INSPECTION_TYPES: Final = ("prompt_injection", "pii_detection")
+
+
+def _inspection_type(v: Any, path: str) -> str:
+    s = _str(v, path)
+    if s not in _INSPECTION_TYPES:
+        _unknown_variant(s, "`prompt_injection` or `pii_detection`", path)
+    return s
+
+
+_EVENT_SCHEMAS: dict[int, _Struct] = {
+    MessageType.REQUEST_HEADERS: _Struct(
+        "RequestHeadersEvent",
+        "",
+        [
+            ("metadata", _metadata_conv, _REQ),
+            ("method", _str, _REQ),
+            ("uri", _str, _REQ),
+            ("headers", _map_headers, _REQ),
+        ],
+        RequestHeadersEvent,
+    ),
+    MessageType.REQUEST_BODY_CHUNK: _Struct(
+        "RequestBodyChunkEvent",
+        "",
+        [
+            ("correlation_id", _str, _REQ),
+            ("data", _data, _REQ),
+            ("is_last", _bool, _REQ),
+            ("total_size", _opt(_u64), _SKP),
+            ("chunk_index", _u32, _DEF, int),
+            ("bytes_received", _u64, _DEF, int),
+        ],
+        RequestBodyChunkEvent,
+    ),
+    MessageType.RESPONSE_HEADERS: _Struct(
+        "ResponseHeadersEvent",
+        "",
+        [("correlation_id", _str, _REQ), ("status", _u16, _REQ), ("headers", _map_headers, _REQ)],
+        ResponseHeadersEvent,
+    ),
+    MessageType.RESPONSE_BODY_CHUNK: _Struct(
+        "ResponseBodyChunkEvent",
+        "",
+        [
+            ("correlation_id", _str, _REQ),
+            ("data", _data, _REQ),
+            ("is_last", _bool, _REQ),
+            ("total_size", _opt(_u64), _SKP),
+            ("chunk_index", _u32, _DEF, int),
+            ("bytes_sent", _u64, _DEF, int),
+        ],
+        ResponseBodyChunkEvent,
+    ),
+    MessageType.REQUEST_COMPLETE: _Struct(
+        "RequestCompleteEvent",
+        "",
+        [
+            ("correlation_id", _str, _REQ),
+            ("status", _u16, _REQ),
+            ("duration_ms", _u64, _REQ),
+            ("request_body_size", _u64, _REQ),
+            ("response_body_size", _u64, _REQ),
+            ("upstream_attempts", _u32, _REQ),
+            ("error", _opt(_str), _OPT),
+        ],
+        RequestCompleteEvent,
+    ),
+    MessageType.WEBSOCKET_FRAME: _Struct(
+        "WebSocketFrameEvent",
+        "",
+        [
+            ("correlation_id", _str, _REQ),
+            ("opcode", _str, _REQ),
+            ("data", _data, _REQ),
+            ("client_to_server", _bool, _REQ),
+            ("frame_index", _u64, _REQ),
+            ("fin", _bool, _REQ),
+            ("route_id", _opt(_str), _OPT),
+            ("client_ip", _str, _REQ),
+        ],
+        WebSocketFrameEvent,
+    ),
+    MessageType.GUARDRAIL_INSPECT: _Struct(
+        "GuardrailInspectEvent",
+        "",
+        [
+            ("correlation_id", _str, _REQ),
+            ("inspection_type", _inspection_type, _REQ),
+            ("content", _str, _REQ),
+            ("model", _opt(_str), _SKP),
+            ("categories", _list_str, _DEF, list),
+            ("route_id", _opt(_str), _SKP),
+            ("metadata", _map_str, _DEF, dict),
+        ],
+        GuardrailInspectEvent,
+    ),
+    MessageType.CONFIGURE: _Struct(
+        "ConfigureEvent",
+        "",
+        [
+            ("config", _any, _DEF, lambda: None),
+            ("config_version", _opt(_str), _OPT),
+            ("correlation_id", _str, _DEF, str),
+        ],
+        ConfigureEvent,
+    ),
+}
+
+_EVENT_CLASSES: tuple[type, ...] = (
+    RequestHeadersEvent,
+    RequestBodyChunkEvent,
+    ResponseHeadersEvent,
+    ResponseBodyChunkEvent,
+    RequestCompleteEvent,
+    WebSocketFrameEvent,
+    GuardrailInspectEvent,
+    ConfigureEvent,
+)
+
+
+def _opt_str_ok(v: Any) -> bool:
+    return v is None or v.__class__ is str
+
+
+def _request_headers_fast(obj: dict[str, Any]) -> RequestHeadersEvent | None:
+    """RequestHeaders with named metadata and well-typed values; None for anything else."""
+    md = obj.get("metadata")
+    method = obj.get("method")
+    uri = obj.get("uri")
+    headers = obj.get("headers")
+    if (
+        md.__class__ is not dict
+        or method.__class__ is not str
+        or uri.__class__ is not str
+        or headers.__class__ is not dict
+    ):
+        return None
+    g = md.get
+    cid = g("correlation_id")
+    rid = g("request_id")
+    ip = g("client_ip")
+    port = g("client_port")
+    proto = g("protocol")
+    ts = g("timestamp")
+    sn = g("server_name")
+    tv = g("tls_version")
+    tc = g("tls_cipher")
+    route = g("route_id")
+    up = g("upstream_id")
+    tp = g("traceparent")
+    if not (
+        cid.__class__ is str
+        and rid.__class__ is str
+        and ip.__class__ is str
+        and port.__class__ is int
+        and 0 <= port <= _U16
+        and proto.__class__ is str
+        and ts.__class__ is str
+        and _opt_str_ok(sn)
+        and _opt_str_ok(tv)
+        and _opt_str_ok(tc)
+        and _opt_str_ok(route)
+        and _opt_str_ok(up)
+        and _opt_str_ok(tp)
+    ):
+        return None
+    for k, values in headers.items():
+        if k.__class__ is not str or values.__class__ is not list:
+            return None
+        for x in values:
+            if x.__class__ is not str:
+                return None
+    return RequestHeadersEvent(
+        RequestMetadata(cid, rid, ip, port, sn, proto, tv, tc, route, up, ts, tp),
+        method,
+        uri,
+        headers,
+    )
+
+
+def _first_cid_hook(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    """MessagePack map builder: later keys win except ``correlation_id`` (docs/protocol.md)."""
+    d = dict(pairs)
+    if len(d) != len(pairs) and "correlation_id" in d:
+        for k, v in pairs:
+            if k == "correlation_id":
+                d[k] = v
+                break
+    return d
+
+
+def _unpack_events(payload: bytes) -> Any:
+    try:
+        return _unpackb(payload, raw=False, object_pairs_hook=_first_cid_hook)
+    except Exception as exc:  # msgpack raises a zoo of ValueError/TypeError/... subclasses
+        raise InvalidMessage(f"invalid MessagePack payload: {exc}") from None
