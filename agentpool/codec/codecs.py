@@ -5,16 +5,13 @@ from __future__ import annotations
 from typing import Any, Final
 
 from ..enums import MessageType
-from ..errors import AgentProtocolError, InvalidMessage, Serialization
+from ..errors import AgentProtocolError, InvalidMessage
 from ..messages import (
     AgentResponse,
-    ConfigUpdateRequest,
     ConfigUpdateResponse,
     ControlMessage,
     Event,
-    FlowControlSignal,
     HealthStatus,
-    MetricsReport,
     RequestBodyChunkEvent,
     RequestHeadersEvent,
     ResponseBodyChunkEvent,
@@ -23,14 +20,10 @@ from .control import (
     _CONFIG_UPDATE,
     _CONFIG_UPDATE_RESPONSE,
     _METRICS,
-    _config_update_response_obj,
+    _control_obj,
     _decode_flow,
     _decode_health,
-    _flow_obj,
-    _health_obj,
     _is_config_update_response,
-    _metrics_obj,
-    _update_type_obj,
 )
 from .events import (
     _EVENT_SCHEMAS,
@@ -86,6 +79,8 @@ class Codec:
     """One payload encoding (``name`` is ``"json"`` or ``"msgpack"``); use the module instances."""
 
     name: str = ""
+    binary: bool = False
+    """True when bytes travel as raw ``bin`` (MessagePack), False when as base64 text (JSON)."""
 
     def encode_event(self, event: Event, correlation_id: str) -> bytes:
         """Proxy side: encode ``event`` with ``correlation_id`` injected at the top level."""
@@ -142,29 +137,12 @@ class Codec:
     def encode_control(self, msg: ControlMessage) -> bytes:
         """Encode health, metrics, config update (request or response) or flow control."""
         try:
-            return self._dump_control(self._control_obj(msg), isinstance(msg, HealthStatus))
+            obj = _control_obj(msg, self.binary)
+            return self._dump_control(obj, isinstance(msg, HealthStatus))
         except AgentProtocolError:
             raise
         except (TypeError, ValueError, OverflowError) as exc:
             raise _serialization(exc) from None
-
-    @staticmethod
-    def _control_obj(msg: ControlMessage) -> dict[str, Any]:
-        if isinstance(msg, HealthStatus):
-            return _health_obj(msg)
-        if isinstance(msg, FlowControlSignal):
-            return _flow_obj(msg)
-        if isinstance(msg, MetricsReport):
-            return _metrics_obj(msg)
-        if isinstance(msg, ConfigUpdateRequest):
-            return {
-                "update_type": _update_type_obj(msg.update_type),
-                "request_id": msg.request_id,
-                "timestamp_ms": msg.timestamp_ms,
-            }
-        if isinstance(msg, ConfigUpdateResponse):
-            return _config_update_response_obj(msg)
-        raise Serialization(f"not a control message: {type(msg).__name__}")
 
     def _dump_control(self, obj: dict[str, Any], sort: bool) -> bytes:
         raise NotImplementedError
@@ -326,6 +304,7 @@ class _JsonCodec(Codec):
 
 class _MsgpackCodec(Codec):
     name = "msgpack"
+    binary = True
 
     def encode_event(self, event: Event, correlation_id: str) -> bytes:
         try:

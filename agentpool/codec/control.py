@@ -31,14 +31,21 @@ from ..messages import (
 )
 from .schema import (
     _DEF,
+    _EMPTY,
     _MISSING,
+    _NONE,
     _OPT,
     _REQ,
     _SKP,
     Conv,
+    Enc,
     _any,
     _bad_type,
     _bool,
+    _e,
+    _enc_float,
+    _enc_int,
+    _enc_list,
     _f32,
     _f64,
     _i32,
@@ -145,49 +152,12 @@ def _health_state(v: Any, path: str) -> tuple[HealthState, dict[str, Any]]:
     return state, extra
 
 
-_HEALTH_EXTRA = _Struct(
-    "HealthStatus",
-    "",
-    [
-        ("disabled_features", _list_str, _DEF, list),
-        ("timeout_multiplier", _opt(_f32), _OPT),
-        ("drain_eta_ms", _opt(_u64), _OPT),
-        ("unhealthy_reason", _opt(_str), _OPT),
-        ("recoverable", _opt(_bool), _OPT),
-    ],
-    lambda *a: a,
-)
+def _health_state_or_none(v: Any, path: str) -> tuple[HealthState, dict[str, Any]] | None:
+    return None if v is None else _health_state(v, path)
 
 
-def _decode_health(obj: Any) -> HealthStatus:
-    if obj.__class__ is list:
-        values = _HEALTH_POSITIONAL.values(obj)
-        agent_id, state_v, message, load, resources, valid_until, ts = values
-        extra: dict[str, Any] = {}
-        state, extra = _health_state(state_v, "state")
-        hs = HealthStatus(agent_id, state, message, ts, load, resources, valid_until)
-    elif obj.__class__ is dict:
-        get = obj.get
-        state_v = get("state", _MISSING)
-        if state_v is _MISSING or state_v is None:
-            state, extra = HealthState.UNSPECIFIED, {}
-        else:
-            state, extra = _health_state(state_v, "state")
-        agent_id = _str(get("agent_id", ""), "agent_id")
-        message = _opt(_str)(get("message"), "message")
-        ts = _u64(get("timestamp_ms", 0), "timestamp_ms")
-        load = _opt(_LOAD.conv)(get("load"), "load")
-        resources = _opt(_RESOURCES.conv)(get("resources"), "resources")
-        valid_until = _opt(_u64)(get("valid_until_ms"), "valid_until_ms")
-        hs = HealthStatus(agent_id, state, message, ts, load, resources, valid_until)
-        feats, mult, eta, reason, recov = _HEALTH_EXTRA.values(obj)
-        hs.disabled_features = feats
-        hs.timeout_multiplier = mult
-        hs.drain_eta_ms = eta
-        hs.unhealthy_reason = reason
-        hs.recoverable = recov
-    else:
-        _bad_type(obj, "struct HealthStatus", "$")
+def _with_state_fields(hs: HealthStatus, extra: dict[str, Any]) -> HealthStatus:
+    """Fill the detail fields from a tagged state (``{"status": "degraded", ...}``)."""
     if extra:
         if "disabled_features" in extra:
             hs.disabled_features = extra["disabled_features"]
@@ -200,6 +170,60 @@ def _decode_health(obj: Any) -> HealthStatus:
     return hs
 
 
+def _mk_health(
+    agent_id: str,
+    state: tuple[HealthState, dict[str, Any]] | None,
+    timestamp_ms: int,
+    message: str | None,
+    load: LoadMetrics | None,
+    resources: ResourceMetrics | None,
+    valid_until_ms: int | None,
+    disabled_features: list[str],
+    timeout_multiplier: float | None,
+    drain_eta_ms: int | None,
+    unhealthy_reason: str | None,
+    recoverable: bool | None,
+) -> HealthStatus:
+    health_state, extra = (HealthState.UNSPECIFIED, {}) if state is None else state
+    hs = HealthStatus(
+        agent_id,
+        health_state,
+        message,
+        timestamp_ms,
+        load,
+        resources,
+        valid_until_ms,
+        disabled_features,
+        timeout_multiplier,
+        drain_eta_ms,
+        unhealthy_reason,
+        recoverable,
+    )
+    return _with_state_fields(hs, extra)
+
+
+# The map form, as this codec writes it: the state as its number, optional fields left out;
+# a tagged state (``{"status": ...}``) and a missing one (UNSPECIFIED) are read too.
+_HEALTH = _Struct(
+    "HealthStatus",
+    "",
+    [
+        ("agent_id", _str, _DEF, str),
+        ("state", _health_state_or_none, _OPT, _e(_enc_int)),
+        ("timestamp_ms", _u64, _DEF, int),
+        ("message", _opt(_str), _OPT, _e(omit=_NONE)),
+        ("load", _opt(_LOAD.conv), _OPT, _e(_LOAD.enc, omit=_NONE)),
+        ("resources", _opt(_RESOURCES.conv), _OPT, _e(_RESOURCES.enc, omit=_NONE)),
+        ("valid_until_ms", _opt(_u64), _OPT, _e(omit=_NONE)),
+        ("disabled_features", _list_str, _DEF, list, _e(omit=_EMPTY)),
+        ("timeout_multiplier", _opt(_f32), _OPT, _e(omit=_NONE)),
+        ("drain_eta_ms", _opt(_u64), _OPT, _e(omit=_NONE)),
+        ("unhealthy_reason", _opt(_str), _OPT, _e(omit=_NONE)),
+        ("recoverable", _opt(_bool), _OPT, _e(omit=_NONE)),
+    ],
+    _mk_health,
+)
+# Upstream's positional array (its struct order; read only).
 _HEALTH_POSITIONAL = _Struct(
     "HealthStatus",
     "",
@@ -216,51 +240,17 @@ _HEALTH_POSITIONAL = _Struct(
 )
 
 
-def _health_obj(h: HealthStatus) -> dict[str, Any]:
-    d: dict[str, Any] = {
-        "agent_id": h.agent_id,
-        "state": int(h.state),
-        "timestamp_ms": h.timestamp_ms,
-    }
-    if h.message is not None:
-        d["message"] = h.message
-    if h.load is not None:
-        lo = h.load
-        d["load"] = {
-            "in_flight": lo.in_flight,
-            "queue_depth": lo.queue_depth,
-            "avg_latency_ms": lo.avg_latency_ms,
-            "p50_latency_ms": lo.p50_latency_ms,
-            "p95_latency_ms": lo.p95_latency_ms,
-            "p99_latency_ms": lo.p99_latency_ms,
-            "requests_processed": lo.requests_processed,
-            "requests_rejected": lo.requests_rejected,
-            "requests_timed_out": lo.requests_timed_out,
-        }
-    if h.resources is not None:
-        r = h.resources
-        d["resources"] = {
-            "cpu_percent": r.cpu_percent,
-            "memory_bytes": r.memory_bytes,
-            "memory_limit": r.memory_limit,
-            "active_threads": r.active_threads,
-            "open_fds": r.open_fds,
-            "fd_limit": r.fd_limit,
-            "connections": r.connections,
-        }
-    if h.valid_until_ms is not None:
-        d["valid_until_ms"] = h.valid_until_ms
-    if h.disabled_features:
-        d["disabled_features"] = h.disabled_features
-    if h.timeout_multiplier is not None:
-        d["timeout_multiplier"] = h.timeout_multiplier
-    if h.drain_eta_ms is not None:
-        d["drain_eta_ms"] = h.drain_eta_ms
-    if h.unhealthy_reason is not None:
-        d["unhealthy_reason"] = h.unhealthy_reason
-    if h.recoverable is not None:
-        d["recoverable"] = h.recoverable
-    return d
+def _decode_health(obj: Any) -> HealthStatus:
+    if obj.__class__ is list:
+        agent_id, state_v, message, load, resources, valid_until, ts = _HEALTH_POSITIONAL.values(
+            obj
+        )
+        state, extra = _health_state(state_v, "state")
+        hs = HealthStatus(agent_id, state, message, ts, load, resources, valid_until)
+        return _with_state_fields(hs, extra)
+    if obj.__class__ is dict:
+        return _HEALTH.decode(obj)  # type: ignore[no-any-return]
+    _bad_type(obj, "struct HealthStatus", "$")
 
 
 def _le(v: Any, path: str) -> float:
@@ -277,15 +267,21 @@ def _le(v: Any, path: str) -> float:
     return _f64(v, path)
 
 
+def _enc_le(v: Any, binary: bool) -> Any:
+    return "+Inf" if v == math.inf else float(v)
+
+
 _BUCKET = _Struct(
     "HistogramBucket",
     "histograms.buckets",
-    [("le", _le, _REQ), ("count", _u64, _REQ)],
+    [("le", _le, _REQ, _e(_enc_le)), ("count", _u64, _REQ)],
     HistogramBucket,
 )
 
 
-def _metric_struct(name: str, path: str, value_conv: Conv, build: Callable[..., Any]) -> _Struct:
+def _metric_struct(
+    name: str, path: str, value_conv: Conv, value_enc: Enc | None, build: Callable[..., Any]
+) -> _Struct:
     return _Struct(
         name,
         path,
@@ -293,16 +289,18 @@ def _metric_struct(name: str, path: str, value_conv: Conv, build: Callable[..., 
             ("name", _str, _REQ),
             ("help", _opt(_str), _SKP),
             ("labels", _map_str, _DEF, dict),
-            ("value", value_conv, _REQ),
+            ("value", value_conv, _REQ, _e(value_enc)),
         ],
         build,
     )
 
 
 _COUNTER = _metric_struct(
-    "CounterMetric", "counters", _u64, lambda n, h, lb, v: CounterMetric(n, v, h, lb)
+    "CounterMetric", "counters", _u64, None, lambda n, h, lb, v: CounterMetric(n, v, h, lb)
 )
-_GAUGE = _metric_struct("GaugeMetric", "gauges", _f64, lambda n, h, lb, v: GaugeMetric(n, v, h, lb))
+_GAUGE = _metric_struct(
+    "GaugeMetric", "gauges", _f64, _enc_float, lambda n, h, lb, v: GaugeMetric(n, v, h, lb)
+)
 _HISTOGRAM = _Struct(
     "HistogramMetric",
     "histograms",
@@ -310,9 +308,9 @@ _HISTOGRAM = _Struct(
         ("name", _str, _REQ),
         ("help", _opt(_str), _SKP),
         ("labels", _map_str, _DEF, dict),
-        ("sum", _f64, _REQ),
+        ("sum", _f64, _REQ, _e(_enc_float)),
         ("count", _u64, _REQ),
-        ("buckets", _list(_BUCKET.conv), _REQ),
+        ("buckets", _list(_BUCKET.conv), _REQ, _e(_enc_list(_BUCKET.enc))),
     ],
     lambda n, h, lb, s, c, b: HistogramMetric(n, s, c, b, h, lb),
 )
@@ -323,50 +321,12 @@ _METRICS = _Struct(
         ("agent_id", _str, _REQ),
         ("timestamp_ms", _u64, _REQ),
         ("interval_ms", _u64, _REQ),
-        ("counters", _list(_COUNTER.conv), _DEF, list),
-        ("gauges", _list(_GAUGE.conv), _DEF, list),
-        ("histograms", _list(_HISTOGRAM.conv), _DEF, list),
+        ("counters", _list(_COUNTER.conv), _DEF, list, _e(_enc_list(_COUNTER.enc))),
+        ("gauges", _list(_GAUGE.conv), _DEF, list, _e(_enc_list(_GAUGE.enc))),
+        ("histograms", _list(_HISTOGRAM.conv), _DEF, list, _e(_enc_list(_HISTOGRAM.enc))),
     ],
     MetricsReport,
 )
-
-
-def _metric_head(m: CounterMetric | GaugeMetric | HistogramMetric) -> dict[str, Any]:
-    d: dict[str, Any] = {"name": m.name}
-    if m.help is not None:
-        d["help"] = m.help
-    d["labels"] = m.labels
-    return d
-
-
-def _metrics_obj(r: MetricsReport) -> dict[str, Any]:
-    counters = []
-    for c in r.counters:
-        d = _metric_head(c)
-        d["value"] = c.value
-        counters.append(d)
-    gauges = []
-    for g in r.gauges:
-        d = _metric_head(g)
-        d["value"] = float(g.value)
-        gauges.append(d)
-    hists = []
-    for h in r.histograms:
-        d = _metric_head(h)
-        d["sum"] = float(h.sum)
-        d["count"] = h.count
-        d["buckets"] = [
-            {"le": "+Inf" if b.le == math.inf else float(b.le), "count": b.count} for b in h.buckets
-        ]
-        hists.append(d)
-    return {
-        "agent_id": r.agent_id,
-        "timestamp_ms": r.timestamp_ms,
-        "interval_ms": r.interval_ms,
-        "counters": counters,
-        "gauges": gauges,
-        "histograms": hists,
-    }
 
 
 _RULE = _Struct(
@@ -383,6 +343,7 @@ _RULE = _Struct(
     RuleDefinition,
 )
 
+# Internally tagged (``{"type": tag, ...fields}``), in upstream's variant order.
 _UPDATE_TYPES: Final[dict[str, _Struct]] = {
     "request_reload": _Struct("RequestReload", "update_type", [], RequestReload),
     "rule_update": _Struct(
@@ -390,7 +351,7 @@ _UPDATE_TYPES: Final[dict[str, _Struct]] = {
         "update_type",
         [
             ("rule_set", _str, _REQ),
-            ("rules", _list(_RULE.conv), _REQ),
+            ("rules", _list(_RULE.conv), _REQ, _e(_enc_list(_RULE.enc))),
             ("remove_rules", _list_str, _REQ),
         ],
         RuleUpdate,
@@ -429,10 +390,22 @@ def _update_type(v: Any, path: str) -> ConfigUpdateType:
     return spec.decode(body)  # type: ignore[no-any-return]
 
 
+def _enc_update_type(u: ConfigUpdateType, binary: bool) -> dict[str, Any]:
+    for tag, spec in _UPDATE_TYPES.items():
+        cls: Any = spec.build
+        if isinstance(u, cls):
+            return spec.encode(u, binary, {"type": tag})  # type: ignore[no-any-return]
+    raise Serialization(f"unknown config update type {type(u).__name__}")
+
+
 _CONFIG_UPDATE = _Struct(
     "ConfigUpdateRequest",
     "",
-    [("update_type", _update_type, _REQ), ("request_id", _str, _REQ), ("timestamp_ms", _u64, _REQ)],
+    [
+        ("update_type", _update_type, _REQ, _e(_enc_update_type)),
+        ("request_id", _str, _REQ),
+        ("timestamp_ms", _u64, _REQ),
+    ],
     ConfigUpdateRequest,
 )
 _CONFIG_UPDATE_RESPONSE = _Struct(
@@ -446,39 +419,6 @@ _CONFIG_UPDATE_RESPONSE = _Struct(
     ],
     ConfigUpdateResponse,
 )
-
-
-def _update_type_obj(u: ConfigUpdateType) -> dict[str, Any]:
-    if isinstance(u, RequestReload):
-        return {"type": "request_reload"}
-    if isinstance(u, RuleUpdate):
-        return {
-            "type": "rule_update",
-            "rule_set": u.rule_set,
-            "rules": [
-                {
-                    "id": r.id,
-                    "priority": r.priority,
-                    "definition": r.definition,
-                    "enabled": r.enabled,
-                    "description": r.description,
-                    "tags": r.tags,
-                }
-                for r in u.rules
-            ],
-            "remove_rules": u.remove_rules,
-        }
-    if isinstance(u, ListUpdate):
-        return {"type": "list_update", "list_id": u.list_id, "add": u.add, "remove": u.remove}
-    if isinstance(u, RestartRequired):
-        return {
-            "type": "restart_required",
-            "reason": u.reason,
-            "grace_period_ms": u.grace_period_ms,
-        }
-    if isinstance(u, ConfigError):
-        return {"type": "config_error", "error": u.error, "field": u.field}
-    raise Serialization(f"unknown config update type {type(u).__name__}")
 
 
 _FLOW_NAMES: Final = {
@@ -514,8 +454,37 @@ def _flow_action(v: Any, path: str) -> tuple[FlowAction, int | None]:
     return action, avail
 
 
+def _mk_flow(
+    action: tuple[FlowAction, int | None],
+    buffer_available: Any,
+    correlation_id: str | None,
+    timestamp_ms: int,
+) -> FlowControlSignal:
+    flow_action, avail = action
+    if avail is None and buffer_available is not None:
+        avail = _u64(buffer_available, "buffer_available")
+    return FlowControlSignal(flow_action, correlation_id, timestamp_ms, avail)
+
+
+# The map form, as this codec writes it (the action as its number); a tagged action
+# (``{"type": "update_capacity", "buffer_available": n}``) is read too and its own
+# ``buffer_available`` wins over the top-level one, which is only checked when used.
+_FLOW = _Struct(
+    "FlowControlSignal",
+    "",
+    [
+        ("action", _flow_action, _DEF, lambda: (FlowAction.RESUME, None), _e(_enc_int)),
+        ("buffer_available", _any, _OPT, _e(omit=_NONE)),
+        ("correlation_id", _opt(_str), _OPT, _e(omit=_NONE)),
+        ("timestamp_ms", _u64, _DEF, int, _e(omit=_EMPTY)),
+    ],
+    _mk_flow,
+)
+
+
 def _decode_flow(obj: Any) -> FlowControlSignal:
     if obj.__class__ is list:
+        # Upstream's positional array: [correlation_id, action, timestamp_ms].
         if len(obj) != 3:
             raise InvalidMessage(
                 f"invalid length {len(obj)}, expected struct FlowControlSignal with 3 elements"
@@ -525,34 +494,23 @@ def _decode_flow(obj: Any) -> FlowControlSignal:
         return FlowControlSignal(action, cid, _u64(obj[2], "timestamp_ms"), avail)
     if obj.__class__ is not dict:
         _bad_type(obj, "struct FlowControlSignal", "$")
-    get = obj.get
-    action, avail = _flow_action(get("action"), "action")
-    cid = _opt(_str)(get("correlation_id"), "correlation_id")
-    ts = _u64(get("timestamp_ms", 0), "timestamp_ms")
-    top_avail = get("buffer_available")
-    if avail is None and top_avail is not None:
-        avail = _u64(top_avail, "buffer_available")
-    return FlowControlSignal(action, cid, ts, avail)
+    return _FLOW.decode(obj)  # type: ignore[no-any-return]
 
 
-def _flow_obj(f: FlowControlSignal) -> dict[str, Any]:
-    d: dict[str, Any] = {"action": int(f.action)}
-    if f.buffer_available is not None:
-        d["buffer_available"] = f.buffer_available
-    if f.correlation_id is not None:
-        d["correlation_id"] = f.correlation_id
-    if f.timestamp_ms:
-        d["timestamp_ms"] = f.timestamp_ms
-    return d
+_CONTROL_SCHEMAS: Final = (
+    (HealthStatus, _HEALTH),
+    (FlowControlSignal, _FLOW),
+    (MetricsReport, _METRICS),
+    (ConfigUpdateRequest, _CONFIG_UPDATE),
+    (ConfigUpdateResponse, _CONFIG_UPDATE_RESPONSE),
+)
 
 
-def _config_update_response_obj(r: ConfigUpdateResponse) -> dict[str, Any]:
-    return {
-        "request_id": r.request_id,
-        "accepted": r.accepted,
-        "error": r.error,
-        "timestamp_ms": r.timestamp_ms,
-    }
+def _control_obj(msg: Any, binary: bool) -> dict[str, Any]:
+    for cls, schema in _CONTROL_SCHEMAS:
+        if isinstance(msg, cls):
+            return schema.encode(msg, binary)  # type: ignore[no-any-return]
+    raise Serialization(f"not a control message: {type(msg).__name__}")
 
 
 def _is_config_update_response(obj: Any) -> bool:

@@ -21,6 +21,7 @@ from ..messages import (
 )
 from .schema import (
     _DEF,
+    _KEEP,
     _OPT,
     _REQ,
     _SKP,
@@ -33,6 +34,8 @@ from .schema import (
     _bool,
     _data,
     _dumps,
+    _e,
+    _enc_data,
     _list_str,
     _map_headers,
     _map_str,
@@ -75,7 +78,11 @@ def _metadata_obj(m: RequestMetadata, cid: str) -> dict[str, Any]:
 
 
 def _event_obj(event: Event, cid: str, binary: bool) -> dict[str, Any]:
-    """The event as a map with the injected ``correlation_id`` first (JSON sorts it later)."""
+    """The event as a map with the injected ``correlation_id`` first (JSON sorts it later).
+
+    RequestHeaders and body chunks, the per-request messages, are written by hand; their key
+    order is the schema's (tests/test_codec.py checks them against ``_event_from_schema``).
+    """
     cls = event.__class__
     if cls is RequestHeadersEvent:
         e: Any = event
@@ -101,49 +108,22 @@ def _event_obj(event: Event, cid: str, binary: bool) -> dict[str, Any]:
         else:
             d["bytes_sent"] = e.bytes_sent
         return d
-    if cls is ResponseHeadersEvent:
-        e = event
-        return {"correlation_id": cid, "status": e.status, "headers": e.headers}
-    if cls is RequestCompleteEvent:
-        e = event
-        return {
-            "correlation_id": cid,
-            "status": e.status,
-            "duration_ms": e.duration_ms,
-            "request_body_size": e.request_body_size,
-            "response_body_size": e.response_body_size,
-            "upstream_attempts": e.upstream_attempts,
-            "error": e.error,
-        }
-    if cls is WebSocketFrameEvent:
-        e = event
-        return {
-            "correlation_id": cid,
-            "opcode": e.opcode,
-            "data": bytes(e.data) if binary else _b64(e.data),
-            "client_to_server": e.client_to_server,
-            "frame_index": e.frame_index,
-            "fin": e.fin,
-            "route_id": e.route_id,
-            "client_ip": e.client_ip,
-        }
-    if cls is GuardrailInspectEvent:
-        e = event
-        d = {"correlation_id": cid, "inspection_type": e.inspection_type, "content": e.content}
-        if e.model is not None:
-            d["model"] = e.model
-        d["categories"] = e.categories
-        if e.route_id is not None:
-            d["route_id"] = e.route_id
-        d["metadata"] = e.metadata
-        return d
-    if cls is ConfigureEvent:
-        e = event
-        return {"correlation_id": cid, "config": e.config, "config_version": e.config_version}
+    schema = _EVENT_BY_CLASS.get(cls)
+    if schema is not None:
+        return schema.encode(event, binary, {"correlation_id": cid})  # type: ignore[no-any-return]
     for known in _EVENT_CLASSES:
         if isinstance(event, known):
             return _event_obj(_rebase(event, known), cid, binary)
     raise Serialization(f"not an event: {type(event).__name__}")
+
+
+def _event_from_schema(event: Event, cid: str, binary: bool) -> dict[str, Any]:
+    """Any event written from its schema alone (what the hand-written paths must equal)."""
+    head: dict[str, Any] = {"correlation_id": cid}
+    if event.__class__ is RequestHeadersEvent:
+        md: Any = event.metadata  # type: ignore[union-attr]
+        head["metadata"] = _METADATA.encode(md, binary, {"correlation_id": cid})
+    return _EVENT_BY_CLASS[event.__class__].encode(event, binary, head)  # type: ignore[no-any-return]
 
 
 def _rebase(event: Any, cls: type) -> Any:
@@ -360,7 +340,7 @@ _EVENT_SCHEMAS: dict[int, _Struct] = {
         "RequestHeadersEvent",
         "",
         [
-            ("metadata", _metadata_conv, _REQ),
+            ("metadata", _metadata_conv, _REQ, _e(_METADATA.enc)),
             ("method", _str, _REQ),
             ("uri", _str, _REQ),
             ("headers", _map_headers, _REQ),
@@ -372,9 +352,9 @@ _EVENT_SCHEMAS: dict[int, _Struct] = {
         "",
         [
             ("correlation_id", _str, _REQ),
-            ("data", _data, _REQ),
+            ("data", _data, _REQ, _e(_enc_data)),
             ("is_last", _bool, _REQ),
-            ("total_size", _opt(_u64), _SKP),
+            ("total_size", _opt(_u64), _SKP, _e(omit=_KEEP)),
             ("chunk_index", _u32, _DEF, int),
             ("bytes_received", _u64, _DEF, int),
         ],
@@ -391,9 +371,9 @@ _EVENT_SCHEMAS: dict[int, _Struct] = {
         "",
         [
             ("correlation_id", _str, _REQ),
-            ("data", _data, _REQ),
+            ("data", _data, _REQ, _e(_enc_data)),
             ("is_last", _bool, _REQ),
-            ("total_size", _opt(_u64), _SKP),
+            ("total_size", _opt(_u64), _SKP, _e(omit=_KEEP)),
             ("chunk_index", _u32, _DEF, int),
             ("bytes_sent", _u64, _DEF, int),
         ],
@@ -419,7 +399,7 @@ _EVENT_SCHEMAS: dict[int, _Struct] = {
         [
             ("correlation_id", _str, _REQ),
             ("opcode", _str, _REQ),
-            ("data", _data, _REQ),
+            ("data", _data, _REQ, _e(_enc_data)),
             ("client_to_server", _bool, _REQ),
             ("frame_index", _u64, _REQ),
             ("fin", _bool, _REQ),
@@ -454,16 +434,8 @@ _EVENT_SCHEMAS: dict[int, _Struct] = {
     ),
 }
 
-_EVENT_CLASSES: tuple[type, ...] = (
-    RequestHeadersEvent,
-    RequestBodyChunkEvent,
-    ResponseHeadersEvent,
-    ResponseBodyChunkEvent,
-    RequestCompleteEvent,
-    WebSocketFrameEvent,
-    GuardrailInspectEvent,
-    ConfigureEvent,
-)
+_EVENT_BY_CLASS: dict[Any, _Struct] = {s.build: s for s in _EVENT_SCHEMAS.values()}
+_EVENT_CLASSES: tuple[type, ...] = tuple(_EVENT_BY_CLASS)
 
 
 def _opt_str_ok(v: Any) -> bool:

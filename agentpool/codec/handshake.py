@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-import orjson
-
 from ..enums import CancelReason, EventType
 from ..errors import InvalidMessage
 from ..messages import (
@@ -21,12 +19,17 @@ from ..messages import (
 )
 from .schema import (
     _DEF,
+    _EMPTY,
     _OPT,
     _REQ,
-    _SORT,
     _any,
     _bool,
     _dumps,
+    _e,
+    _enc_int,
+    _enc_json_any,
+    _enc_list,
+    _enc_str,
     _guard,
     _i32,
     _json,
@@ -100,9 +103,9 @@ _CAPABILITIES = _Struct(
         ("agent_id", _str, _REQ),
         ("name", _str, _REQ),
         ("version", _str, _REQ),
-        ("supported_events", _event_codes, _REQ),
-        ("features", _FEATURES.conv, _REQ),
-        ("limits", _LIMITS.conv, _REQ),
+        ("supported_events", _event_codes, _REQ, _e(_enc_list(_enc_int))),
+        ("features", _FEATURES.conv, _REQ, _e(_FEATURES.enc)),
+        ("limits", _LIMITS.conv, _REQ, _e(_LIMITS.enc)),
     ],
     AgentCapabilities,
 )
@@ -110,11 +113,11 @@ _HANDSHAKE_REQUEST = _Struct(
     "UdsHandshakeRequest",
     "",
     [
-        ("supported_versions", _list(_u32), _REQ),
+        ("supported_versions", _list(_u32), _REQ, _e(_enc_list(_enc_int))),
         ("proxy_id", _str, _REQ),
         ("proxy_version", _str, _REQ),
-        ("config", _any, _OPT),
-        ("supported_encodings", _list(_encoding), _DEF, list),
+        ("config", _any, _OPT, _e(_enc_json_any)),
+        ("supported_encodings", _list(_encoding), _DEF, list, _e(_enc_list(_enc_str), omit=_EMPTY)),
     ],
     HandshakeRequest,
 )
@@ -123,10 +126,10 @@ _HANDSHAKE_RESPONSE = _Struct(
     "",
     [
         ("protocol_version", _u32, _REQ),
-        ("capabilities", _CAPABILITIES.conv, _REQ),
+        ("capabilities", _CAPABILITIES.conv, _REQ, _e(_CAPABILITIES.enc)),
         ("success", _bool, _REQ),
         ("error", _opt(_str), _OPT),
-        ("encoding", _encoding, _DEF, lambda: "json"),
+        ("encoding", _encoding, _DEF, lambda: "json", _e(_enc_str)),
     ],
     HandshakeResponse,
 )
@@ -136,9 +139,9 @@ _REGISTRATION_REQUEST = _Struct(
     [
         ("protocol_version", _u32, _REQ),
         ("agent_id", _str, _REQ),
-        ("capabilities", _CAPABILITIES.conv, _REQ),
+        ("capabilities", _CAPABILITIES.conv, _REQ, _e(_CAPABILITIES.enc)),
         ("auth_token", _opt(_str), _OPT),
-        ("metadata", _any, _OPT),
+        ("metadata", _any, _OPT, _e(_enc_json_any)),
     ],
     RegistrationRequest,
 )
@@ -161,60 +164,17 @@ def _decode_json_struct(spec: _Struct, payload: bytes) -> Any:
     return _guard(lambda: spec.decode(obj, "$"))
 
 
-def _json_any(v: Any) -> Any:
-    """Arbitrary JSON value as upstream writes a ``serde_json::Value``: object keys sorted."""
-    return orjson.Fragment(_dumps(v, option=_SORT))
-
-
-def _capabilities_obj(c: AgentCapabilities) -> dict[str, Any]:
-    f, lim = c.features, c.limits
-    return {
-        "agent_id": c.agent_id,
-        "name": c.name,
-        "version": c.version,
-        "supported_events": [int(e) for e in c.supported_events],
-        "features": {
-            "streaming_body": f.streaming_body,
-            "websocket": f.websocket,
-            "guardrails": f.guardrails,
-            "config_push": f.config_push,
-            "metrics_export": f.metrics_export,
-            "concurrent_requests": f.concurrent_requests,
-            "cancellation": f.cancellation,
-            "flow_control": f.flow_control,
-            "health_reporting": f.health_reporting,
-        },
-        "limits": {
-            "max_body_size": lim.max_body_size,
-            "max_concurrency": lim.max_concurrency,
-            "preferred_chunk_size": lim.preferred_chunk_size,
-        },
-    }
-
-
-def _dump_json(obj: Any) -> bytes:
+def _encode(spec: _Struct, msg: Any) -> bytes:
+    """``msg`` as JSON in its schema's field order."""
     try:
-        return _dumps(obj)
+        return _dumps(spec.encode(msg))
     except (TypeError, ValueError, OverflowError) as exc:
         raise _serialization(exc) from None
 
 
 def encode_handshake_request(req: HandshakeRequest) -> bytes:
     """Frame 0x01 payload (struct order; ``supported_encodings`` omitted when empty)."""
-    try:
-        d: dict[str, Any] = {
-            "supported_versions": [int(v) for v in req.supported_versions],
-            "proxy_id": req.proxy_id,
-            "proxy_version": req.proxy_version,
-            "config": _json_any(req.config),
-        }
-        if req.supported_encodings:
-            d["supported_encodings"] = [
-                str(getattr(e, "value", e)) for e in req.supported_encodings
-            ]
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise _serialization(exc) from None
-    return _dump_json(d)
+    return _encode(_HANDSHAKE_REQUEST, req)
 
 
 def decode_handshake_request(payload: bytes) -> HandshakeRequest:
@@ -224,15 +184,7 @@ def decode_handshake_request(payload: bytes) -> HandshakeRequest:
 
 def encode_handshake_response(resp: HandshakeResponse) -> bytes:
     """Frame 0x02 payload in struct order (``error`` always present)."""
-    return _dump_json(
-        {
-            "protocol_version": resp.protocol_version,
-            "capabilities": _capabilities_obj(resp.capabilities),
-            "success": resp.success,
-            "error": resp.error,
-            "encoding": str(getattr(resp.encoding, "value", resp.encoding)),
-        }
-    )
+    return _encode(_HANDSHAKE_RESPONSE, resp)
 
 
 def decode_handshake_response(payload: bytes) -> HandshakeResponse:
@@ -242,19 +194,7 @@ def decode_handshake_response(payload: bytes) -> HandshakeResponse:
 
 def encode_registration_request(req: RegistrationRequest) -> bytes:
     """Reverse connection: the agent's registration (frame 0x01, struct order)."""
-    try:
-        meta = _json_any(req.metadata)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise _serialization(exc) from None
-    return _dump_json(
-        {
-            "protocol_version": req.protocol_version,
-            "agent_id": req.agent_id,
-            "capabilities": _capabilities_obj(req.capabilities),
-            "auth_token": req.auth_token,
-            "metadata": meta,
-        }
-    )
+    return _encode(_REGISTRATION_REQUEST, req)
 
 
 def decode_registration_request(payload: bytes) -> RegistrationRequest:
@@ -264,15 +204,7 @@ def decode_registration_request(payload: bytes) -> RegistrationRequest:
 
 def encode_registration_response(resp: RegistrationResponse) -> bytes:
     """Reverse connection: the listener's answer (frame 0x02, struct order)."""
-    return _dump_json(
-        {
-            "success": resp.success,
-            "error": resp.error,
-            "proxy_id": resp.proxy_id,
-            "proxy_version": resp.proxy_version,
-            "connection_id": resp.connection_id,
-        }
-    )
+    return _encode(_REGISTRATION_RESPONSE, resp)
 
 
 def decode_registration_response(payload: bytes) -> RegistrationResponse:
@@ -281,9 +213,7 @@ def decode_registration_response(payload: bytes) -> RegistrationResponse:
 
 def encode_cancel(correlation_id: str, reason: CancelReason | int, timestamp_ms: int) -> bytes:
     """Cancel (0x40) payload, always JSON, keys sorted, 0-based reason."""
-    return _dump_json(
-        {"correlation_id": correlation_id, "reason": int(reason), "timestamp_ms": int(timestamp_ms)}
-    )
+    return _encode(_CANCEL, CancelRequest(correlation_id, reason, timestamp_ms))  # type: ignore[arg-type]
 
 
 def _cancel_reason(v: Any, path: str) -> CancelReason:
@@ -301,12 +231,17 @@ _CANCEL = _Struct(
     "",
     [
         ("correlation_id", _str, _REQ),
-        ("reason", _cancel_reason, _REQ),
-        ("timestamp_ms", _u64, _DEF, int),
+        ("reason", _cancel_reason, _REQ, _e(_enc_int)),
+        ("timestamp_ms", _u64, _DEF, int, _e(_enc_int)),
     ],
     CancelRequest,
 )
-_PING = _Struct("Ping", "", [("sequence", _u64, _REQ), ("timestamp_ms", _u64, _DEF, int)], Ping)
+_PING = _Struct(
+    "Ping",
+    "",
+    [("sequence", _u64, _REQ, _e(_enc_int)), ("timestamp_ms", _u64, _DEF, int, _e(_enc_int))],
+    Ping,
+)
 
 
 def decode_cancel(payload: bytes) -> CancelRequest:
@@ -315,7 +250,7 @@ def decode_cancel(payload: bytes) -> CancelRequest:
 
 def encode_ping(sequence: int, timestamp_ms: int) -> bytes:
     """Ping (0x41) payload, always JSON; the agent echoes it verbatim as Pong."""
-    return _dump_json({"sequence": int(sequence), "timestamp_ms": int(timestamp_ms)})
+    return _encode(_PING, Ping(sequence, timestamp_ms))
 
 
 def decode_ping(payload: bytes) -> Ping:

@@ -1,7 +1,12 @@
 """The schema engine of the codecs: scalar converters, error helpers and ``_Struct``.
 
-A converter is ``conv(value, path) -> value`` and raises InvalidMessage naming ``path``;
-a ``_Struct`` lists a message's fields in declaration order (upstream's struct order).
+Every message is declared once, as a ``_Struct``: its fields in declaration order (upstream's
+struct order), each with a decode converter (``conv(value, path) -> value``, raising
+InvalidMessage naming ``path``), a kind (required, defaulted, optional, skipped) and, where
+the wire form is not the attribute as it stands, an ``_e(...)`` with the encode-side details
+(a converter ``enc(value, binary)``, when the field is left out, the attribute name).
+``_Struct.decode`` reads a map or a positional array; ``_Struct.encode`` writes the named
+map in the same order, so decoder and encoder cannot drift apart.
 """
 
 from __future__ import annotations
@@ -249,6 +254,41 @@ def _b64(data: bytes) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Encode converters: ``enc(value, binary) -> wire value``
+
+
+def _enc_int(v: Any, binary: bool) -> int:
+    """Integers and int enums as plain integers."""
+    return int(v)
+
+
+def _enc_float(v: Any, binary: bool) -> float:
+    return float(v)
+
+
+def _enc_str(v: Any, binary: bool) -> str:
+    """String enums (``Encoding``) and strings as plain strings."""
+    return str(getattr(v, "value", v))
+
+
+def _enc_data(v: Any, binary: bool) -> Any:
+    """Body data: raw ``bin`` in MessagePack, base64 text in JSON."""
+    return bytes(v) if binary else _b64(v)
+
+
+def _enc_list(enc: Enc) -> Enc:
+    def lst(v: Any, binary: bool) -> list[Any]:
+        return [enc(x, binary) for x in v]
+
+    return lst
+
+
+def _enc_json_any(v: Any, binary: bool) -> Any:
+    """Arbitrary JSON value as upstream writes a ``serde_json::Value``: object keys sorted."""
+    return orjson.Fragment(_dumps(v, option=_SORT))
+
+
+# --------------------------------------------------------------------------------------------
 # Struct schemas (maps by name, sequences by position)
 
 _REQ: Final = 0  # required
@@ -257,26 +297,67 @@ _OPT: Final = 2  # Option: missing -> None
 _SKP: Final = 3  # Option with skip_serializing_if: also omitted from positional arrays
 
 
+# Encode side: when a field is left out of the map it writes.
+_KEEP: Final = 0  # always written (None as null)
+_NONE: Final = 1  # left out when None (serde's ``skip_serializing_if = "Option::is_none"``)
+_EMPTY: Final = 2  # left out when empty, zero or None
+
+Enc = Callable[[Any, bool], Any]
+"""Encode converter: ``enc(value, binary) -> wire value``; ``binary`` is True for MessagePack."""
+
+
+class _E:
+    """The encode-side details of a field, when it needs any (last item of a field spec)."""
+
+    __slots__ = ("attr", "enc", "omit")
+
+    def __init__(self, enc: Enc | None, omit: int | None, attr: str | None) -> None:
+        self.enc = enc
+        self.omit = omit
+        self.attr = attr
+
+
+def _e(enc: Enc | None = None, *, omit: int | None = None, attr: str | None = None) -> _E:
+    """Encode details: ``enc`` converts the attribute's value, ``omit`` overrides the kind's
+    rule for leaving the field out (``_SKP`` fields are left out when None, others kept),
+    ``attr`` names the attribute when it is not the key."""
+    return _E(enc, omit, attr)
+
+
 class _F:
-    __slots__ = ("conv", "factory", "key", "kind", "path")
+    __slots__ = ("attr", "conv", "enc", "factory", "key", "kind", "omit", "path")
 
     def __init__(
-        self, key: str, conv: Conv, kind: int, factory: Callable[[], Any] | None, path: str
+        self,
+        key: str,
+        conv: Conv,
+        kind: int,
+        factory: Callable[[], Any] | None,
+        path: str,
+        extra: _E | None = None,
     ) -> None:
         self.key = key
         self.conv = conv
         self.kind = kind
         self.factory = factory
         self.path = path
+        self.enc = extra.enc if extra is not None else None
+        omit = extra.omit if extra is not None else None
+        self.omit = omit if omit is not None else (_NONE if kind == _SKP else _KEEP)
+        attr = extra.attr if extra is not None else None
+        self.attr = attr if attr is not None else key
 
     def default(self) -> Any:
         return None if self.factory is None else self.factory()
 
 
 class _Struct:
-    """A serde-like struct schema: field specs in declaration order plus a builder."""
+    """A serde-like struct schema: field specs in declaration order plus a builder.
 
-    __slots__ = ("build", "fields", "name", "path")
+    A field spec is ``(key, conv, kind[, default factory][, _e(...)])``.
+    """
+
+    __slots__ = ("_writes", "build", "fields", "keys", "name", "path")
 
     def __init__(
         self,
@@ -290,11 +371,33 @@ class _Struct:
         prefix = f"{path}." if path else ""
         specs = []
         for spec in fields:
+            extra = spec[-1] if spec[-1].__class__ is _E else None
+            if extra is not None:
+                spec = spec[:-1]
             key, conv, kind = spec[0], spec[1], spec[2]
             factory = spec[3] if len(spec) > 3 else None
-            specs.append(_F(key, conv, kind, factory, prefix + key))
+            specs.append(_F(key, conv, kind, factory, prefix + key, extra))
         self.fields: tuple[_F, ...] = tuple(specs)
+        self.keys: tuple[str, ...] = tuple(f.key for f in specs)
+        self._writes = tuple((f.key, f.attr, f.enc, f.omit) for f in specs)
         self.build = build
+
+    def encode(self, obj: Any, binary: bool = False, head: dict[str, Any] | None = None) -> Any:
+        """The named map of ``obj`` in field order; ``head`` (written first) wins over fields
+        of the same key. Raises what the attribute access or a converter raises."""
+        out: dict[str, Any] = {} if head is None else head
+        for key, attr, enc, omit in self._writes:
+            if head is not None and key in head:
+                continue
+            v = getattr(obj, attr)
+            if omit and (v is None if omit == _NONE else not v):
+                continue
+            out[key] = v if enc is None else enc(v, binary)
+        return out
+
+    def enc(self, v: Any, binary: bool) -> Any:
+        """As a field's encode converter (a nested struct)."""
+        return self.encode(v, binary)
 
     def values(self, obj: Any, path: str | None = None) -> list[Any]:
         cls = obj.__class__
