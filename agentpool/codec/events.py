@@ -108,9 +108,9 @@ def _event_obj(event: Event, cid: str, binary: bool) -> dict[str, Any]:
         else:
             d["bytes_sent"] = e.bytes_sent
         return d
-    schema = _EVENT_BY_CLASS.get(cls)
-    if schema is not None:
-        return schema.encode(event, binary, {"correlation_id": cid})  # type: ignore[no-any-return]
+    encode = _EVENT_ENCODERS.get(cls)
+    if encode is not None:
+        return encode(event, binary, cid)  # type: ignore[no-any-return]
     for known in _EVENT_CLASSES:
         if isinstance(event, known):
             return _event_obj(_rebase(event, known), cid, binary)
@@ -436,6 +436,8 @@ _EVENT_SCHEMAS: dict[int, _Struct] = {
 
 _EVENT_BY_CLASS: dict[Any, _Struct] = {s.build: s for s in _EVENT_SCHEMAS.values()}
 _EVENT_CLASSES: tuple[type, ...] = tuple(_EVENT_BY_CLASS)
+# Every event's map starts with the injected correlation id, which replaces its own field.
+_EVENT_ENCODERS: Final = {c: s.encoder(("correlation_id",)) for c, s in _EVENT_BY_CLASS.items()}
 
 
 def _opt_str_ok(v: Any) -> bool:

@@ -357,7 +357,7 @@ class _Struct:
     A field spec is ``(key, conv, kind[, default factory][, _e(...)])``.
     """
 
-    __slots__ = ("_writes", "build", "fields", "keys", "name", "path")
+    __slots__ = ("_encoders", "build", "enc", "fields", "keys", "name", "path")
 
     def __init__(
         self,
@@ -379,25 +379,57 @@ class _Struct:
             specs.append(_F(key, conv, kind, factory, prefix + key, extra))
         self.fields: tuple[_F, ...] = tuple(specs)
         self.keys: tuple[str, ...] = tuple(f.key for f in specs)
-        self._writes = tuple((f.key, f.attr, f.enc, f.omit) for f in specs)
         self.build = build
+        self._encoders: dict[tuple[str, ...], Callable[..., Any]] = {}
+        self.enc: Enc = self.encoder()
+        """The encoder as a field's encode converter (a nested struct): ``enc(obj, binary)``."""
+
+    def encoder(self, head: tuple[str, ...] = ()) -> Callable[..., Any]:
+        """``encode(obj, binary, *head_values) -> dict``: the named map of ``obj`` in field
+        order after the ``head`` keys (which replace fields of the same key).
+
+        Generated once per head shape, the way ``dataclasses`` writes ``__init__``: a dict
+        display plus one test per field that may be left out, as fast as writing it by hand.
+        Raises what the attribute access or a converter raises.
+        """
+        fn = self._encoders.get(head)
+        if fn is not None:
+            return fn
+        ns: dict[str, Any] = {}
+        display = [f"{k!r}: h{i}" for i, k in enumerate(head)]
+        steps: list[str] = []
+        for i, f in enumerate(self.fields):
+            if f.key in head:
+                continue
+            if not f.attr.isidentifier():  # pragma: no cover - declaration error
+                raise ValueError(f"{self.name}.{f.key}: attribute {f.attr!r}")
+            value = f"o.{f.attr}"
+            if f.enc is not None:
+                ns[f"e{i}"] = f.enc
+            if f.omit == _KEEP and not steps:
+                display.append(f"{f.key!r}: " + (f"e{i}({value}, binary)" if f.enc else value))
+                continue
+            steps.append(f"    v = {value}")
+            indent = "    "
+            if f.omit != _KEEP:
+                steps.append("    if v is not None:" if f.omit == _NONE else "    if v:")
+                indent = "        "
+            steps.append(f"{indent}d[{f.key!r}] = " + (f"e{i}(v, binary)" if f.enc else "v"))
+        params = "".join(f", h{i}" for i in range(len(head)))
+        head_line = f"def encode(o, binary{params}):"
+        src = "\n".join([head_line, f"    d = {{{', '.join(display)}}}", *steps, "    return d"])
+        # Keys are repr()'d and attributes checked identifiers: nothing here comes off the wire.
+        exec(compile(src, f"<encoder {self.name}>", "exec"), ns)
+        fn = ns["encode"]
+        self._encoders[head] = fn
+        return fn  # type: ignore[no-any-return]
 
     def encode(self, obj: Any, binary: bool = False, head: dict[str, Any] | None = None) -> Any:
-        """The named map of ``obj`` in field order; ``head`` (written first) wins over fields
-        of the same key. Raises what the attribute access or a converter raises."""
-        out: dict[str, Any] = {} if head is None else head
-        for key, attr, enc, omit in self._writes:
-            if head is not None and key in head:
-                continue
-            v = getattr(obj, attr)
-            if omit and (v is None if omit == _NONE else not v):
-                continue
-            out[key] = v if enc is None else enc(v, binary)
-        return out
-
-    def enc(self, v: Any, binary: bool) -> Any:
-        """As a field's encode converter (a nested struct)."""
-        return self.encode(v, binary)
+        """The named map of ``obj`` (after ``head``, whose keys replace fields of the same key);
+        hot callers keep ``encoder(...)`` instead."""
+        if head is None:
+            return self.enc(obj, binary)
+        return self.encoder(tuple(head))(obj, binary, *head.values())
 
     def values(self, obj: Any, path: str | None = None) -> list[Any]:
         cls = obj.__class__
