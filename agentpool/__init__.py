@@ -1,47 +1,28 @@
-"""agentpool: a connection pool for Zentinel v2 external processing agents."""
+"""agentpool: a connection pool for Zentinel v2 external processing agents.
+
+The top level holds what a proxy or an agent author writes: the pool and its configuration,
+events, responses and decisions, the errors, the agent base class and server, and the
+Prometheus collector. Everything else lives in its module: message types of the control
+channel and the handshake in ``agentpool.messages``, enums in ``agentpool.enums``, payload
+codecs in ``agentpool.codec``, framing in ``agentpool.framing``, the config-push ledger in
+``agentpool.control``, connections in ``agentpool.connection`` (README, "Where things are").
+
+The agent side (``Agent``, ``AgentServer``, ``ErrorPolicy``, ``connect_reverse``,
+``serve_reverse``) is imported on first use (PEP 562), so ``import agentpool`` in a proxy
+does not load it.
+"""
 
 from __future__ import annotations
 
-from . import errors
-from ._impl import HAS_EXTENSIONS, core
+import importlib
+import warnings
+from typing import TYPE_CHECKING, Any
+
 from ._version import __version__
-from .circuit import (
-    CircuitBreaker,
-    CircuitBreakerConfig,
-    CircuitState,
-)
-from .codec import (
-    JSON_CODEC,
-    MSGPACK_CODEC,
-    Codec,
-    get_codec,
-)
-from .config import (
-    AgentPoolConfig,
-)
-from .connection import (
-    AgentConnection,
-    ConnectionListener,
-)
-from .control import (
-    ConfigPusher,
-    ConfigPusherConfig,
-    ConfigUpdateHandler,
-    PushResult,
-    PushStatus,
-    PushTarget,
-)
-from .enums import (
-    CancelReason,
-    Encoding,
-    EventType,
-    FlowAction,
-    FlowControlMode,
-    FlowState,
-    HealthState,
-    LoadBalanceStrategy,
-    MessageType,
-)
+from .circuit import CircuitBreakerConfig
+from .config import AgentPoolConfig
+from .control import ConfigPusherConfig
+from .enums import CancelReason, EventType, FlowControlMode, HealthState, LoadBalanceStrategy
 from .errors import (
     AddressInUse,
     AgentNotFound,
@@ -63,100 +44,43 @@ from .errors import (
     WrongConnectionType,
 )
 from .messages import (
-    AgentCapabilities,
-    AgentFeatures,
-    AgentLimits,
     AgentResponse,
     Allow,
     AuditMetadata,
     Block,
     BodyMutation,
-    CancelRequest,
     Challenge,
-    ConfigError,
-    ConfigUpdateRequest,
-    ConfigUpdateResponse,
-    ConfigUpdateType,
     ConfigureEvent,
-    ControlMessage,
-    CounterMetric,
     Decision,
     Event,
-    FlowControlSignal,
-    GaugeMetric,
     GuardrailInspectEvent,
-    HandshakeRequest,
-    HandshakeResponse,
     HeaderOp,
-    HealthStatus,
-    HistogramBucket,
-    HistogramMetric,
-    ListUpdate,
-    LoadMetrics,
-    MetricsReport,
-    Ping,
     Redirect,
-    RegistrationRequest,
-    RegistrationResponse,
     RequestBodyChunkEvent,
     RequestCompleteEvent,
     RequestHeadersEvent,
     RequestMetadata,
-    RequestReload,
-    ResourceMetrics,
     ResponseBodyChunkEvent,
     ResponseHeadersEvent,
-    RestartRequired,
-    RuleDefinition,
-    RuleUpdate,
     WebSocketClose,
     WebSocketDecision,
     WebSocketFrameEvent,
-    default_allow,
 )
-from .metrics import (
-    AgentPoolCollector,
-    MetricsCollector,
-    MetricsCollectorConfig,
-    MetricsSnapshot,
-)
-from .pool import (
-    AgentPool,
-    AgentPoolStats,
-)
-from .reverse import (
-    ReverseConnectionConfig,
-    ReverseConnectionListener,
-    connect_reverse,
-    serve_reverse,
-)
-from .server import (
-    Agent,
-    AgentServer,
-    ErrorPolicy,
-)
+from .metrics import AgentPoolCollector, MetricsCollectorConfig
+from .pool import AgentPool
+from .reverse import ReverseConnectionConfig, ReverseConnectionListener
 
-FrameDecoder = core.FrameDecoder
-encode_frame = core.encode_frame
-MAX_MESSAGE_SIZE: int = core.MAX_MESSAGE_SIZE
-ProtocolMetrics = core.ProtocolMetrics
+if TYPE_CHECKING:
+    from .reverse import connect_reverse, serve_reverse
+    from .server import Agent, AgentServer, ErrorPolicy
 
 __all__ = [
-    "HAS_EXTENSIONS",
-    "JSON_CODEC",
-    "MAX_MESSAGE_SIZE",
-    "MSGPACK_CODEC",
     "AddressInUse",
     "Agent",
-    "AgentCapabilities",
-    "AgentConnection",
-    "AgentFeatures",
-    "AgentLimits",
     "AgentNotFound",
     "AgentPool",
     "AgentPoolCollector",
     "AgentPoolConfig",
-    "AgentPoolStats",
     "AgentProtocolError",
     "AgentResponse",
     "AgentServer",
@@ -165,81 +89,39 @@ __all__ = [
     "Block",
     "BodyMutation",
     "CancelReason",
-    "CancelRequest",
     "Challenge",
-    "CircuitBreaker",
     "CircuitBreakerConfig",
     "CircuitBreakerOpen",
-    "CircuitState",
-    "Codec",
-    "ConfigError",
-    "ConfigPusher",
     "ConfigPusherConfig",
-    "ConfigUpdateHandler",
-    "ConfigUpdateRequest",
-    "ConfigUpdateResponse",
-    "ConfigUpdateType",
     "ConfigureEvent",
     "ConnectionClosed",
     "ConnectionFailed",
-    "ConnectionListener",
-    "ControlMessage",
-    "CounterMetric",
     "Decision",
     "DuplicateCorrelationId",
-    "Encoding",
     "ErrorPolicy",
     "Event",
     "EventType",
-    "FlowAction",
     "FlowControlMode",
     "FlowControlPaused",
-    "FlowControlSignal",
-    "FlowState",
-    "FrameDecoder",
-    "GaugeMetric",
     "GuardrailInspectEvent",
-    "HandshakeRequest",
-    "HandshakeResponse",
     "HeaderOp",
     "HealthState",
-    "HealthStatus",
-    "HistogramBucket",
-    "HistogramMetric",
     "InvalidEndpoint",
     "InvalidMessage",
     "Io",
-    "ListUpdate",
     "LoadBalanceStrategy",
-    "LoadMetrics",
     "MessageTooLarge",
-    "MessageType",
-    "MetricsCollector",
     "MetricsCollectorConfig",
-    "MetricsReport",
-    "MetricsSnapshot",
-    "Ping",
-    "ProtocolMetrics",
-    "PushResult",
-    "PushStatus",
-    "PushTarget",
     "Redirect",
-    "RegistrationRequest",
-    "RegistrationResponse",
     "RequestBodyChunkEvent",
     "RequestCancelled",
     "RequestCompleteEvent",
     "RequestHeadersEvent",
     "RequestMetadata",
-    "RequestReload",
-    "ResourceMetrics",
     "ResponseBodyChunkEvent",
     "ResponseHeadersEvent",
-    "RestartRequired",
     "ReverseConnectionConfig",
     "ReverseConnectionListener",
-    "RuleDefinition",
-    "RuleUpdate",
     "Serialization",
     "Timeout",
     "Unavailable",
@@ -250,9 +132,89 @@ __all__ = [
     "WrongConnectionType",
     "__version__",
     "connect_reverse",
-    "default_allow",
-    "encode_frame",
-    "errors",
-    "get_codec",
     "serve_reverse",
 ]
+
+# The agent side, imported on first use: name -> module.
+_AGENT_SIDE: dict[str, str] = {
+    "Agent": ".server",
+    "AgentServer": ".server",
+    "ErrorPolicy": ".server",
+    "connect_reverse": ".reverse",
+    "serve_reverse": ".reverse",
+}
+
+# Names that left the top level (0.1 exported them): they still resolve, with a
+# DeprecationWarning that names their module.
+_MOVED: dict[str, str] = {
+    **dict.fromkeys(
+        ("HAS_EXTENSIONS", "MAX_MESSAGE_SIZE", "FrameDecoder", "encode_frame"), "framing"
+    ),
+    **dict.fromkeys(("JSON_CODEC", "MSGPACK_CODEC", "Codec", "get_codec"), "codec"),
+    **dict.fromkeys(("AgentConnection", "ConnectionListener"), "connection"),
+    **dict.fromkeys(("CircuitBreaker", "CircuitState"), "circuit"),
+    **dict.fromkeys(
+        ("ConfigPusher", "ConfigUpdateHandler", "PushResult", "PushStatus", "PushTarget"),
+        "control",
+    ),
+    **dict.fromkeys(("Encoding", "FlowAction", "FlowState", "MessageType"), "enums"),
+    **dict.fromkeys(
+        ("MetricsCollector", "MetricsSnapshot", "ProtocolMetrics"),
+        "metrics",
+    ),
+    "AgentPoolStats": "pool",
+    **dict.fromkeys(
+        (
+            "AgentCapabilities",
+            "AgentFeatures",
+            "AgentLimits",
+            "CancelRequest",
+            "ConfigError",
+            "ConfigUpdateRequest",
+            "ConfigUpdateResponse",
+            "ConfigUpdateType",
+            "ControlMessage",
+            "CounterMetric",
+            "GaugeMetric",
+            "HandshakeRequest",
+            "HandshakeResponse",
+            "HealthStatus",
+            "HistogramBucket",
+            "HistogramMetric",
+            "ListUpdate",
+            "LoadMetrics",
+            "MetricsReport",
+            "Ping",
+            "RegistrationRequest",
+            "RegistrationResponse",
+            "RequestReload",
+            "ResourceMetrics",
+            "RestartRequired",
+            "RuleDefinition",
+            "RuleUpdate",
+            "default_allow",
+        ),
+        "messages",
+    ),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _AGENT_SIDE.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(module, __name__), name)
+        globals()[name] = value
+        return value
+    home = _MOVED.get(name)
+    if home is not None:
+        warnings.warn(
+            f"agentpool.{name} is deprecated; import it from agentpool.{home}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module(f".{home}", __name__), name)
+    raise AttributeError(f"module 'agentpool' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -1130,7 +1130,8 @@ def _ratio_text(summary: dict[str, float] | None) -> str:
 
 
 def _environment(args: argparse.Namespace, agent_impl: str) -> dict[str, Any]:
-    from . import HAS_EXTENSIONS, __version__
+    from ._impl import HAS_EXTENSIONS
+    from ._version import __version__
 
     try:
         import uvloop

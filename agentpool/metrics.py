@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ._impl import core
+
 if TYPE_CHECKING:
     from .messages import MetricsReport
 
@@ -32,6 +34,7 @@ __all__ = [
     "MetricsCollector",
     "MetricsCollectorConfig",
     "MetricsSnapshot",
+    "ProtocolMetrics",
     "escape_label_value",
     "format_le",
     "format_value",
@@ -39,6 +42,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+ProtocolMetrics = core.ProtocolMetrics
+"""The proxy-side protocol counters (``pool.protocol_metrics``), from the active core."""
 
 Labels = tuple[tuple[str, str], ...]
 

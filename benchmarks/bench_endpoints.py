@@ -27,9 +27,9 @@ import time
 import tracemalloc
 from collections.abc import Awaitable, Callable
 
-from agentpool import HAS_EXTENSIONS
 from agentpool.config import AgentPoolConfig
 from agentpool.endpoints import EndpointRecord
+from agentpool.framing import HAS_EXTENSIONS
 from agentpool.pool import AgentPool
 
 READY = "agentpool agent listening on "

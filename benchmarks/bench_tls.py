@@ -19,9 +19,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from agentpool import HAS_EXTENSIONS, tls
+from agentpool import tls
 from agentpool.bench import make_event, measure, process_cpu_reader
 from agentpool.config import AgentPoolConfig
+from agentpool.framing import HAS_EXTENSIONS
 from agentpool.pool import AgentPool
 
 READY = "agentpool agent listening on "

@@ -27,7 +27,8 @@ def pytest_asyncio_loop_factories(
 
 def pytest_report_header(config: pytest.Config) -> str:
     import agentpool
+    from agentpool.framing import HAS_EXTENSIONS
 
-    kind = "compiled" if agentpool.HAS_EXTENSIONS else "pure-Python"
+    kind = "compiled" if HAS_EXTENSIONS else "pure-Python"
     where = os.path.dirname(agentpool.__file__)
     return f"agentpool {agentpool.__version__} from {where} ({kind} core)"

@@ -21,6 +21,7 @@ import pytest
 from agents import aspawn_agent, short_socket_dir
 
 import agentpool
+from agentpool import _impl
 
 SCRIPT = Path(sys.executable).with_name("agentpool")
 T = 60.0
@@ -209,7 +210,7 @@ def test_demo_runs_from_the_source_tree() -> None:
         stdin=subprocess.DEVNULL,
     )
     assert proc.returncode == 0, proc.stderr
-    core = "compiled" if agentpool.HAS_EXTENSIONS else "pure Python"
+    core = "compiled" if _impl.HAS_EXTENSIONS else "pure Python"
     assert f"core: {core}" in proc.stderr
     assert "== 200 requests" in proc.stdout
 

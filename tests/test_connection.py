@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from agents import AgentProc, aspawn_agent, short_socket_dir, spawn_agent
 
-from agentpool import core
+from agentpool._impl import core
 from agentpool.codec import (
     decode_cancel,
     decode_handshake_request,

@@ -10,17 +10,18 @@ import pathlib
 import urllib.parse
 
 import agentpool
+import agentpool.framing
 from agentpool import _impl
 
 
 def test_expected_core_is_loaded() -> None:
     if os.environ.get("AGENTPOOL_NO_EXTENSIONS"):
-        assert not agentpool.HAS_EXTENSIONS
+        assert not agentpool.framing.HAS_EXTENSIONS
         assert _impl.core.__name__ == "agentpool._core_py"
         assert _impl.core.ConnState.__module__ == "agentpool._selection_py"
         assert _impl.core.ProtocolMetrics.__module__ == "agentpool._metrics_py"
     else:
-        assert agentpool.HAS_EXTENSIONS
+        assert agentpool.framing.HAS_EXTENSIONS
         assert _impl.core.__name__ == "agentpool._core"
         assert pathlib.Path(_impl.core.__file__).suffix in {".so", ".pyd"}
         # the pure-Python-mode modules of the core: compiled, not their .py source imported

@@ -9,9 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import agentpool
-from agentpool import FrameDecoder, InvalidMessage, MessageTooLarge, MessageType, encode_frame
+from agentpool import InvalidMessage, MessageTooLarge
+from agentpool.enums import MessageType
+from agentpool.framing import MAX_MESSAGE_SIZE, FrameDecoder, encode_frame
 
-MAX = agentpool.MAX_MESSAGE_SIZE
+MAX = MAX_MESSAGE_SIZE
 KNOWN = sorted(int(t) for t in MessageType)
 
 

@@ -24,8 +24,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from agentpool import AgentProtocolError, InvalidMessage, MessageTooLarge, MessageType
+from agentpool import AgentProtocolError, InvalidMessage, MessageTooLarge
 from agentpool._impl import core
+from agentpool.enums import MessageType
 
 KNOWN_TYPES = sorted(int(t) for t in MessageType)
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agentpool import core
+from agentpool._impl import core
 from agentpool.config import AgentPoolConfig
 from agentpool.enums import MessageType
 from agentpool.messages import (

@@ -21,8 +21,9 @@ from typing import Any
 import pytest
 from agents import AgentProc, aspawn_agent
 
-from agentpool import HAS_EXTENSIONS, AgentProtocolError, CircuitBreakerOpen
+from agentpool import AgentProtocolError, CircuitBreakerOpen
 from agentpool.config import AgentPoolConfig
+from agentpool.framing import HAS_EXTENSIONS
 from agentpool.messages import RequestHeadersEvent, RequestMetadata
 from agentpool.pool import AgentPool
 

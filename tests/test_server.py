@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from agents import short_socket_dir
 
-from agentpool import core
+from agentpool._impl import core
 from agentpool.codec import (
     decode_handshake_response,
     encode_handshake_request,
