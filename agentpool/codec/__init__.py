@@ -28,6 +28,7 @@ from .codecs import (
 from .codecs import (
     fast_paths as fast_paths,
 )
+from .events import validate_event as validate_event
 from .handshake import (
     decode_cancel,
     decode_handshake_request,
