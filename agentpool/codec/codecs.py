@@ -28,6 +28,7 @@ from .control import (
 from .events import (
     _EVENT_SCHEMAS,
     _HEADERS_ENCODER,
+    _chunk_typed,
     _event_obj,
     _headers_json,
     _request_headers_fast,
@@ -49,12 +50,11 @@ from .response import (
 from .schema import (
     _MISSING,
     _SORT,
-    _U32,
-    _U64,
     _b2a,
     _bad_type,
     _dumps,
     _guard,
+    _invalid,
     _json,
     _JSONDecodeError,
     _loads,
@@ -196,31 +196,21 @@ class _JsonCodec(Codec):
                 if out is not None:
                     return out
             elif cls is RequestBodyChunkEvent or cls is ResponseBodyChunkEvent:
-                # Per-chunk hot path: one flat dict once the field types are checked inline.
+                # Per-chunk hot path: one flat dict once the field types are checked.
                 chunk: Any = event
-                if cls is RequestBodyChunkEvent:
-                    counter, count = "bytes_received", chunk.bytes_received
-                else:
-                    counter, count = "bytes_sent", chunk.bytes_sent
-                index, total, data = chunk.chunk_index, chunk.total_size, chunk.data
-                if (
-                    data.__class__ is bytes
-                    and chunk.is_last.__class__ is bool
-                    and count.__class__ is int
-                    and index.__class__ is int
-                    and correlation_id.__class__ is str
-                    and 0 <= count <= _U64
-                    and 0 <= index <= _U32
-                    and (total is None or (total.__class__ is int and 0 <= total <= _U64))
-                ):
+                if _chunk_typed(chunk, correlation_id):
+                    if cls is RequestBodyChunkEvent:
+                        counter, count = "bytes_received", chunk.bytes_received
+                    else:
+                        counter, count = "bytes_sent", chunk.bytes_sent
                     return _dumps(
                         {
                             counter: count,
-                            "chunk_index": index,
+                            "chunk_index": chunk.chunk_index,
                             "correlation_id": correlation_id,
-                            "data": _b2a(data, newline=False).decode("ascii"),
+                            "data": _b2a(chunk.data, newline=False).decode("ascii"),
                             "is_last": chunk.is_last,
-                            "total_size": total,
+                            "total_size": chunk.total_size,
                         },
                         option=_SORT,
                     )
@@ -289,10 +279,8 @@ class _JsonCodec(Codec):
             cid, resp, nk = _response_from_map(d)
         except AgentProtocolError:
             raise
-        except RecursionError:
-            raise InvalidMessage("recursion limit exceeded") from None
         except Exception as exc:
-            raise InvalidMessage(f"{type(exc).__name__}: {exc}") from None
+            raise _invalid(exc) from None
         raw = payload if payload.__class__ is bytes else _as_bytes(payload)
         if nk != raw.count(b":") and (nk != raw.count(b'":') or _ws_before_colon(raw)):
             _check_response_duplicates(raw)
@@ -343,10 +331,8 @@ class _MsgpackCodec(Codec):
                 return _response_cid(resp.audit.custom), resp
         except AgentProtocolError:
             raise
-        except RecursionError:
-            raise InvalidMessage("recursion limit exceeded") from None
         except Exception as exc:
-            raise InvalidMessage(f"{type(exc).__name__}: {exc}") from None
+            raise _invalid(exc) from None
         _bad_type(obj, "struct AgentResponse", "$")
 
     def _dump_control(self, obj: dict[str, Any], sort: bool) -> bytes:

@@ -541,7 +541,12 @@ def _guard(fn: Callable[[], Any]) -> Any:
         return fn()
     except AgentProtocolError:
         raise
-    except RecursionError:
-        raise InvalidMessage("recursion limit exceeded") from None
     except Exception as exc:
-        raise InvalidMessage(f"{type(exc).__name__}: {exc}") from None
+        raise _invalid(exc) from None
+
+
+def _invalid(exc: Exception) -> InvalidMessage:
+    """A decoder's unexpected exception as the InvalidMessage callers see."""
+    if isinstance(exc, RecursionError):
+        return InvalidMessage("recursion limit exceeded")
+    return InvalidMessage(f"{type(exc).__name__}: {exc}")
