@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Final, NoReturn
 
 from .._impl import core
@@ -29,6 +30,7 @@ from .schema import (
     _U16,
     _U32,
     _U64,
+    Conv,
     _any,
     _b64,
     _bool,
@@ -201,18 +203,6 @@ def _v_str_map(v: Any, where: str) -> None:
         _v_str(item, f"{where}[{key!r}]")
 
 
-def _validate_metadata(m: Any) -> None:
-    where = "RequestHeadersEvent.metadata"
-    if not isinstance(m, RequestMetadata):
-        _bad_field(where, "a RequestMetadata", m)
-    for name in ("correlation_id", "request_id", "client_ip", "protocol", "timestamp"):
-        _v_str(getattr(m, name), f"{where}.{name}")
-    _v_uint(m.client_port, f"{where}.client_port", _U16)
-    for name in ("server_name", "tls_version", "tls_cipher", "route_id", "upstream_id"):
-        _v_opt_str(getattr(m, name), f"{where}.{name}")
-    _v_opt_str(m.traceparent, f"{where}.traceparent")
-
-
 def _chunk_typed(e: Any, correlation_id: Any) -> bool:
     """The body-chunk fields have exactly their declared types (the common, fast case)."""
     count = e.bytes_received if e.__class__ is RequestBodyChunkEvent else e.bytes_sent
@@ -249,52 +239,16 @@ def validate_event(event: Any, correlation_id: Any = "") -> None:
 
 
 def _validate_event(e: Any) -> None:
-    cls = e.__class__
-    if cls is RequestHeadersEvent or isinstance(e, RequestHeadersEvent):
-        _validate_metadata(e.metadata)
-        _v_str(e.method, "RequestHeadersEvent.method")
-        _v_str(e.uri, "RequestHeadersEvent.uri")
-        _v_headers(e.headers, "RequestHeadersEvent.headers")
-    elif isinstance(e, (RequestBodyChunkEvent, ResponseBodyChunkEvent)):
-        name = type(e).__name__
-        _v_bytes(e.data, f"{name}.data")
-        _v_bool(e.is_last, f"{name}.is_last")
-        if e.total_size is not None:
-            _v_uint(e.total_size, f"{name}.total_size", _U64)
-        _v_uint(e.chunk_index, f"{name}.chunk_index", _U32)
-        if isinstance(e, RequestBodyChunkEvent):
-            _v_uint(e.bytes_received, f"{name}.bytes_received", _U64)
+    checks = _EVENT_CHECKS.get(e.__class__)
+    if checks is None:
+        for known in _EVENT_CLASSES:
+            if isinstance(e, known):
+                checks = _EVENT_CHECKS[known]
+                break
         else:
-            _v_uint(e.bytes_sent, f"{name}.bytes_sent", _U64)
-    elif isinstance(e, ResponseHeadersEvent):
-        _v_uint(e.status, "ResponseHeadersEvent.status", _U16)
-        _v_headers(e.headers, "ResponseHeadersEvent.headers")
-    elif isinstance(e, RequestCompleteEvent):
-        _v_uint(e.status, "RequestCompleteEvent.status", _U16)
-        _v_uint(e.duration_ms, "RequestCompleteEvent.duration_ms", _U64)
-        _v_uint(e.request_body_size, "RequestCompleteEvent.request_body_size", _U64)
-        _v_uint(e.response_body_size, "RequestCompleteEvent.response_body_size", _U64)
-        _v_uint(e.upstream_attempts, "RequestCompleteEvent.upstream_attempts", _U32)
-        _v_opt_str(e.error, "RequestCompleteEvent.error")
-    elif isinstance(e, WebSocketFrameEvent):
-        _v_str(e.opcode, "WebSocketFrameEvent.opcode")
-        _v_bytes(e.data, "WebSocketFrameEvent.data")
-        _v_bool(e.client_to_server, "WebSocketFrameEvent.client_to_server")
-        _v_uint(e.frame_index, "WebSocketFrameEvent.frame_index", _U64)
-        _v_bool(e.fin, "WebSocketFrameEvent.fin")
-        _v_opt_str(e.route_id, "WebSocketFrameEvent.route_id")
-        _v_str(e.client_ip, "WebSocketFrameEvent.client_ip")
-    elif isinstance(e, GuardrailInspectEvent):
-        _v_str(e.inspection_type, "GuardrailInspectEvent.inspection_type")
-        _v_str(e.content, "GuardrailInspectEvent.content")
-        _v_opt_str(e.model, "GuardrailInspectEvent.model")
-        _v_str_list(e.categories, "GuardrailInspectEvent.categories")
-        _v_opt_str(e.route_id, "GuardrailInspectEvent.route_id")
-        _v_str_map(e.metadata, "GuardrailInspectEvent.metadata")
-    elif isinstance(e, ConfigureEvent):
-        _v_opt_str(e.config_version, "ConfigureEvent.config_version")
-    else:
-        raise Serialization(f"not an event: {type(e).__name__}")
+            raise Serialization(f"not an event: {type(e).__name__}")
+    for attr, check, where in checks:
+        check(getattr(e, attr), where)
 
 
 # --------------------------------------------------------------------------------------------
@@ -516,3 +470,74 @@ def _unpack_events(payload: bytes) -> Any:
         return _unpackb(payload, raw=False, object_pairs_hook=_first_cid_hook)
     except Exception as exc:  # msgpack raises a zoo of ValueError/TypeError/... subclasses
         raise InvalidMessage(f"invalid MessagePack payload: {exc}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Events: the validation table, derived from the schemas (the type check of each decoder)
+
+Check = Callable[[Any, str], None]
+
+
+def _v_opt(check: Check) -> Check:
+    def opt(v: Any, where: str) -> None:
+        if v is not None:
+            check(v, where)
+
+    return opt
+
+
+def _v_uint_to(top: int) -> Check:
+    def uint(v: Any, where: str) -> None:
+        _v_uint(v, where, top)
+
+    return uint
+
+
+_SCALAR_CHECKS: Final[dict[Any, Check | None]] = {
+    _str: _v_str,
+    _inspection_type: _v_str,  # the variant itself is the agent's to judge
+    _bool: _v_bool,
+    _data: _v_bytes,
+    _u16: _v_uint_to(_U16),
+    _u32: _v_uint_to(_U32),
+    _u64: _v_uint_to(_U64),
+    _map_headers: _v_headers,
+    _list_str: _v_str_list,
+    _map_str: _v_str_map,
+    _any: None,
+}
+
+
+def _check_of(conv: Conv) -> Check | None:
+    inner = getattr(conv, "inner", None)  # an Option
+    if inner is not None:
+        return _v_opt_str if inner is _str else _v_opt(_check_of(inner))  # type: ignore[arg-type]
+    if conv is _metadata_conv:
+        return _v_metadata
+    if conv not in _SCALAR_CHECKS:  # pragma: no cover - declaration error
+        raise TypeError(f"no encode-side check for converter {conv!r}")
+    return _SCALAR_CHECKS[conv]
+
+
+def _checks(schema: _Struct, where: str, skip: str = "") -> tuple[tuple[str, Check, str], ...]:
+    out: list[tuple[str, Check, str]] = []
+    for f in schema.fields:
+        check = _check_of(f.conv)
+        if f.key != skip and check is not None:
+            out.append((f.attr, check, f"{where}.{f.attr}"))
+    return tuple(out)
+
+
+def _v_metadata(m: Any, where: str) -> None:
+    if not isinstance(m, RequestMetadata):
+        _bad_field(where, "a RequestMetadata", m)
+    for attr, check, field_where in _METADATA_CHECKS:
+        check(getattr(m, attr), field_where)
+
+
+_METADATA_CHECKS: Final = _checks(_METADATA, "RequestHeadersEvent.metadata")
+# An event's own correlation_id is not checked: the injected one replaces it on the wire.
+_EVENT_CHECKS: Final = {
+    cls: _checks(schema, schema.name, skip="correlation_id")
+    for cls, schema in _EVENT_BY_CLASS.items()
+}

@@ -119,6 +119,7 @@ def _opt(conv: Conv) -> Conv:
     def opt(v: Any, path: str) -> Any:
         return None if v is None else conv(v, path)
 
+    opt.inner = conv  # type: ignore[attr-defined]
     return opt
 
 
