@@ -1,4 +1,9 @@
-"""Decisions and AgentResponse: schemas, the fast decoder, the encoder, byte templates."""
+"""Decisions and AgentResponse: schemas, the fast decoder, the encoder, byte templates.
+
+AgentResponse is the message of every round trip, so besides its schema (which decodes the
+shapes the fast paths decline and produces the error messages) it has hand-written paths:
+the map decoder, the encoder and the canonical-Allow byte templates the core matches.
+"""
 
 from __future__ import annotations
 
