@@ -32,7 +32,6 @@ from .schema import (
     _U64,
     Conv,
     _any,
-    _b64,
     _bool,
     _data,
     _dumps,
@@ -60,56 +59,14 @@ _headers_typed = _HEADERS_ENCODER.check
 # Events: encoding (proxy side)
 
 
-def _metadata_obj(m: RequestMetadata, cid: str) -> dict[str, Any]:
-    md = {
-        "correlation_id": cid,
-        "request_id": m.request_id,
-        "client_ip": m.client_ip,
-        "client_port": m.client_port,
-        "server_name": m.server_name,
-        "protocol": m.protocol,
-        "tls_version": m.tls_version,
-        "tls_cipher": m.tls_cipher,
-        "route_id": m.route_id,
-        "upstream_id": m.upstream_id,
-        "timestamp": m.timestamp,
-    }
-    if m.traceparent is not None:
-        md["traceparent"] = m.traceparent
-    return md
-
-
 def _event_obj(event: Event, cid: str, binary: bool) -> dict[str, Any]:
-    """The event as a map with the injected ``correlation_id`` first (JSON sorts it later).
-
-    RequestHeaders and body chunks, the per-request messages, are written by hand; their key
-    order is the schema's (tests/test_codec.py checks them against ``_event_from_schema``).
-    """
+    """The event as a map with the injected ``correlation_id`` first (JSON sorts it later),
+    written by the encoders generated from the schemas (RequestHeaders' metadata carries the
+    injected id too)."""
     cls = event.__class__
     if cls is RequestHeadersEvent:
         e: Any = event
-        return {
-            "correlation_id": cid,
-            "metadata": _metadata_obj(e.metadata, cid),
-            "method": e.method,
-            "uri": e.uri,
-            "headers": e.headers,
-        }
-    if cls is RequestBodyChunkEvent or cls is ResponseBodyChunkEvent:
-        e = event
-        data = bytes(e.data) if binary else _b64(e.data)
-        d = {
-            "correlation_id": cid,
-            "data": data,
-            "is_last": e.is_last,
-            "total_size": e.total_size,
-            "chunk_index": e.chunk_index,
-        }
-        if cls is RequestBodyChunkEvent:
-            d["bytes_received"] = e.bytes_received
-        else:
-            d["bytes_sent"] = e.bytes_sent
-        return d
+        return _HEADERS_MAP(e, binary, cid, _METADATA_MAP(e.metadata, binary, cid))  # type: ignore[no-any-return]
     encode = _EVENT_ENCODERS.get(cls)
     if encode is not None:
         return encode(event, binary, cid)  # type: ignore[no-any-return]
@@ -117,15 +74,6 @@ def _event_obj(event: Event, cid: str, binary: bool) -> dict[str, Any]:
         if isinstance(event, known):
             return _event_obj(_rebase(event, known), cid, binary)
     raise Serialization(f"not an event: {type(event).__name__}")
-
-
-def _event_from_schema(event: Event, cid: str, binary: bool) -> dict[str, Any]:
-    """Any event written from its schema alone (what the hand-written paths must equal)."""
-    head: dict[str, Any] = {"correlation_id": cid}
-    if event.__class__ is RequestHeadersEvent:
-        md: Any = event.metadata  # type: ignore[union-attr]
-        head["metadata"] = _METADATA.encode(md, binary, {"correlation_id": cid})
-    return _EVENT_BY_CLASS[event.__class__].encode(event, binary, head)  # type: ignore[no-any-return]
 
 
 def _rebase(event: Any, cls: type) -> Any:
@@ -392,6 +340,8 @@ _EVENT_BY_CLASS: dict[Any, _Struct] = {s.build: s for s in _EVENT_SCHEMAS.values
 _EVENT_CLASSES: tuple[type, ...] = tuple(_EVENT_BY_CLASS)
 # Every event's map starts with the injected correlation id, which replaces its own field.
 _EVENT_ENCODERS: Final = {c: s.encoder(("correlation_id",)) for c, s in _EVENT_BY_CLASS.items()}
+_HEADERS_MAP: Final = _EVENT_BY_CLASS[RequestHeadersEvent].encoder(("correlation_id", "metadata"))
+_METADATA_MAP: Final = _METADATA.encoder(("correlation_id",))
 
 
 def _opt_str_ok(v: Any) -> bool:
