@@ -1,6 +1,6 @@
 """Each message is declared once, by its schema: the encoders are derived from the decode
-schemas, and the hand-written JSON hot paths (RequestHeaders in the core, body chunks) must
-write exactly what the schema-derived encoder writes."""
+schemas, and the one hand-written event writer (RequestHeaders as JSON, in the core) and the
+body-chunk fast path must write exactly what the schema-derived encoder writes."""
 
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ def _structs() -> list[schema._Struct]:
 @SETTINGS
 @given(event=events, cid=text)
 def test_event_bytes_equal_the_schema_derived_map(event: Any, cid: str) -> None:
-    """The hand-written JSON paths (the core's RequestHeaders writer, the body-chunk path)
-    write what the schema-derived encoder writes."""
+    """The fast paths (the core's RequestHeaders writer, the body-chunk path) write what the
+    schema-derived encoder writes."""
     md = getattr(event, "metadata", None)
     if isinstance(md, RequestMetadata):  # the injected id is the metadata's too
         expected_md = list(CE._METADATA.encode(dataclasses.replace(md, correlation_id=cid)).items())

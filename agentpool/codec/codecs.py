@@ -26,6 +26,7 @@ from .control import (
     _is_config_update_response,
 )
 from .events import (
+    _EVENT_ENCODERS,
     _EVENT_SCHEMAS,
     _HEADERS_ENCODER,
     _chunk_typed,
@@ -50,7 +51,6 @@ from .response import (
 from .schema import (
     _MISSING,
     _SORT,
-    _b2a,
     _bad_type,
     _dumps,
     _guard,
@@ -196,24 +196,9 @@ class _JsonCodec(Codec):
                 if out is not None:
                     return out
             elif cls is RequestBodyChunkEvent or cls is ResponseBodyChunkEvent:
-                # Per-chunk hot path: one flat dict once the field types are checked.
-                chunk: Any = event
-                if _chunk_typed(chunk, correlation_id):
-                    if cls is RequestBodyChunkEvent:
-                        counter, count = "bytes_received", chunk.bytes_received
-                    else:
-                        counter, count = "bytes_sent", chunk.bytes_sent
-                    return _dumps(
-                        {
-                            counter: count,
-                            "chunk_index": chunk.chunk_index,
-                            "correlation_id": correlation_id,
-                            "data": _b2a(chunk.data, newline=False).decode("ascii"),
-                            "is_last": chunk.is_last,
-                            "total_size": chunk.total_size,
-                        },
-                        option=_SORT,
-                    )
+                # Per-chunk hot path: the schema's encoder once the field types are checked.
+                if _chunk_typed(event, correlation_id):
+                    return _dumps(_EVENT_ENCODERS[cls](event, False, correlation_id), option=_SORT)
             validate_event(event, correlation_id)
             return _dumps(_event_obj(event, correlation_id, False), option=_SORT)
         except AgentProtocolError:
