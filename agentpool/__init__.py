@@ -71,8 +71,7 @@ from .pool import AgentPool
 from .reverse import ReverseConnectionConfig, ReverseConnectionListener
 
 if TYPE_CHECKING:
-    from .reverse import connect_reverse, serve_reverse
-    from .server import Agent, AgentServer, ErrorPolicy
+    from .agent import Agent, AgentServer, ErrorPolicy, connect_reverse, serve_reverse
 
 __all__ = [
     "AddressInUse",
@@ -137,11 +136,11 @@ __all__ = [
 
 # The agent side, imported on first use: name -> module.
 _AGENT_SIDE: dict[str, str] = {
-    "Agent": ".server",
-    "AgentServer": ".server",
-    "ErrorPolicy": ".server",
-    "connect_reverse": ".reverse",
-    "serve_reverse": ".reverse",
+    "Agent": ".agent",
+    "AgentServer": ".agent",
+    "ErrorPolicy": ".agent",
+    "connect_reverse": ".agent",
+    "serve_reverse": ".agent",
 }
 
 # Names that left the top level (0.1 exported them): they still resolve, with a

@@ -1,6 +1,6 @@
 """Listening on a Unix socket path without stealing it, and removing it only if still ours.
 
-Used by :class:`~agentpool.server.AgentServer` and
+Used by :class:`~agentpool.agent.AgentServer` and
 :meth:`~agentpool.reverse.ReverseConnectionListener.bind_uds` (docs/protocol.md,
 "Socket paths"). Binding refuses a path where a process is listening (found by connecting to
 it), replaces a stale socket file nobody listens on, and refuses a path that exists but is

@@ -969,7 +969,7 @@ def _agent_argv(impl: str, path: str) -> list[str]:
 
 def _example_available() -> bool:
     try:
-        from . import examples
+        from .agent import examples
 
         return hasattr(examples, "BenchAgent") or "bench" in repr(vars(examples).keys())
     except Exception:

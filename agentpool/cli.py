@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 
 from ._version import __version__
 
-__all__ = ["COMMANDS", "Command", "CommandError", "main"]
+__all__ = ["COMMANDS", "Command", "CommandError", "main", "main_agent"]
 
 
 class CommandError(Exception):
@@ -181,7 +181,7 @@ _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def _agent_arguments(p: argparse.ArgumentParser) -> None:
-    from .examples import EXAMPLES
+    from .agent.examples import EXAMPLES
 
     where = p.add_argument_group(
         "where to serve (one of --socket, --tcp, --reverse; --grpc alone or with --socket/--tcp)"
@@ -289,7 +289,7 @@ def _run_agent(args: argparse.Namespace) -> int:
             raise CommandError(f"cannot listen on {args.socket}: no directory {directory}")
     logging.basicConfig(level=args.log_level, stream=sys.stderr)
 
-    from .server import _serve
+    from .agent.server import _serve
 
     use_uvloop = args.loop == "uvloop" or (args.loop is None and args.example == "bench")
     if use_uvloop and args.loop is None:
@@ -565,6 +565,11 @@ def _silence_stdout() -> None:
         os.dup2(devnull, sys.stdout.fileno())
     except (OSError, ValueError):
         pass
+
+
+def main_agent(argv: Sequence[str] | None = None) -> int:
+    """``agentpool agent`` with ``argv`` as its options (default ``sys.argv[1:]``)."""
+    return main(["agent", *(sys.argv[1:] if argv is None else argv)])
 
 
 def console_main() -> None:

@@ -5,9 +5,9 @@ Unix socket path (or a loopback TCP port), waits until it is listening (bounded)
 :class:`AgentProc` and always kills the process at the end. ``aspawn_agent()`` is the same as
 an async context manager that does not block the event loop while the agent starts.
 
-Examples (``agentpool.examples``): ``waf``, ``echo``, ``bench``, ``control`` (behaviour driven by
-``x-test-*`` request headers, see ``agentpool/examples.py``). Extra knobs are passed through
-``extra_args``, e.g. ``("--delay", "0.5")``.
+Examples (``agentpool.agent.examples``): ``waf``, ``echo``, ``bench``, ``control`` (behaviour
+driven by ``x-test-*`` request headers, see ``agentpool/agent/examples.py``). Extra knobs are
+passed through ``extra_args``, e.g. ``("--delay", "0.5")``.
 """
 
 from __future__ import annotations

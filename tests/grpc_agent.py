@@ -1,6 +1,6 @@
 """A gRPC test agent process: ``python tests/grpc_agent.py --listen HOST:PORT [--tls-dir D]``.
 
-Serves :class:`GrpcTestAgent` with :class:`agentpool.grpc.GrpcAgentServer` and prints the
+Serves :class:`GrpcTestAgent` with :class:`agentpool.agent.grpc.GrpcAgentServer` and prints the
 usual ``agentpool agent listening on <endpoint>`` line. Behaviour per request is chosen by
 headers, as for the UDS control agent: ``x-test-delay: <s>`` waits before answering;
 ``x-test-action`` (comma-separated): ``pause``/``resume`` (flow control), ``health:<n>``,
@@ -28,8 +28,10 @@ from typing import Any
 
 import orjson
 
+from agentpool.agent import Agent, current_session
+from agentpool.agent.grpc import GrpcAgentServer
 from agentpool.enums import CancelReason, FlowAction, HealthState
-from agentpool.grpc import GrpcAgentServer, GrpcTLS
+from agentpool.grpc import GrpcTLS
 from agentpool.grpc import agent_v2_pb2 as pb
 from agentpool.messages import (
     AgentResponse,
@@ -46,7 +48,6 @@ from agentpool.messages import (
     RequestHeadersEvent,
     ResponseHeadersEvent,
 )
-from agentpool.server import Agent, current_session
 
 
 class GrpcTestAgent(Agent):

@@ -23,6 +23,7 @@ import sys
 import orjson
 
 from agentpool import AgentServer
+from agentpool.agent import Agent
 from agentpool.messages import (
     AgentResponse,
     Block,
@@ -35,7 +36,6 @@ from agentpool.messages import (
     ResponseHeadersEvent,
     WebSocketFrameEvent,
 )
-from agentpool.server import Agent
 
 
 def _b64(data: bytes) -> str:

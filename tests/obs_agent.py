@@ -27,6 +27,7 @@ import os
 import sys
 from typing import Any
 
+from agentpool.agent import Agent, AgentServer, AgentSession, current_session
 from agentpool.enums import FlowAction, HealthState
 from agentpool.errors import AgentProtocolError
 from agentpool.messages import (
@@ -45,7 +46,6 @@ from agentpool.messages import (
     RuleDefinition,
     RuleUpdate,
 )
-from agentpool.server import Agent, AgentServer, AgentSession, current_session
 
 
 def _le(value: Any) -> float:

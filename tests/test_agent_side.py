@@ -20,6 +20,7 @@ import pytest
 from agents import short_socket_dir
 
 from agentpool._impl import core
+from agentpool.agent import Agent, AgentServer, AgentSession, ErrorPolicy, current_session
 from agentpool.codec import (
     decode_handshake_response,
     encode_cancel,
@@ -39,7 +40,6 @@ from agentpool.messages import (
     RequestReload,
     WebSocketClose,
 )
-from agentpool.server import Agent, AgentServer, AgentSession, ErrorPolicy, current_session
 
 T = 10.0
 
@@ -278,7 +278,7 @@ async def test_handler_errors_are_blocked_by_default_and_logged_with_the_cid(
     assert Agent.on_error == ErrorPolicy.block(500)
     evil = "x\nINFO forged log line"
     async with serve(FailingAgent()) as server, proxy(server.endpoint) as conn:
-        with caplog.at_level(logging.ERROR, logger="agentpool.server"):
+        with caplog.at_level(logging.ERROR, logger="agentpool.agent"):
             r = await asyncio.wait_for(conn.request(headers_event(evil, "/raise"), evil), T)
         assert block_status(r) == 500 and r.audit.tags == ["agent-error"]
         assert r.audit.custom["correlation_id"] == evil

@@ -190,7 +190,7 @@ async def closing(conn: AgentConnection) -> None:
 
 def test_core_does_not_import_grpc() -> None:
     code = (
-        "import sys, agentpool, agentpool.pool, agentpool.connection, agentpool.server\n"
+        "import sys, agentpool, agentpool.pool, agentpool.connection, agentpool.agent\n"
         "assert 'grpc' not in sys.modules and 'google.protobuf' not in sys.modules, "
         "sorted(m for m in sys.modules if 'grpc' in m or 'protobuf' in m)\n"
     )

@@ -10,6 +10,7 @@ import tempfile
 import pytest
 
 from agentpool import AgentServer
+from agentpool.agent import Agent
 from agentpool.errors import AgentProtocolError
 from agentpool.http import (
     AgentRule,
@@ -30,7 +31,6 @@ from agentpool.messages import (
     RequestBodyChunkEvent,
     RequestHeadersEvent,
 )
-from agentpool.server import Agent
 
 
 def test_route_matching() -> None:

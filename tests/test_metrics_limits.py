@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agentpool._impl import core
+from agentpool.agent import Agent, AgentServer
 from agentpool.config import AgentPoolConfig
 from agentpool.enums import MessageType
 from agentpool.messages import (
@@ -38,7 +39,6 @@ from agentpool.metrics import (
     MetricsCollectorConfig,
 )
 from agentpool.pool import AgentPool
-from agentpool.server import Agent, AgentServer
 
 T = 10.0
 

@@ -510,7 +510,7 @@ def test_nothing_registered_at_import() -> None:
         "import prometheus_client\n"
         "before = sorted(m.name for m in prometheus_client.REGISTRY.collect())\n"
         "import agentpool, agentpool.metrics, agentpool.pool, agentpool.control\n"
-        "import agentpool.connection, agentpool.server, agentpool.reverse, agentpool.demo\n"
+        "import agentpool.connection, agentpool.agent, agentpool.reverse, agentpool.demo\n"
         "after = sorted(m.name for m in prometheus_client.REGISTRY.collect())\n"
         "assert before == after, (before, after)\n"
         "assert not any(n.startswith('agent_protocol') for n in after)\n"

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from agents import AgentProc
 
+from agentpool.agent import Agent, AgentServer
 from agentpool.config import AgentPoolConfig, ConfigPusherConfig
 from agentpool.control import PushStatus
 from agentpool.messages import (
@@ -32,7 +33,6 @@ from agentpool.messages import (
     RuleUpdate,
 )
 from agentpool.pool import AgentPool, config_update_payload
-from agentpool.server import Agent, AgentServer
 
 # --------------------------------------------------------------------------- the agent
 

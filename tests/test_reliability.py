@@ -726,8 +726,8 @@ async def test_shutdown_with_requests_in_flight(
 
 LEGIT_AGENT = """
 import asyncio, sys
-from agentpool.examples import make_agent
-from agentpool.reverse import connect_reverse
+from agentpool.agent.examples import make_agent
+from agentpool.agent import connect_reverse
 
 async def main(target, agent_id):
     agent = make_agent("bench")

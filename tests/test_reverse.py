@@ -24,6 +24,8 @@ from typing import Any
 import pytest
 
 import agentpool
+from agentpool.agent import connect_reverse
+from agentpool.agent.examples import make_agent
 from agentpool.config import AgentPoolConfig
 from agentpool.errors import (
     AddressInUse,
@@ -34,7 +36,6 @@ from agentpool.errors import (
     Timeout,
     VersionMismatch,
 )
-from agentpool.examples import make_agent
 from agentpool.messages import (
     AgentCapabilities,
     RegistrationRequest,
@@ -46,7 +47,6 @@ from agentpool.pool import AgentPool
 from agentpool.reverse import (
     ReverseConnectionConfig,
     ReverseConnectionListener,
-    connect_reverse,
     validate_registration,
 )
 
@@ -682,8 +682,8 @@ async def test_tcp_listener_registers(sock_path: str) -> None:
 
 AGENT_SCRIPT = """
 import asyncio, sys
-from agentpool.examples import make_agent
-from agentpool.reverse import connect_reverse
+from agentpool.agent.examples import make_agent
+from agentpool.agent import connect_reverse
 
 async def main():
     target, agent_id, token = sys.argv[1], sys.argv[2], sys.argv[3] or None

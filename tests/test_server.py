@@ -12,9 +12,12 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from agentpool.examples import BenchAgent, make_agent
 from agents import short_socket_dir
 
 from agentpool._impl import core
+from agentpool.agent import Agent, AgentServer, ErrorPolicy
+from agentpool.cli import main_agent
 from agentpool.codec import (
     decode_handshake_response,
     encode_handshake_request,
@@ -23,7 +26,6 @@ from agentpool.codec import (
 from agentpool.connection import AgentConnection, ConnectionListener
 from agentpool.enums import CancelReason, FlowAction, HealthState, MessageType
 from agentpool.errors import ConnectionFailed
-from agentpool.examples import BenchAgent, make_agent
 from agentpool.messages import (
     AgentResponse,
     Block,
@@ -44,7 +46,6 @@ from agentpool.messages import (
     ResponseHeadersEvent,
     WebSocketFrameEvent,
 )
-from agentpool.server import Agent, AgentServer, ErrorPolicy, main_agent
 
 T = 10.0
 

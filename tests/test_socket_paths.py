@@ -15,12 +15,12 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from agents import _PKG_ROOT, aspawn_agent, short_socket_dir
 
+from agentpool.agent import AgentServer
+from agentpool.agent.examples import make_agent
 from agentpool.connection import AgentConnection
 from agentpool.errors import AddressInUse, ConnectionFailed
-from agentpool.examples import make_agent
 from agentpool.messages import RequestHeadersEvent, RequestMetadata
 from agentpool.reverse import ReverseConnectionListener
-from agentpool.server import AgentServer
 
 T = 10.0
 

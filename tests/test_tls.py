@@ -20,18 +20,17 @@ import pytest
 from agents import spawn_agent
 
 from agentpool import tls
+from agentpool.agent import AgentServer, connect_reverse
+from agentpool.agent.examples import WafAgent, make_agent
 from agentpool.config import AgentPoolConfig
 from agentpool.connection import AgentConnection, parse_endpoint
 from agentpool.errors import AgentProtocolError, ConnectionFailed, InvalidMessage
-from agentpool.examples import WafAgent, make_agent
 from agentpool.messages import Allow, Block, RequestHeadersEvent, RequestMetadata
 from agentpool.pool import AgentPool
 from agentpool.reverse import (
     ReverseConnectionConfig,
     ReverseConnectionListener,
-    connect_reverse,
 )
-from agentpool.server import AgentServer
 from agentpool.tls import TLSHandshakeFailed
 
 trustme = pytest.importorskip("trustme")

@@ -1,7 +1,7 @@
-"""The agent side over gRPC: serve an :class:`~agentpool.server.Agent` as ``AgentServiceV2``.
+"""The agent side over gRPC: serve an :class:`~agentpool.agent.Agent` as ``AgentServiceV2``.
 
 :class:`GrpcAgentServer` answers ``ProcessStream`` calls with the handlers of the same Agent
-subclass that :class:`~agentpool.server.AgentServer` serves on UDS/TCP, so one agent can be
+subclass that :class:`~agentpool.agent.AgentServer` serves on UDS/TCP, so one agent can be
 reached by a Zentinel proxy over either transport. Behaviour on the stream follows the Rust
 agent server: events before a successful handshake are ignored; pings are answered with a
 Pong; Cancel cancels the running handler (no reply); Configure runs ``on_configure`` without
@@ -25,17 +25,17 @@ import orjson
 
 from ..enums import CancelReason, FlowAction, HealthState, MessageType
 from ..errors import AgentProtocolError
+from ..grpc import _convert
+from ..grpc import agent_v2_pb2 as pb
+from ..grpc._client import GrpcTLS, grpc_module
 from ..messages import FlowControlSignal, HealthStatus, MetricsReport, now_ms
-from ..server import (
+from .server import (
     DEFAULT_MAX_WRITE_BUFFER,
     Agent,
     ErrorPolicy,
     current_session,
     handle_event,
 )
-from . import _convert
-from . import agent_v2_pb2 as pb
-from ._client import GrpcTLS, grpc_module
 
 __all__ = ["GrpcAgentServer", "GrpcSession"]
 
@@ -47,7 +47,7 @@ _SERVICE = "zentinel.agent.v2.AgentServiceV2"
 class GrpcSession:
     """One proxy's ``ProcessStream`` on the agent side.
 
-    Offers the push helpers of :class:`~agentpool.server.AgentSession` (health, metrics, flow
+    Offers the push helpers of :class:`~agentpool.agent.AgentSession` (health, metrics, flow
     control) and ``write_raw`` (tests send malformed messages with it).
     """
 
@@ -318,7 +318,7 @@ class GrpcAgentServer:
     ``ServerCredentials``. Messages are limited to 4 MiB each way. A proxy that lets more than
     ``max_write_buffer`` bytes of replies pile up gets no more replies on that stream, which is
     aborted with RESOURCE_EXHAUSTED (the status reaches the proxy once it reads again). As on
-    :class:`~agentpool.server.AgentServer`, a stream runs at most ``agent.max_concurrency``
+    :class:`~agentpool.agent.AgentServer`, a stream runs at most ``agent.max_concurrency``
     handlers at once (then stops reading), and ``on_error`` (default: the agent's) answers
     failed handlers, and replies that gRPC cannot carry.
     """

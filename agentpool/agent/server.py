@@ -28,20 +28,19 @@ import logging
 import math
 import signal
 import ssl as _ssl
-import sys
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
-from . import codec as _codec
-from ._impl import core
-from ._unixsock import FileId, bind_unix, unlink_if_ours
-from ._version import __version__
-from .enums import CancelReason, EventType, FlowAction, HealthState, MessageType
-from .errors import AgentProtocolError, ConnectionClosed, InvalidMessage, Timeout
-from .messages import (
+from .. import codec as _codec
+from .._impl import core
+from .._unixsock import FileId, bind_unix, unlink_if_ours
+from .._version import __version__
+from ..enums import CancelReason, EventType, FlowAction, HealthState, MessageType
+from ..errors import AgentProtocolError, ConnectionClosed, InvalidMessage, Timeout
+from ..messages import (
     AgentCapabilities,
     AgentFeatures,
     AgentLimits,
@@ -73,10 +72,9 @@ __all__ = [
     "ErrorPolicy",
     "current_session",
     "handle_event",
-    "main_agent",
 ]
 
-log = logging.getLogger("agentpool.server")
+log = logging.getLogger("agentpool.agent.server")
 
 #: The session whose event the running handler serves (set for every handler task).
 current_session: contextvars.ContextVar[AgentSession] = contextvars.ContextVar(
@@ -1187,7 +1185,7 @@ async def _serve(args: argparse.Namespace) -> None:
 def _tls_context(args: argparse.Namespace) -> _ssl.SSLContext | None:
     if not args.tls_cert:
         return None
-    from .tls import server_context
+    from ..tls import server_context
 
     return server_context(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca)
 
@@ -1198,7 +1196,7 @@ def _grpc_tls(args: argparse.Namespace) -> Any:
         return None
     from pathlib import Path
 
-    from .grpc import GrpcTLS
+    from ..grpc import GrpcTLS
 
     chain = Path(args.tls_cert).read_bytes()
     return GrpcTLS(
@@ -1254,7 +1252,7 @@ async def _serve_reverse(agent: Agent, args: argparse.Namespace) -> None:
 
     ssl_ctx = None
     if args.tls_cert or args.tls_ca:
-        from .tls import client_context
+        from ..tls import client_context
 
         ssl_ctx = client_context(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
     conn = await connect_reverse(
@@ -1274,14 +1272,3 @@ async def _serve_reverse(agent: Agent, args: argparse.Namespace) -> None:
         closed.cancel()
         stopped.cancel()
         conn.close()
-
-
-def main_agent(argv: list[str] | None = None) -> int:
-    """``agentpool agent`` with ``argv`` as its options (the command line is agentpool.cli)."""
-    from .cli import main
-
-    return main(["agent", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main_agent())

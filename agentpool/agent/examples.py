@@ -19,9 +19,9 @@ from typing import Any
 
 import orjson
 
-from . import codec as _codec
-from .enums import CancelReason, FlowAction, HealthState
-from .messages import (
+from .. import codec as _codec
+from ..enums import CancelReason, FlowAction, HealthState
+from ..messages import (
     AgentResponse,
     AuditMetadata,
     Block,
