@@ -289,8 +289,6 @@ def _run_agent(args: argparse.Namespace) -> int:
             raise CommandError(f"cannot listen on {args.socket}: no directory {directory}")
     logging.basicConfig(level=args.log_level, stream=sys.stderr)
 
-    from .agent.server import _serve
-
     use_uvloop = args.loop == "uvloop" or (args.loop is None and args.example == "bench")
     if use_uvloop and args.loop is None:
         try:
@@ -301,10 +299,125 @@ def _run_agent(args: argparse.Namespace) -> int:
     if use_uvloop:
         import uvloop
 
-        uvloop.run(_serve(args))
+        uvloop.run(_serve_agent(args))
     else:
-        asyncio.run(_serve(args))
+        asyncio.run(_serve_agent(args))
     return 130 if args.stopped_by == signal.SIGINT else 0
+
+
+async def _serve_agent(args: argparse.Namespace) -> None:
+    """Serve the example agent (or dial in with --reverse) until SIGTERM or SIGINT."""
+    import asyncio
+
+    from .agent.examples import make_agent
+
+    agent = make_agent(args.example, delay=args.delay, agent_id=args.agent_id)
+    stop = asyncio.Event()
+    if args.reverse:
+        conn = await _connect_reverse(agent, args)
+        _stop_on_signals(stop, args)
+        print(f"agentpool agent registered with {args.reverse}", flush=True)
+        closed = asyncio.ensure_future(conn.wait_closed())
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({closed, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+            stopped.cancel()
+            conn.close()
+        return
+    servers = _agent_servers(agent, args)
+    try:
+        for server in servers:
+            await server.start()
+        _stop_on_signals(stop, args)
+        for server in servers:
+            print(f"agentpool agent listening on {server.endpoint}", flush=True)
+        await stop.wait()
+    finally:
+        for server in servers:
+            await server.close()
+
+
+def _stop_on_signals(stop: Any, args: argparse.Namespace) -> None:
+    """SIGTERM and SIGINT set ``stop``; the command exits 130 after Ctrl-C."""
+    import asyncio
+    import contextlib
+
+    def stopped_by(sig: int) -> None:
+        args.stopped_by = sig
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stopped_by, sig)
+
+
+def _agent_servers(agent: Any, args: argparse.Namespace) -> list[Any]:
+    """``--grpc`` and/or ``--socket``/``--tcp`` (the TLS options apply to --grpc and --tcp)."""
+    servers: list[Any] = []
+    if args.grpc:
+        from .agent.grpc import GrpcAgentServer
+
+        host, _, port = args.grpc.rpartition(":")
+        grpc_host = host.strip("[]") or "127.0.0.1"
+        servers.append(GrpcAgentServer(agent, host=grpc_host, port=int(port), ssl=_grpc_tls(args)))
+    if args.socket or args.tcp:
+        from .agent import AgentServer
+
+        options: dict[str, Any] = {
+            "encodings": ("json",) if args.encoding == "json" else ("msgpack", "json"),
+            "protocol": args.protocol,
+            "v1_reply_version": args.v1_reply_version,
+            "v1_sdk_replies": args.v1_sdk_replies,
+        }
+        if args.tcp:
+            host, _, port = args.tcp.rpartition(":")
+            options.update(host=host or "127.0.0.1", port=int(port), ssl=_tls_context(args))
+        else:
+            options.update(path=args.socket)
+        servers.append(AgentServer(agent, **options))
+    return servers
+
+
+def _tls_context(args: argparse.Namespace) -> Any:
+    """``--tls-cert``/``--tls-key``/``--tls-ca`` as a server SSLContext, or None."""
+    if not args.tls_cert:
+        return None
+    from .tls import server_context
+
+    return server_context(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca)
+
+
+def _grpc_tls(args: argparse.Namespace) -> Any:
+    """The --tls-* options as grpcio wants them (PEM bytes), or None."""
+    if not args.tls_cert:
+        return None
+    from pathlib import Path
+
+    from .grpc import GrpcTLS
+
+    chain = Path(args.tls_cert).read_bytes()
+    return GrpcTLS(
+        certificate_chain=chain,
+        private_key=Path(args.tls_key).read_bytes() if args.tls_key else chain,
+        root_certificates=Path(args.tls_ca).read_bytes() if args.tls_ca else None,
+    )
+
+
+async def _connect_reverse(agent: Any, args: argparse.Namespace) -> Any:
+    """``--reverse``: dial and register (``--tls-*`` give our certificate and the CA)."""
+    from .agent import connect_reverse
+
+    ssl_ctx = None
+    if args.tls_cert or args.tls_ca:
+        from .tls import client_context
+
+        ssl_ctx = client_context(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
+    return await connect_reverse(
+        agent, args.reverse, agent_id=args.agent_id, auth_token=args.auth_token, ssl=ssl_ctx
+    )
 
 
 # -- bench ------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ tests drive the proxy's v1 client.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import contextvars
@@ -26,7 +25,6 @@ import functools
 import itertools
 import logging
 import math
-import signal
 import ssl as _ssl
 import time
 from collections import OrderedDict
@@ -1127,148 +1125,3 @@ class AgentServer:
         return await sessions[0].request_config_update(
             update_type, timeout=timeout, request_id=request_id
         )
-
-
-# -- command line ------------------------------------------------------------------------
-
-
-def _stopped_by(stop: asyncio.Event, args: argparse.Namespace, sig: int) -> None:
-    args.stopped_by = sig  # the command line exits 130 after Ctrl-C
-    stop.set()
-
-
-async def _serve(args: argparse.Namespace) -> None:
-    from .examples import make_agent
-
-    agent = make_agent(args.example, delay=args.delay, agent_id=args.agent_id)
-    if args.reverse:
-        await _serve_reverse(agent, args)
-        return
-    if args.grpc:
-        await _serve_grpc(agent, args)
-        return
-    encodings = ("json",) if args.encoding == "json" else ("msgpack", "json")
-    if args.tcp:
-        host, _, port = args.tcp.rpartition(":")
-        server = AgentServer(
-            agent,
-            host=host or "127.0.0.1",
-            port=int(port),
-            encodings=encodings,
-            protocol=args.protocol,
-            v1_reply_version=args.v1_reply_version,
-            v1_sdk_replies=args.v1_sdk_replies,
-            ssl=_tls_context(args),
-        )
-    else:
-        server = AgentServer(
-            agent,
-            path=args.socket,
-            encodings=encodings,
-            protocol=args.protocol,
-            v1_reply_version=args.v1_reply_version,
-            v1_sdk_replies=args.v1_sdk_replies,
-        )
-    await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, _stopped_by, stop, args, sig)
-    print(f"agentpool agent listening on {server.endpoint}", flush=True)
-    try:
-        await stop.wait()
-    finally:
-        await server.close()
-
-
-def _tls_context(args: argparse.Namespace) -> _ssl.SSLContext | None:
-    if not args.tls_cert:
-        return None
-    from ..tls import server_context
-
-    return server_context(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca)
-
-
-def _grpc_tls(args: argparse.Namespace) -> Any:
-    """The --tls-* options as grpcio wants them (PEM bytes), or None."""
-    if not args.tls_cert:
-        return None
-    from pathlib import Path
-
-    from ..grpc import GrpcTLS
-
-    chain = Path(args.tls_cert).read_bytes()
-    return GrpcTLS(
-        certificate_chain=chain,
-        private_key=Path(args.tls_key).read_bytes() if args.tls_key else chain,
-        root_certificates=Path(args.tls_ca).read_bytes() if args.tls_ca else None,
-    )
-
-
-async def _serve_grpc(agent: Agent, args: argparse.Namespace) -> None:
-    """``--grpc``: gRPC alone, or next to the --socket/--tcp server (one line printed each).
-
-    The TLS options apply to gRPC too (``grpcs://``), and to --tcp.
-    """
-    from .grpc import GrpcAgentServer
-
-    tls = _grpc_tls(args)
-    host, _, port = args.grpc.rpartition(":")
-    grpc_host = host.strip("[]") or "127.0.0.1"
-    servers: list[Any] = [GrpcAgentServer(agent, host=grpc_host, port=int(port), ssl=tls)]
-    if args.socket or args.tcp:
-        encodings = ("json",) if args.encoding == "json" else ("msgpack", "json")
-        options: dict[str, Any] = {
-            "encodings": encodings,
-            "protocol": args.protocol,
-            "v1_reply_version": args.v1_reply_version,
-            "v1_sdk_replies": args.v1_sdk_replies,
-        }
-        if args.tcp:
-            host2, _, port2 = args.tcp.rpartition(":")
-            options.update(host=host2 or "127.0.0.1", port=int(port2), ssl=_tls_context(args))
-        else:
-            options.update(path=args.socket)
-        servers.append(AgentServer(agent, **options))
-    for server in servers:
-        await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, _stopped_by, stop, args, sig)
-    for server in servers:
-        print(f"agentpool agent listening on {server.endpoint}", flush=True)
-    try:
-        await stop.wait()
-    finally:
-        for server in servers:
-            await server.close()
-
-
-async def _serve_reverse(agent: Agent, args: argparse.Namespace) -> None:
-    from .reverse import connect_reverse
-
-    ssl_ctx = None
-    if args.tls_cert or args.tls_ca:
-        from ..tls import client_context
-
-        ssl_ctx = client_context(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
-    conn = await connect_reverse(
-        agent, args.reverse, agent_id=args.agent_id, auth_token=args.auth_token, ssl=ssl_ctx
-    )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, _stopped_by, stop, args, sig)
-    print(f"agentpool agent registered with {args.reverse}", flush=True)
-    closed = asyncio.ensure_future(conn.wait_closed())
-    stopped = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait({closed, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        closed.cancel()
-        stopped.cancel()
-        conn.close()
