@@ -11,21 +11,11 @@ The proxy side (the pool and everything it uses) never imports this package.
 
 from __future__ import annotations
 
-from .reverse import (
-    ReverseAgentConnection,
-    connect_reverse,
-    register_reverse,
-    serve_reverse,
-)
-from .server import (
-    Agent,
-    AgentServer,
-    AgentSession,
-    ErrorPolicy,
-    V1Session,
-    current_session,
-    handle_event,
-)
+from .base import Agent, ErrorPolicy, handle_event
+from .reverse import ReverseAgentConnection, connect_reverse, register_reverse, serve_reverse
+from .server import AgentServer
+from .session import AgentSession, current_session
+from .session_v1 import V1Session
 
 __all__ = [
     "Agent",

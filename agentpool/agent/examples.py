@@ -32,7 +32,8 @@ from ..messages import (
     RequestHeadersEvent,
     RequestReload,
 )
-from .server import Agent, current_session
+from .base import Agent
+from .session import current_session
 
 __all__ = ["EXAMPLES", "BenchAgent", "ControlAgent", "EchoAgent", "WafAgent", "make_agent"]
 

@@ -29,13 +29,9 @@ from ..grpc import _convert
 from ..grpc import agent_v2_pb2 as pb
 from ..grpc._client import GrpcTLS, grpc_module
 from ..messages import FlowControlSignal, HealthStatus, MetricsReport, now_ms
-from .server import (
-    DEFAULT_MAX_WRITE_BUFFER,
-    Agent,
-    ErrorPolicy,
-    current_session,
-    handle_event,
-)
+from ._flusher import DEFAULT_MAX_WRITE_BUFFER
+from .base import Agent, ErrorPolicy, handle_event
+from .session import current_session
 
 __all__ = ["GrpcAgentServer", "GrpcSession"]
 

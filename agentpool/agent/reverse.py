@@ -17,7 +17,9 @@ from ..enums import MessageType
 from ..errors import ConnectionClosed, ConnectionFailed, Timeout
 from ..messages import RegistrationRequest, RegistrationResponse
 from ..reverse import PROTOCOL_VERSION, _encode, _read_frame, _send_all, _Sock
-from .server import Agent, AgentServer, AgentSession
+from .base import Agent
+from .server import AgentServer
+from .session import AgentSession
 
 __all__ = [
     "ReverseAgentConnection",
@@ -25,6 +27,7 @@ __all__ = [
     "register_reverse",
     "serve_reverse",
 ]
+
 
 class ReverseAgentConnection:
     """An agent's registered, serving connection to a proxy's reverse listener.
