@@ -1,4 +1,4 @@
-"""The proxy side of one agent connection (v2 over UDS or TCP, or legacy v1).
+"""The proxy side of one agent connection (v2 over UDS or TCP, or legacy v1 via agentpool.v1).
 
 :class:`AgentConnection` owns a socket to one agent. The per-frame work (decoding, routing
 replies to waiters by correlation id, timeouts, write coalescing, counters) happens in the
@@ -17,12 +17,13 @@ import socket
 import ssl as _ssl
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import msgpack
 import orjson
 
 from . import codec as _codec
+from . import v1 as _v1
 from ._impl import core
 from ._version import __version__
 from .endpoint import parse_endpoint
@@ -42,7 +43,6 @@ from .errors import (
 from .messages import (
     AgentCapabilities,
     AgentResponse,
-    Block,
     ConfigUpdateRequest,
     ConfigUpdateResponse,
     ConfigureEvent,
@@ -50,30 +50,15 @@ from .messages import (
     HandshakeRequest,
     HealthStatus,
     MetricsReport,
-    RequestHeadersEvent,
 )
 
 __all__ = [
-    "V1_MAX_MESSAGE_SIZE",
     "AgentConnection",
     "ConnectionListener",
     "parse_endpoint",
 ]
 
 log = logging.getLogger("agentpool.connection")
-
-V1_MAX_MESSAGE_SIZE = 10 * 1024 * 1024
-
-_V1_EVENT_NAMES: dict[int, str] = {
-    MessageType.REQUEST_HEADERS: "request_headers",
-    MessageType.REQUEST_BODY_CHUNK: "request_body_chunk",
-    MessageType.RESPONSE_HEADERS: "response_headers",
-    MessageType.RESPONSE_BODY_CHUNK: "response_body_chunk",
-    MessageType.REQUEST_COMPLETE: "request_complete",
-    MessageType.WEBSOCKET_FRAME: "web_socket_frame",
-    MessageType.GUARDRAIL_INSPECT: "guardrail_inspect",
-    MessageType.CONFIGURE: "configure",
-}
 
 
 class ConnectionListener:
@@ -181,7 +166,7 @@ class AgentConnection:
         self._ping_seq = itertools.count()
         self._pings: dict[int, tuple[asyncio.Future[float], float]] = {}
         self._core: Any = None
-        self._v1: _V1Protocol | None = None
+        self._v1: _v1.V1ClientProtocol | None = None
         # send(event, correlation_id, timeout) bound to the fastest callable for this protocol
         self.submit: Callable[[Any, str, float | None], asyncio.Future[AgentResponse]]
         if protocol == "v2":
@@ -382,7 +367,7 @@ class AgentConnection:
         if self.protocol == "v2":
             factory = self._core
         else:
-            factory = self._v1 = _V1Protocol(self)
+            factory = self._v1 = _v1.V1ClientProtocol(self)
         try:
             if kind == "unix":
                 assert host is not None
@@ -853,27 +838,13 @@ class AgentConnection:
 
     # -- legacy v1 ---------------------------------------------------------------------------
 
-    def _v1_encode(self, event: Any, correlation_id: str) -> bytes:
-        msg_type = int(event.MESSAGE_TYPE)
-        name = _V1_EVENT_NAMES[msg_type]
-        if isinstance(event, ConfigureEvent):
-            payload: Any = {"agent_id": self.agent_id, "config": event.config}
-        else:
-            payload = orjson.loads(_codec.get_codec("json").encode_event(event, correlation_id))
-            if isinstance(event, RequestHeadersEvent):
-                payload.pop("correlation_id", None)
-        doc = orjson.dumps({"version": 1, "event_type": name, "payload": payload})
-        if len(doc) > V1_MAX_MESSAGE_SIZE:
-            raise MessageTooLarge(len(doc), V1_MAX_MESSAGE_SIZE)
-        return len(doc).to_bytes(4, "big") + doc
-
     async def _request_v1(
         self, event: Any, correlation_id: str, timeout: float | None
     ) -> AgentResponse:
         v1 = self._v1
         if v1 is None or v1.closed:
             raise ConnectionClosed()
-        frame = self._v1_encode(event, correlation_id)
+        frame = _v1.encode_request(event, correlation_id, self.agent_id)
         t = self.request_timeout if timeout is None else timeout
         try:
             doc = await asyncio.wait_for(v1.exchange(frame, correlation_id), t)
@@ -883,7 +854,7 @@ class AgentConnection:
             # The late reply would be taken for the next request's: drop the connection.
             v1.close(ConnectionClosed("v1 request timed out"))
             raise Timeout(t, agent_id=self.agent_id, correlation_id=correlation_id) from None
-        return _parse_v1_response(doc)
+        return _v1.parse_response(doc)
 
     def _cancel_v1(self, correlation_id: str | None) -> bool:
         v1 = self._v1
@@ -913,116 +884,3 @@ def _response_correlation_id(encoding: str, payload: bytes) -> str:
         return cid if isinstance(cid, str) else ""
     except Exception:
         return ""
-
-
-def _parse_v1_response(doc: bytes) -> AgentResponse:
-    """A v1 reply: an AgentResponse (version 1 or 2) or an SDK-style ``{"success": ...}``."""
-    try:
-        obj = orjson.loads(doc)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidMessage(f"v1 reply is not JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise InvalidMessage("v1 reply is not a JSON object")
-    if "decision" not in obj and "success" in obj:
-        if obj.get("success") is True:
-            return AgentResponse.allow()
-        return AgentResponse(
-            decision=Block(status=500, body=str(obj.get("error") or "Configuration rejected"))
-        )
-    version = obj.get("version")
-    if version is None:
-        raise InvalidMessage("missing field `version`", field="version")
-    if version not in (1, 2):
-        raise VersionMismatch(1, version if isinstance(version, int) else -1)
-    return _codec.get_codec("json").decode_response(doc)[1]
-
-
-class _V1Protocol(asyncio.Protocol):
-    """Legacy v1 client side: length + JSON, one exchange at a time (FIFO)."""
-
-    def __init__(self, conn: AgentConnection) -> None:
-        self.conn = conn
-        self.transport: asyncio.Transport | None = None
-        self._buf = bytearray()
-        self._lock = asyncio.Lock()
-        self._waiter: asyncio.Future[bytes] | None = None
-        self.current_cid: str | None = None
-        self.closed = False
-        self.close_error: BaseException | None = None
-        self._queued = 0
-
-    @property
-    def in_flight(self) -> int:
-        return self._queued
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        self._buf += data
-        while len(self._buf) >= 4:
-            n = int.from_bytes(self._buf[:4], "big")
-            if n > V1_MAX_MESSAGE_SIZE:
-                self.close(MessageTooLarge(n, V1_MAX_MESSAGE_SIZE), abort=True)
-                return
-            if len(self._buf) < 4 + n:
-                return
-            doc = bytes(self._buf[4 : 4 + n])
-            del self._buf[: 4 + n]
-            w = self._waiter
-            if w is None or w.done():
-                log.warning("agent %r: unexpected v1 reply dropped", self.conn.agent_id)
-                continue
-            w.set_result(doc)
-
-    def eof_received(self) -> bool | None:
-        self._fail(ConnectionClosed("agent closed the connection"))
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._fail(ConnectionClosed("agent closed the connection" if exc is None else str(exc)))
-        self.transport = None
-        self.conn._on_lost(self.close_error)
-
-    def _fail(self, error: BaseException) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.close_error = error
-        w = self._waiter
-        if w is not None and not w.done():
-            w.set_exception(core.clone_error(error))
-
-    def close(self, error: BaseException | None = None, *, abort: bool = False) -> None:
-        self._fail(error or ConnectionClosed("connection closed by the proxy"))
-        if error is None:
-            self.close_error = None
-        if self.transport is not None:
-            if abort:
-                self.transport.abort()
-            else:
-                self.transport.close()
-        else:
-            self.conn._on_lost(self.close_error)
-
-    async def exchange(self, frame: bytes, cid: str) -> bytes:
-        self._queued += 1
-        try:
-            async with self._lock:
-                if self.closed or self.transport is None:
-                    raise core.clone_error(self.close_error or ConnectionClosed())
-                loop = asyncio.get_running_loop()
-                self._waiter = loop.create_future()
-                self.current_cid = cid
-                self.transport.write(frame)
-                try:
-                    return await self._waiter
-                except asyncio.CancelledError:
-                    # The reply still comes and would be taken for the next request's.
-                    self.close(ConnectionClosed(f"v1 request {cid} abandoned"))
-                    raise
-                finally:
-                    self._waiter = None
-                    self.current_cid = None
-        finally:
-            self._queued -= 1

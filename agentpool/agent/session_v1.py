@@ -1,7 +1,8 @@
 """One proxy connection on the agent side, legacy v1 (:class:`V1Session`).
 
 v1 is a 4-byte length and a JSON envelope, one request at a time (``AgentServer(...,
-protocol="v1")``); it lets tests drive the proxy's v1 client.
+protocol="v1")``); it lets tests drive the proxy's v1 client. The wire format is
+:mod:`agentpool.v1`, shared with the proxy side.
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any, cast
 
+import orjson
+
 from .. import codec as _codec
+from .. import v1
 from ..enums import MessageType
 from ..errors import AgentProtocolError, InvalidMessage
 from ..messages import AgentResponse, Block
@@ -24,18 +28,6 @@ __all__ = ["V1Session"]
 
 log = logging.getLogger(__name__)
 
-_V1_EVENT_TYPES: dict[str, MessageType] = {
-    "request_headers": MessageType.REQUEST_HEADERS,
-    "request_body_chunk": MessageType.REQUEST_BODY_CHUNK,
-    "response_headers": MessageType.RESPONSE_HEADERS,
-    "response_body_chunk": MessageType.RESPONSE_BODY_CHUNK,
-    "request_complete": MessageType.REQUEST_COMPLETE,
-    "web_socket_frame": MessageType.WEBSOCKET_FRAME,
-    "guardrail_inspect": MessageType.GUARDRAIL_INSPECT,
-    "configure": MessageType.CONFIGURE,
-}
-
-V1_MAX_MESSAGE_SIZE = 10 * 1024 * 1024
 # v1 answers one request at a time; a proxy that pipelines more than this is not read further.
 _V1_BACKLOG = 64
 
@@ -52,7 +44,7 @@ class V1Session(Flusher, asyncio.Protocol):
         self.agent = server.agent
         self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
-        self._buf = bytearray()
+        self._decoder = v1.FrameDecoder()
         self._out: list[bytes] = []
         self._out_size = 0
         self._flush_scheduled = False
@@ -81,18 +73,14 @@ class V1Session(Flusher, asyncio.Protocol):
         self._close_transport()
 
     def data_received(self, data: bytes) -> None:
-        self._buf += data
-        while len(self._buf) >= 4:
-            n = int.from_bytes(self._buf[:4], "big")
-            if n > V1_MAX_MESSAGE_SIZE:
-                log.warning("v1 message too large (%d); closing", n)
-                if self.transport is not None:
-                    self.transport.abort()
-                return
-            if len(self._buf) < 4 + n:
-                break
-            self._queue.put_nowait(bytes(self._buf[4 : 4 + n]))
-            del self._buf[: 4 + n]
+        decoder = self._decoder
+        for doc in decoder.feed(data):
+            self._queue.put_nowait(doc)
+        if decoder.error is not None:
+            log.warning("v1 message too large (%d); closing", decoder.error.size)
+            if self.transport is not None:
+                self.transport.abort()
+            return
         if self._queue.qsize() >= _V1_BACKLOG and not self._backlog_paused:
             self._backlog_paused = True
             self._sync_reading()
@@ -109,19 +97,12 @@ class V1Session(Flusher, asyncio.Protocol):
                 log.warning("bad v1 request: %s; closing", exc)
                 self.close()
                 return
-            self._write(len(out).to_bytes(4, "big") + out)
+            self._write(v1.encode_frame(out))
 
     async def _handle(self, doc: bytes) -> bytes:
-        import orjson
-
-        try:
-            envelope = orjson.loads(doc)
-            event_type = envelope["event_type"]
-            payload = envelope["payload"]
-        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
-            raise InvalidMessage(f"bad v1 envelope: {exc}") from None
+        event_type, payload = v1.decode_envelope(doc)
         srv = self.server
-        msg_type = _V1_EVENT_TYPES.get(event_type)
+        msg_type = v1.EVENT_TYPES.get(event_type)
         if msg_type is None:
             resp = AgentResponse.allow()
             cid = ""
