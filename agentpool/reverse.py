@@ -18,7 +18,6 @@ The agent's side (dial, register, serve) is :func:`agentpool.agent.connect_rever
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import errno
 import hmac
@@ -28,10 +27,11 @@ import socket
 import ssl as _ssl
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import codec
-from ._impl import core
+from ._registration import PROTOCOL_VERSION, Sock, close_socket, read_frame, send_all
+from ._registration import encode as encode_frame
 from ._unixsock import FileId, bind_unix, unlink_if_ours
 from ._version import __version__
 from .enums import MessageType
@@ -41,7 +41,6 @@ from .errors import (
     ConnectionClosed,
     ConnectionFailed,
     InvalidMessage,
-    MessageTooLarge,
     Timeout,
     VersionMismatch,
 )
@@ -49,7 +48,6 @@ from .messages import AgentCapabilities, RegistrationRequest, RegistrationRespon
 
 if TYPE_CHECKING:
     from .connection import AgentConnection
-    from .tls import TLSStream
 
 __all__ = [
     "DEFAULT_PROXY_ID",
@@ -62,8 +60,6 @@ __all__ = [
 logger = logging.getLogger("agentpool.reverse")
 
 DEFAULT_PROXY_ID = "zentinel-proxy"
-PROTOCOL_VERSION = 2
-_HEADER_SIZE = 5
 _ACCEPT_ERROR_BACKOFF = 0.1
 
 
@@ -166,75 +162,6 @@ def validate_registration(request: RegistrationRequest, config: ReverseConnectio
             )
         if not _token_matches(request.auth_token, config.auth_tokens):
             raise InvalidMessage("Invalid authentication token", field="auth_token")
-
-
-_Sock: TypeAlias = "socket.socket | TLSStream"
-
-
-async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: _Sock, n: int) -> bytes:
-    if not isinstance(sock, socket.socket):
-        try:
-            return await sock.read_exactly(n)
-        except OSError as exc:
-            from .tls import handshake_error
-
-            tls_error = handshake_error(sock.peer, exc, count=False)
-            if isinstance(exc, _ssl.SSLError) and tls_error is not None:
-                raise tls_error from exc
-            raise ConnectionClosed("peer closed the connection during registration") from None
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = await loop.sock_recv(sock, n - len(buf))
-        if not chunk:
-            raise ConnectionClosed("peer closed the connection during registration")
-        buf += chunk
-    return bytes(buf)
-
-
-async def _read_frame(
-    loop: asyncio.AbstractEventLoop,
-    sock: _Sock,
-    max_size: int,
-    expected: MessageType,
-    what: str,
-) -> bytes:
-    """Read one frame of type ``expected`` without ever buffering more than ``max_size``."""
-    header = await _recv_exactly(loop, sock, _HEADER_SIZE)
-    length = int.from_bytes(header[:4], "big")
-    if length == 0:
-        raise InvalidMessage("Zero-length message")
-    if length > max_size:
-        raise MessageTooLarge(length, max_size)
-    type_byte = header[4]
-    try:
-        msg_type = MessageType(type_byte)
-    except ValueError:
-        raise InvalidMessage(f"Unknown message type: 0x{type_byte:02x}") from None
-    if msg_type is not expected:
-        raise InvalidMessage(f"Expected {what}, got {msg_type.name}")
-    return await _recv_exactly(loop, sock, length - 1)
-
-
-async def _send_all(
-    loop: asyncio.AbstractEventLoop, sock: _Sock, data: bytes, timeout: float
-) -> None:
-    if not isinstance(sock, socket.socket):
-        try:
-            sock.write(data)
-        except OSError as exc:
-            raise ConnectionClosed(str(exc)) from exc
-        return
-    try:
-        await asyncio.wait_for(loop.sock_sendall(sock, data), timeout)
-    except asyncio.TimeoutError:
-        raise Timeout(timeout) from None
-    except OSError as exc:
-        raise ConnectionClosed(str(exc)) from exc
-
-
-def _close_socket(sock: _Sock) -> None:
-    with contextlib.suppress(OSError):
-        sock.close()
 
 
 class ReverseConnectionListener:
@@ -395,7 +322,7 @@ class ReverseConnectionListener:
         sock = await self._accept()
         if self._pending >= self.config.max_pending_handshakes:
             self.dropped += 1
-            _close_socket(sock)
+            close_socket(sock)
             raise ConnectionFailed(
                 f"Too many pending registrations ({self.config.max_pending_handshakes})"
             )
@@ -425,7 +352,7 @@ class ReverseConnectionListener:
                 continue
             if self._pending >= self.config.max_pending_handshakes:
                 self.dropped += 1
-                _close_socket(sock)
+                close_socket(sock)
                 if not self._drop_warned:
                     self._drop_warned = True
                     logger.warning(
@@ -448,7 +375,7 @@ class ReverseConnectionListener:
         else:
             logger.info("reverse agent %.300r registered", agent_id)
 
-    async def _register(self, sock: _Sock, pool: ReversePool) -> str:
+    async def _register(self, sock: Sock, pool: ReversePool) -> str:
         self._pending += 1
         owner = [sock]
         try:
@@ -461,19 +388,19 @@ class ReverseConnectionListener:
         except BaseException:
             self.rejected += 1
             if owner:
-                _close_socket(sock)
+                close_socket(sock)
             raise
         finally:
             self._pending -= 1
 
-    async def _register_inner(self, sock: _Sock, pool: ReversePool, owner: list[_Sock]) -> str:
+    async def _register_inner(self, sock: Sock, pool: ReversePool, owner: list[Sock]) -> str:
         """Register ``sock``; ``owner`` is emptied once a connection object owns the socket."""
         loop = asyncio.get_running_loop()
         config = self.config
         timeout = config.handshake_timeout
         try:
             payload = await asyncio.wait_for(
-                _read_frame(
+                read_frame(
                     loop,
                     sock,
                     config.max_registration_size,
@@ -528,10 +455,10 @@ class ReverseConnectionListener:
                 proxy_version=config.proxy_version,
                 connection_id=_connection_id(agent_id),
             )
-            frame = _encode(
+            frame = encode_frame(
                 MessageType.HANDSHAKE_RESPONSE, codec.encode_registration_response(response)
             )
-            await _send_all(loop, sock, frame, timeout)
+            await send_all(loop, sock, frame, timeout)
             conn = await self._make_connection(sock, pool, agent_id, request.capabilities)
             owner.clear()
             try:
@@ -551,7 +478,7 @@ class ReverseConnectionListener:
 
     async def _make_connection(
         self,
-        sock: _Sock,
+        sock: Sock,
         pool: ReversePool,
         agent_id: str,
         capabilities: AgentCapabilities,
@@ -578,7 +505,7 @@ class ReverseConnectionListener:
         )
 
     async def _reply_failure(
-        self, loop: asyncio.AbstractEventLoop, sock: _Sock, error: BaseException
+        self, loop: asyncio.AbstractEventLoop, sock: Sock, error: BaseException
     ) -> None:
         response = RegistrationResponse(
             success=False,
@@ -587,11 +514,11 @@ class ReverseConnectionListener:
             proxy_version=self.config.proxy_version,
             connection_id="",
         )
-        frame = _encode(
+        frame = encode_frame(
             MessageType.HANDSHAKE_RESPONSE, codec.encode_registration_response(response)
         )
         try:
-            await _send_all(loop, sock, frame, self.config.handshake_timeout)
+            await send_all(loop, sock, frame, self.config.handshake_timeout)
         except (OSError, AgentProtocolError) as exc:
             logger.debug("could not send registration failure: %s", exc)
 
@@ -622,9 +549,9 @@ class ReverseConnectionListener:
             fut.cancel()
         # Let cancelled accepts unregister the socket from the loop before it is closed.
         try:
-            asyncio.get_running_loop().call_soon(_close_socket, self._sock)
+            asyncio.get_running_loop().call_soon(close_socket, self._sock)
         except RuntimeError:
-            _close_socket(self._sock)
+            close_socket(self._sock)
         if self.path is not None:
             unlink_if_ours(self.path, self._file_id)
 
@@ -642,7 +569,3 @@ class ReverseConnectionListener:
     async def __aexit__(self, *exc_info: object) -> None:
         self.close()
         await self.wait_closed()
-
-
-def _encode(msg_type: MessageType, payload: bytes) -> bytes:
-    return bytes(core.encode_frame(int(msg_type), payload))

@@ -13,10 +13,11 @@ import ssl as _ssl
 from typing import Any
 
 from .. import codec
+from .._registration import PROTOCOL_VERSION, Sock, read_frame, send_all
+from .._registration import encode as encode_frame
 from ..enums import MessageType
 from ..errors import ConnectionClosed, ConnectionFailed, Timeout
 from ..messages import RegistrationRequest, RegistrationResponse
-from ..reverse import PROTOCOL_VERSION, _encode, _read_frame, _send_all, _Sock
 from .base import Agent
 from .server import AgentServer
 from .session import AgentSession
@@ -105,7 +106,7 @@ async def register_reverse(
     timeout: float = 10.0,
     max_response_size: int = 64 * 1024,
     ssl: _ssl.SSLContext | None = None,
-) -> tuple[_Sock, RegistrationResponse]:
+) -> tuple[Sock, RegistrationResponse]:
     """Dial ``target``, send ``request`` and read the proxy's answer (bounded by ``timeout``).
 
     ``ssl`` (or a ``tls://`` target) runs TLS first; the connection is then a
@@ -116,7 +117,7 @@ async def register_reverse(
     """
     loop = asyncio.get_running_loop()
     raw = await _dial(target, timeout)
-    sock: _Sock = raw
+    sock: Sock = raw
     if ssl is not None or target.startswith("tls://"):
         from ..connection import parse_endpoint
         from ..tls import default_client_context, socket_tls
@@ -125,11 +126,13 @@ async def register_reverse(
         ctx = ssl if ssl is not None else default_client_context()
         sock = await socket_tls(raw, ctx, timeout, server_side=False, server_hostname=host)
     try:
-        frame = _encode(MessageType.HANDSHAKE_REQUEST, codec.encode_registration_request(request))
-        await _send_all(loop, sock, frame, timeout)
+        frame = encode_frame(
+            MessageType.HANDSHAKE_REQUEST, codec.encode_registration_request(request)
+        )
+        await send_all(loop, sock, frame, timeout)
         try:
             payload = await asyncio.wait_for(
-                _read_frame(
+                read_frame(
                     loop,
                     sock,
                     max_response_size,
