@@ -1,9 +1,10 @@
-"""Config push ledger and agent config-request handling (docs/pool.md, "Config push").
+"""Config push ledger and delivery, and agent config-request handling (docs/pool.md, "Config push").
 
 :class:`ConfigPusher` tracks proxy→agent config pushes: ids, attempts, acknowledgements,
-retries and expiry. It sends nothing itself; the pool transmits each push as a Configure
-(0x17) event whose correlation id is the push id, re-sends what :meth:`ConfigPusher.get_retryable`
-returns, and reports the agent's answer through :meth:`ConfigPusher.acknowledge`.
+retries and expiry. It sends nothing itself (upstream's ledger); :class:`ConfigPushDelivery`
+transmits each push through the pool as a Configure (0x17) event whose correlation id is the
+push id, re-sends what :meth:`ConfigPusher.get_retryable` returns, and reports the agent's
+answer through :meth:`ConfigPusher.acknowledge`.
 
 :class:`ConfigUpdateHandler` answers ConfigUpdateRequest frames that agents send to the proxy,
 delegating rule and list updates to application callbacks.
@@ -11,18 +12,25 @@ delegating rule and list updates to application callbacks.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import enum
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeAlias
 
+from .errors import AgentProtocolError
 from .messages import (
+    AgentResponse,
+    Allow,
+    Block,
     ConfigError,
     ConfigUpdateRequest,
     ConfigUpdateResponse,
     ConfigUpdateType,
+    ConfigureEvent,
     ListUpdate,
     RequestReload,
     RestartRequired,
@@ -35,6 +43,7 @@ __all__ = [
     "DEFAULT_MAX_PENDING_AGE",
     "DEFAULT_MAX_REQUEST_ID_LENGTH",
     "RESULT_RETENTION",
+    "ConfigPushDelivery",
     "ConfigPusher",
     "ConfigPusherConfig",
     "ConfigUpdateHandler",
@@ -44,6 +53,8 @@ __all__ = [
     "PushStatus",
     "PushTarget",
     "RuleUpdateCallback",
+    "SendConfigure",
+    "config_update_payload",
 ]
 
 log = logging.getLogger(__name__)
@@ -315,6 +326,123 @@ class ConfigPusher:
 
     def __repr__(self) -> str:
         return f"ConfigPusher(agents={len(self._agents)}, pending={self.pending_count()})"
+
+
+def _wire_value(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _wire_value(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_wire_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _wire_value(v) for k, v in value.items()}
+    return value
+
+
+def config_update_payload(request: ConfigUpdateRequest) -> dict[str, Any]:
+    """The ``config`` value of a push's Configure event: the update as serde writes it."""
+    update = request.update_type
+    body = {"type": update.TYPE}
+    body.update(_wire_value(update))
+    return {
+        "update_type": body,
+        "request_id": request.request_id,
+        "timestamp_ms": request.timestamp_ms,
+    }
+
+
+#: ``send(agent_id, correlation_id, event, timeout)``: the pool's send of one Configure event.
+SendConfigure: TypeAlias = Callable[[str, str, ConfigureEvent, float], Awaitable[AgentResponse]]
+
+
+class ConfigPushDelivery:
+    """Delivers the pushes of a :class:`ConfigPusher` (the wire part the ledger leaves out).
+
+    Each attempt is a Configure event (correlation id: the push id) sent with ``send``; the
+    agent's Allow acknowledges the push, Block rejects it with its body as the reason. An
+    attempt waits at most ``retry_interval`` (bounded by ``ack_timeout``); unanswered pushes
+    stay ``Sent`` for :meth:`retry_and_expire` (run by the pool's maintenance). ``is_pending``
+    tells whether a connection of the agent still owes a reply for a correlation id (a retry
+    then uses ``<push id>/retry-<n>``, as a reused id would be refused). Attempts run as tasks
+    added to ``tasks`` (the pool's, awaited on shutdown), none once ``closing()``.
+    """
+
+    def __init__(
+        self,
+        pusher: ConfigPusher,
+        send: SendConfigure,
+        is_pending: Callable[[str, str], bool],
+        *,
+        closing: Callable[[], bool],
+        tasks: set[asyncio.Task[Any]],
+    ) -> None:
+        self.pusher = pusher
+        self._send = send
+        self._is_pending = is_pending
+        self._closing = closing
+        self._tasks = tasks
+        #: Push ids with an attempt under way.
+        self.in_flight: set[str] = set()
+
+    def push_to_agent(self, agent_id: str, update_type: ConfigUpdateType) -> str | None:
+        """Track a push in the ledger and start its first attempt; the push id or None."""
+        push_id = self.pusher.push_to_agent(agent_id, update_type)
+        if push_id is not None:
+            self._spawn(agent_id, ConfigUpdateRequest(update_type, push_id, now_ms()))
+        return push_id
+
+    def retry_and_expire(self) -> None:
+        """Start the attempts the ledger says are due, then expire what is out of time."""
+        for agent_id, request in self.pusher.get_retryable():
+            self._spawn(agent_id, request)
+        self.pusher.expire_old()
+
+    def _spawn(self, agent_id: str, request: ConfigUpdateRequest) -> None:
+        if request.request_id in self.in_flight or self._closing():
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self.in_flight.add(request.request_id)
+        task = loop.create_task(self._deliver(agent_id, request))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _correlation_id(self, agent_id: str, push_id: str) -> str:
+        cid, n = push_id, 0
+        while self._is_pending(agent_id, cid):
+            n += 1
+            cid = f"{push_id}/retry-{n}"
+        return cid
+
+    async def _deliver(self, agent_id: str, request: ConfigUpdateRequest) -> None:
+        push_id = request.request_id
+        cid = self._correlation_id(agent_id, push_id)
+        event = ConfigureEvent(
+            config=config_update_payload(request), config_version=push_id, correlation_id=cid
+        )
+        policy = self.pusher.config
+        attempt_timeout = policy.ack_timeout
+        if 0 < policy.retry_interval < attempt_timeout:
+            attempt_timeout = policy.retry_interval
+        try:
+            response = await self._send(agent_id, cid, event, max(attempt_timeout, 0.001))
+        except AgentProtocolError as exc:
+            log.info("config push %s to agent %r not delivered: %s", push_id, agent_id, exc)
+            return
+        finally:
+            self.in_flight.discard(push_id)
+        decision = response.decision
+        if isinstance(decision, Allow):
+            self.pusher.acknowledge(push_id, True, None)
+        elif isinstance(decision, Block):
+            self.pusher.acknowledge(push_id, False, decision.body or "Configuration rejected")
+        else:
+            self.pusher.acknowledge(
+                push_id, False, f"unexpected decision {type(decision).__name__}"
+            )
 
 
 class ConfigUpdateHandler:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import enum
 import functools
 import logging
 import time
@@ -27,7 +25,7 @@ from ._impl import core
 from .circuit import CircuitBreakerConfig, CircuitState
 from .config import AgentPoolConfig
 from .connection import AgentConnection
-from .control import ConfigPusher, ConfigUpdateHandler
+from .control import ConfigPushDelivery, ConfigPusher, ConfigUpdateHandler
 from .endpoints import (
     EndpointRecord,
     EndpointsBreaker,
@@ -54,8 +52,6 @@ from .errors import (
 from .messages import (
     AgentCapabilities,
     AgentResponse,
-    Allow,
-    Block,
     ConfigUpdateRequest,
     ConfigUpdateResponse,
     ConfigUpdateType,
@@ -69,7 +65,6 @@ from .messages import (
     ResponseBodyChunkEvent,
     ResponseHeadersEvent,
     WebSocketFrameEvent,
-    now_ms,
 )
 from .metrics import MetricsCollector
 
@@ -290,30 +285,6 @@ def _conn(st: Any) -> AgentConnection:
     return cast(AgentConnection, st.conn)
 
 
-def _wire_value(value: Any) -> Any:
-    if isinstance(value, enum.Enum):
-        return value.value
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _wire_value(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, (list, tuple)):
-        return [_wire_value(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _wire_value(v) for k, v in value.items()}
-    return value
-
-
-def config_update_payload(request: ConfigUpdateRequest) -> dict[str, Any]:
-    """The ``config`` value of a push's Configure event: the update as serde writes it."""
-    update = request.update_type
-    body = {"type": update.TYPE}
-    body.update(_wire_value(update))
-    return {
-        "update_type": body,
-        "request_id": request.request_id,
-        "timestamp_ms": request.timestamp_ms,
-    }
-
-
 class AgentPool:
     """Connections to external processing agents, with load balancing, affinity and recovery.
 
@@ -340,7 +311,14 @@ class AgentPool:
         self._slot_waiters: dict[Any, deque[asyncio.Future[bool]]] = {}
         self._resume_events: dict[Any, asyncio.Event] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._pushes_in_flight: set[str] = set()
+        self._push_delivery = ConfigPushDelivery(
+            self._pusher,
+            self._send_configure,
+            self._push_pending,
+            closing=lambda: self._closing,
+            tasks=self._tasks,
+        )
+        self._pushes_in_flight = self._push_delivery.in_flight
         self._maintenance_task: asyncio.Task[None] | None = None
         self._maintenance_lock: asyncio.Lock | None = None
         self._maintenance_wakeups: set[asyncio.Future[None]] = set()
@@ -1834,11 +1812,7 @@ class AgentPool:
         The agent's Allow acknowledges the push, Block rejects it; unanswered pushes are
         retried and expired by maintenance. None when the agent is unknown or cannot take pushes.
         """
-        push_id: str | None = self._pusher.push_to_agent(agent_id, update_type)
-        if push_id is not None:
-            request = ConfigUpdateRequest(update_type, push_id, now_ms())
-            self._spawn_push(agent_id, request)
-        return push_id
+        return self._push_delivery.push_to_agent(agent_id, update_type)
 
     def push_config_to_all(self, update_type: ConfigUpdateType) -> list[str]:
         """Push to every push-capable agent; the push ids."""
@@ -1855,63 +1829,18 @@ class AgentPool:
         """Record an acknowledgement that arrived out of band."""
         self._pusher.acknowledge(push_id, accepted, error)
 
-    def _spawn_push(self, agent_id: str, request: ConfigUpdateRequest) -> None:
-        if request.request_id in self._pushes_in_flight or self._closing:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return
-        self._pushes_in_flight.add(request.request_id)
-        task = loop.create_task(self._deliver_push(agent_id, request))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def _push_correlation_id(self, agent_id: str, push_id: str) -> str:
-        """The push id, or ``<push id>/retry-<n>`` while an earlier attempt still owes a reply
-        (a retry with the same id would be refused; docs/protocol.md, "Abandoned requests")."""
+    def _push_pending(self, agent_id: str, cid: str) -> bool:
+        """Whether a connection of the agent still owes a reply for ``cid`` (push retries)."""
         entry = self._agents.get(agent_id)
         if entry is None:
-            return push_id
-        cid, n = push_id, 0
-        while any(not st.closed and _conn(st).is_pending(cid) for st in entry.all_states()):
-            n += 1
-            cid = f"{push_id}/retry-{n}"
-        return cid
+            return False
+        return any(not st.closed and _conn(st).is_pending(cid) for st in entry.all_states())
 
-    async def _deliver_push(self, agent_id: str, request: ConfigUpdateRequest) -> None:
-        """One attempt: a Configure event whose reply acknowledges (Allow) or rejects (Block).
-
-        An attempt waits at most ``retry_interval`` (bounded by ``ack_timeout``); unanswered
-        pushes stay ``Sent`` for maintenance to retry or expire.
-        """
-        push_id = request.request_id
-        cid = self._push_correlation_id(agent_id, push_id)
-        event = ConfigureEvent(
-            config=config_update_payload(request), config_version=push_id, correlation_id=cid
-        )
-        policy = self._config.config_push
-        attempt_timeout = policy.ack_timeout
-        if 0 < policy.retry_interval < attempt_timeout:
-            attempt_timeout = policy.retry_interval
-        try:
-            response = await self._send(
-                agent_id, cid, event, _KIND_CONFIGURE, None, max(attempt_timeout, 0.001)
-            )
-        except AgentProtocolError as exc:
-            log.info("config push %s to agent %r not delivered: %s", push_id, agent_id, exc)
-            return
-        finally:
-            self._pushes_in_flight.discard(push_id)
-        decision = response.decision
-        if isinstance(decision, Allow):
-            self._pusher.acknowledge(push_id, True, None)
-        elif isinstance(decision, Block):
-            self._pusher.acknowledge(push_id, False, decision.body or "Configuration rejected")
-        else:
-            self._pusher.acknowledge(
-                push_id, False, f"unexpected decision {type(decision).__name__}"
-            )
+    def _send_configure(
+        self, agent_id: str, cid: str, event: ConfigureEvent, timeout: float
+    ) -> Coroutine[Any, Any, AgentResponse]:
+        """One config push attempt, sent like any event (no circuit breaker accounting)."""
+        return self._send(agent_id, cid, event, _KIND_CONFIGURE, None, timeout)
 
     # ------------------------------------------------------------------ maintenance
 
@@ -1970,9 +1899,7 @@ class AgentPool:
                         raise result
                     if isinstance(result, BaseException):
                         log.error("maintenance of agent %r failed: %r", entry.agent_id, result)
-            for agent_id, request in self._pusher.get_retryable():
-                self._spawn_push(agent_id, request)
-            self._pusher.expire_old()
+            self._push_delivery.retry_and_expire()
             self._refresh_gauges()
 
     async def _maintain_agent(self, entry: _AgentEntry) -> None:

@@ -21,7 +21,7 @@ from agents import AgentProc
 
 from agentpool.agent import Agent, AgentServer
 from agentpool.config import AgentPoolConfig, ConfigPusherConfig
-from agentpool.control import PushStatus
+from agentpool.control import PushStatus, config_update_payload
 from agentpool.messages import (
     AgentCapabilities,
     AgentResponse,
@@ -32,7 +32,7 @@ from agentpool.messages import (
     RuleDefinition,
     RuleUpdate,
 )
-from agentpool.pool import AgentPool, config_update_payload
+from agentpool.pool import AgentPool
 
 # --------------------------------------------------------------------------- the agent
 
