@@ -11,6 +11,8 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from ._metric_names import PROTOCOL_HISTOGRAMS, PROTOCOL_SCALARS
+
 __all__ = [
     "DEFAULT_BUCKETS_US",
     "HistogramSnapshot",
@@ -112,27 +114,6 @@ class ProtocolMetricsSnapshot:
     )
 
 
-_SCALARS: tuple[tuple[str, str, str], ...] = (
-    ("requests_total", "counter", "Total requests sent to agents"),
-    ("responses_total", "counter", "Total responses received from agents"),
-    ("timeouts_total", "counter", "Total request timeouts"),
-    ("connection_errors_total", "counter", "Total connection errors"),
-    ("flow_control_pauses_total", "counter", "Flow control pause events"),
-    ("flow_control_rejections_total", "counter", "Requests rejected due to flow control"),
-    ("affinity_evictions_total", "counter", "Correlation affinities reclaimed by TTL sweep"),
-    (
-        "affinity_rejections_total",
-        "counter",
-        "Affinities dropped because the map was at capacity",
-    ),
-    ("in_flight_requests", "gauge", "Current in-flight requests"),
-    ("correlation_affinities", "gauge", "Current correlation affinity entries"),
-    ("buffer_utilization_percent", "gauge", "Buffer utilization percentage"),
-    ("healthy_connections", "gauge", "Number of healthy agent connections"),
-    ("paused_connections", "gauge", "Number of flow-control paused connections"),
-)
-
-
 def _render_histogram(out: list[str], name: str, help_text: str, h: HistogramSnapshot) -> None:
     out.append(f"# HELP {name} {help_text}\n# TYPE {name} histogram\n")
     cumulative = 0
@@ -146,21 +127,11 @@ def _render_histogram(out: list[str], name: str, help_text: str, h: HistogramSna
 def render_prometheus(snap: ProtocolMetricsSnapshot, prefix: str) -> str:
     """Upstream's exact Prometheus text for a snapshot (shared by both cores)."""
     out: list[str] = []
-    for attr, kind, help_text in _SCALARS:
+    for attr, kind, help_text in PROTOCOL_SCALARS:
         name = f"{prefix}_{attr}"
         out.append(
             f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n{name} {getattr(snap, attr)}\n\n"
         )
-    _render_histogram(
-        out,
-        f"{prefix}_serialization_seconds",
-        "Serialization time in seconds",
-        snap.serialization_time,
-    )
-    _render_histogram(
-        out,
-        f"{prefix}_request_duration_seconds",
-        "Request duration in seconds",
-        snap.request_duration,
-    )
+    for attr, suffix, help_text in PROTOCOL_HISTOGRAMS:
+        _render_histogram(out, f"{prefix}_{suffix}", help_text, getattr(snap, attr))
     return "".join(out)

@@ -21,6 +21,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ._impl import core
+from ._metric_names import PROTOCOL_HISTOGRAMS, PROTOCOL_SCALARS
 
 if TYPE_CHECKING:
     from .messages import MetricsReport
@@ -537,28 +538,9 @@ def _header(out: list[str], name: str, help_text: str | None, kind: str) -> None
 
 # --------------------------------------------------------------------------- collector
 
-_PROTOCOL_COUNTERS: tuple[tuple[str, str], ...] = (
-    ("requests_total", "Total requests sent to agents"),
-    ("responses_total", "Total responses received from agents"),
-    ("timeouts_total", "Total request timeouts"),
-    ("connection_errors_total", "Total connection errors"),
-    ("flow_control_pauses_total", "Flow control pause events"),
-    ("flow_control_rejections_total", "Requests rejected due to flow control"),
-    ("affinity_evictions_total", "Correlation affinities reclaimed by TTL sweep"),
-    ("affinity_rejections_total", "Affinities dropped because the map was at capacity"),
-)
-_PROTOCOL_GAUGES: tuple[tuple[str, str], ...] = (
-    ("in_flight_requests", "Current in-flight requests"),
-    ("correlation_affinities", "Current correlation affinity entries"),
-    ("buffer_utilization_percent", "Buffer utilization percentage"),
-    ("healthy_connections", "Number of healthy agent connections"),
-    ("paused_connections", "Number of flow-control paused connections"),
-)
-# (snapshot field, metric suffix, help)
-_PROTOCOL_HISTOGRAMS: tuple[tuple[str, str, str], ...] = (
-    ("serialization_time", "serialization_seconds", "Serialization time in seconds"),
-    ("request_duration", "request_duration_seconds", "Request duration in seconds"),
-)
+# The protocol series and their help texts are the core text renderer's (one table).
+_PROTOCOL_COUNTERS = tuple((n, h) for n, kind, h in PROTOCOL_SCALARS if kind == "counter")
+_PROTOCOL_GAUGES = tuple((n, h) for n, kind, h in PROTOCOL_SCALARS if kind == "gauge")
 # (AgentPoolStats field, metric suffix, help); all gauges: request/error totals are sums
 # over live connections and drop when a connection is replaced, so they are not counters.
 _AGENT_GAUGES: tuple[tuple[str, str, str], ...] = (
@@ -643,7 +625,7 @@ class AgentPoolCollector:
         p = self.prefix
         fams: list[Any] = [CounterMetricFamily(f"{p}_{n}", h) for n, h in _PROTOCOL_COUNTERS]
         fams += [GaugeMetricFamily(f"{p}_{n}", h) for n, h in _PROTOCOL_GAUGES]
-        fams += [HistogramMetricFamily(f"{p}_{n}", h) for _, n, h in _PROTOCOL_HISTOGRAMS]
+        fams += [HistogramMetricFamily(f"{p}_{n}", h) for _, n, h in PROTOCOL_HISTOGRAMS]
         fams += [GaugeMetricFamily(f"{p}_{n}", h, labels=["agent_id"]) for _, n, h in _AGENT_GAUGES]
         return fams
 
@@ -664,7 +646,7 @@ class AgentPoolCollector:
         for n, h in _PROTOCOL_GAUGES:
             taken |= _claimed_names("gauge", f"{p}_{n}")
             yield GaugeMetricFamily(f"{p}_{n}", h, value=float(getattr(snap, n)))
-        for attr, n, h in _PROTOCOL_HISTOGRAMS:
+        for attr, n, h in PROTOCOL_HISTOGRAMS:
             hist = getattr(snap, attr)
             taken |= _claimed_names("histogram", f"{p}_{n}")
             yield HistogramMetricFamily(
