@@ -38,7 +38,7 @@ from typing import Any, TypeVar, cast
 
 import orjson
 
-__all__ = ["main", "run", "run_agent", "run_grpc_server", "run_loop"]
+__all__ = ["run", "run_agent", "run_grpc_server", "run_loop"]
 
 _T = TypeVar("_T")
 
@@ -1356,13 +1356,6 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``agentpool bench`` with ``argv`` as its options."""
-    from .cli import main as cli_main
-
-    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
-
-
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark with parsed ``agentpool bench`` options (declared in agentpool.cli)."""
     if args.serve_agent:
@@ -1478,7 +1471,3 @@ def run(args: argparse.Namespace) -> int:
             json.dump(data, fh, indent=2)
     failed = [s for s in scenarios if not s.rates]
     return 1 if failed and len(failed) == len(scenarios) else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,17 +21,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from ._command import CommandError
 from ._version import __version__
 
 __all__ = ["COMMANDS", "Command", "CommandError", "main", "main_agent"]
-
-
-class CommandError(Exception):
-    """A problem a subcommand reports as one line (exit status 1, or ``status``)."""
-
-    def __init__(self, message: str, status: int = 1) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ._command import CommandError
 from ._impl import HAS_EXTENSIONS
-from .cli import CommandError
 from .config import AgentPoolConfig
 from .enums import LoadBalanceStrategy
 from .messages import (
@@ -39,7 +39,7 @@ from .messages import (
 )
 from .pool import AgentPool
 
-__all__ = ["main", "run"]
+__all__ = ["run"]
 
 _READY = "agentpool agent listening on "
 _PATHS = (
@@ -382,10 +382,3 @@ def run(args: argparse.Namespace) -> int:
 
         return uvloop.run(_run(args))
     return asyncio.run(_run(args))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``agentpool demo`` with ``argv`` as its options."""
-    from .cli import main as cli_main
-
-    return cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])

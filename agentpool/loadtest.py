@@ -29,7 +29,7 @@ from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Result", "main"]
+__all__ = ["Result", "run_command"]
 
 _AGENT_ENV = "AGENTPOOL_LOADTEST_AGENT"
 _CONNS_ENV = "AGENTPOOL_LOADTEST_CONNECTIONS_PER_AGENT"
@@ -413,7 +413,7 @@ def table(results: dict[str, dict[str, list[Result]]], connections: int) -> str:
 
 def run_command(args: argparse.Namespace) -> int:
     """Run ``agentpool loadtest`` with parsed options."""
-    from .cli import CommandError
+    from ._command import CommandError
 
     if not 0 < args.duration <= 60 or not 0 < args.repeat <= 20 or args.connections < 1:
         raise CommandError(
@@ -447,10 +447,3 @@ def run_command(args: argparse.Namespace) -> int:
     print()
     print(table(results, args.connections))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``agentpool loadtest ARGS`` through the command line's conventions."""
-    from .cli import main as cli_main
-
-    return cli_main(["loadtest", *(sys.argv[1:] if argv is None else argv)])

@@ -31,10 +31,10 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
         f"{__name__} needs aiohttp: pip install 'agentpool[aiohttp]' ({exc})"
     ) from exc
 
-from .cli import CommandError
+from ._command import CommandError
 from .http import HOP_BY_HOP, AgentRule, Exchange, Glue, Headers, Route, Stop, load_config
 
-__all__ = ["build_app", "main", "upstream_app"]
+__all__ = ["build_app", "run", "upstream_app"]
 
 log = logging.getLogger("agentpool.proxy")
 
@@ -571,11 +571,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``agentpool proxy ARGS`` through the command line's conventions."""
-    from .cli import main as cli_main
-
-    return cli_main(["proxy", *(sys.argv[1:] if argv is None else argv)])
 
 
 def _supervise(args: argparse.Namespace) -> int:

@@ -21,8 +21,8 @@ from typing import Any
 
 from agentpool import AgentPool, AgentPoolConfig, RequestHeadersEvent, RequestMetadata
 from agentpool.asgi import AgentMiddleware
+from agentpool.cli import main as cli_main
 from agentpool.loadtest import _plain, _wait_path
-from agentpool.loadtest import main as loadtest_main
 
 HEADERS = [
     (b"host", b"127.0.0.1:8000"),
@@ -171,4 +171,4 @@ if __name__ == "__main__":
         breakdown(concurrency=1)
         breakdown(concurrency=32)
     else:
-        sys.exit(loadtest_main(sys.argv[1:]))
+        sys.exit(cli_main(["loadtest", *sys.argv[1:]]))

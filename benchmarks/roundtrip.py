@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import sys
 
-from agentpool.bench import main, run_agent
+from agentpool.bench import run_agent
+from agentpool.cli import main
 
 
 def _entry(argv: list[str]) -> int:
     if len(argv) == 2 and argv[0] == "--agent" and argv[1] not in ("auto", "builtin", "example"):
         return run_agent(argv[1])
-    return main(argv)
+    return main(["bench", *argv])
 
 
 if __name__ == "__main__":
