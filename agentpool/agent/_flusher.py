@@ -31,16 +31,19 @@ class Flusher:
     wait in :meth:`_drain` until the proxy reads again.
     """
 
-    transport: asyncio.Transport | None
-    server: AgentServer
-    peer: Any
-    _out: list[bytes]
-    _out_size: int
-    _flush_scheduled: bool
-    _write_paused: bool
-    _loop: asyncio.AbstractEventLoop
-    _backlog_paused: bool = False
-    _drain_waiters: list[asyncio.Future[None]]
+    def __init__(self, server: AgentServer) -> None:
+        self.server = server
+        self.agent = server.agent
+        self._loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.peer: Any = None
+        self.closed = asyncio.Event()
+        self._out: list[bytes] = []
+        self._out_size = 0
+        self._flush_scheduled = False
+        self._write_paused = False
+        self._backlog_paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
 
     def _write(self, data: bytes) -> None:
         transport = self.transport

@@ -96,18 +96,9 @@ class AgentSession(Flusher, asyncio.Protocol):
     """
 
     def __init__(self, server: AgentServer) -> None:
-        self.server = server
-        self.agent = server.agent
+        super().__init__(server)
         self.on_error = server.on_error
-        self._loop = asyncio.get_running_loop()
-        self.transport: asyncio.Transport | None = None
         self._decoder = core.FrameDecoder()
-        self._out: list[bytes] = []
-        self._out_size = 0
-        self._flush_scheduled = False
-        self._write_paused = False
-        self._backlog_paused = False
-        self._drain_waiters: list[asyncio.Future[None]] = []
         self.handshaken = False
         self.codec: _codec.Codec = _codec.get_codec("json")
         self.encoding = "json"
@@ -123,8 +114,6 @@ class AgentSession(Flusher, asyncio.Protocol):
         self._fast = (
             self.agent.fast_path if type(self.agent).fast_path is not Agent.fast_path else None
         )
-        self.closed = asyncio.Event()
-        self.peer: Any = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)

@@ -40,21 +40,10 @@ class V1Session(Flusher, asyncio.Protocol):
     """
 
     def __init__(self, server: AgentServer) -> None:
-        self.server = server
-        self.agent = server.agent
-        self._loop = asyncio.get_running_loop()
-        self.transport: asyncio.Transport | None = None
+        super().__init__(server)
         self._decoder = v1.FrameDecoder()
-        self._out: list[bytes] = []
-        self._out_size = 0
-        self._flush_scheduled = False
-        self._write_paused = False
-        self._backlog_paused = False
-        self._drain_waiters: list[asyncio.Future[None]] = []
         self._queue: asyncio.Queue[bytes] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
-        self.closed = asyncio.Event()
-        self.peer: Any = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
