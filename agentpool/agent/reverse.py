@@ -15,6 +15,7 @@ from typing import Any
 from .. import codec
 from .._registration import PROTOCOL_VERSION, Sock, read_frame, send_all
 from .._registration import encode as encode_frame
+from ..endpoint import parse_endpoint
 from ..enums import MessageType
 from ..errors import ConnectionClosed, ConnectionFailed, Timeout
 from ..messages import RegistrationRequest, RegistrationResponse
@@ -68,8 +69,6 @@ class ReverseAgentConnection:
 
 
 async def _dial(target: str, timeout: float) -> socket.socket:
-    from ..connection import parse_endpoint
-
     kind, host, port = parse_endpoint(target)
     loop = asyncio.get_running_loop()
     if kind == "unix":
@@ -119,7 +118,6 @@ async def register_reverse(
     raw = await _dial(target, timeout)
     sock: Sock = raw
     if ssl is not None or target.startswith("tls://"):
-        from ..connection import parse_endpoint
         from ..tls import default_client_context, socket_tls
 
         host = parse_endpoint(target)[1]
