@@ -360,7 +360,7 @@ class AgentPool:
 
     @property
     def config_pusher(self) -> ConfigPusher:
-        """Config push bookkeeping (the pool does the wire part)."""
+        """The config push ledger (control.ConfigPushDelivery sends the pushes)."""
         return self._pusher
 
     @property
