@@ -200,29 +200,29 @@ def test_proxy_side_never_imports_the_agent_side() -> None:
 def test_proxy_side_imported_for_real_loads_no_agent_module() -> None:
     """Import every proxy-side module in a fresh interpreter, the top-level package's
     ``__init__`` (which exports both sides) bypassed; no ``agentpool.agent`` module loads."""
-    import importlib.util
-
-    grpc_ok = all(importlib.util.find_spec(m) for m in ("grpc", "google.protobuf"))
-    names = [
-        m
-        for m in _proxy_side()
-        if MODULES[m] is not None and (grpc_ok or not m.startswith("agentpool.grpc"))
-    ]
+    names = [m for m in _proxy_side() if MODULES[m] is not None]
     code = (
         "import importlib, sys, types\n"
         f"pkg = types.ModuleType({PKG.name!r})\n"
         f"pkg.__path__ = [{str(PKG)!r}]\n"
         f"sys.modules[{PKG.name!r}] = pkg\n"
         f"names = {names!r}\n"
+        "imported = 0\n"
         "for name in names:\n"
-        "    importlib.import_module(name)\n"
+        "    try:\n"
+        "        importlib.import_module(name)\n"
+        "        imported += 1\n"
+        "    except ImportError as exc:  # an optional extra that is not installed\n"
+        f"        if (exc.name or '').split('.')[0] == {PKG.name!r}:\n"
+        "            raise\n"
         f"loaded = sorted(m for m in sys.modules if m == {AGENT_SIDE!r} "
         f"or m.startswith({AGENT_SIDE + '.'!r}))\n"
-        "print(len(names), loaded)\n"
+        "print(imported, loaded)\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == [str(len(names)), "[]"]
-    assert len(names) > 20
+    imported, loaded = out.stdout.split(maxsplit=1)
+    assert loaded.strip() == "[]"
+    assert int(imported) > 20
