@@ -2,7 +2,7 @@
 
 Every test uses real sockets. The registration tests play the agent at the byte level so the
 exact frames on both sides are checked; the serving tests run a real agent process that
-dials in with :func:`agentpool.reverse.connect_reverse`.
+dials in with :func:`agentpool.agent.connect_reverse`.
 """
 
 from __future__ import annotations

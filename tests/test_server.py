@@ -12,11 +12,11 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from agentpool.examples import BenchAgent, make_agent
 from agents import short_socket_dir
 
 from agentpool._impl import core
 from agentpool.agent import Agent, AgentServer, ErrorPolicy
+from agentpool.agent.examples import BenchAgent, make_agent
 from agentpool.cli import main_agent
 from agentpool.codec import (
     decode_handshake_response,
