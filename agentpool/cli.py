@@ -368,7 +368,7 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from . import bench
+    from . import _bench as bench
 
     if args.only:
         every = bench.build_scenarios(

@@ -31,12 +31,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from agentpool.bench import (
-    AGENT_ID,
-    make_event,
-    measure,
-    process_cpu_reader,
-)
+from agentpool._bench.scenarios import measure, process_cpu_reader
+from agentpool._bench.workload import AGENT_ID, make_event
 
 READY = "agentpool agent listening on "
 

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from agentpool import tls
-from agentpool.bench import make_event, measure, process_cpu_reader
+from agentpool._bench.scenarios import measure, process_cpu_reader
+from agentpool._bench.workload import make_event
 from agentpool.config import AgentPoolConfig
 from agentpool.framing import HAS_EXTENSIONS
 from agentpool.pool import AgentPool
