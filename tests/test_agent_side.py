@@ -14,9 +14,12 @@ import os
 import shutil
 import socket
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 import pytest
+from _helpers import hdrs, proxy
+from _helpers import until as wait_until
 from agents import short_socket_dir
 
 from agentpool._impl import core
@@ -35,7 +38,6 @@ from agentpool.messages import (
     HandshakeRequest,
     MetricsReport,
     RequestHeadersEvent,
-    RequestMetadata,
     RequestReload,
     WebSocketClose,
 )
@@ -44,15 +46,7 @@ from agentpool.server import Agent, AgentServer, AgentSession, ErrorPolicy, curr
 T = 10.0
 
 
-def headers_event(cid: str, uri: str = "/") -> RequestHeadersEvent:
-    return RequestHeadersEvent(
-        metadata=RequestMetadata(
-            correlation_id=cid, request_id="r", client_ip="10.0.0.1", client_port=1234
-        ),
-        method="GET",
-        uri=uri,
-        headers={"host": ["h"]},
-    )
+headers_event = partial(hdrs, host="h", request_id="r", client_ip="10.0.0.1", client_port=1234)
 
 
 @contextlib.asynccontextmanager
@@ -65,16 +59,6 @@ async def serve(agent: Agent, **kw: Any) -> AsyncIterator[AgentServer]:
     finally:
         await asyncio.wait_for(server.close(), 5.0)
         shutil.rmtree(d, ignore_errors=True)
-
-
-@contextlib.asynccontextmanager
-async def proxy(endpoint: str, **kw: Any) -> AsyncIterator[AgentConnection]:
-    conn = await AgentConnection.open(endpoint, agent_id="p", request_timeout=5.0, **kw)
-    try:
-        yield conn
-    finally:
-        conn.close()
-        await asyncio.wait_for(conn.wait_closed(), 5.0)
 
 
 class RawProxy:
@@ -123,13 +107,6 @@ class RawProxy:
 
     def close(self) -> None:
         self.sock.close()
-
-
-async def wait_until(cond: Any, timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not cond():
-        assert asyncio.get_running_loop().time() < deadline, "condition never became true"
-        await asyncio.sleep(0.005)
 
 
 def only_session(server: AgentServer) -> AgentSession:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _helpers import hdrs
 from agents import AgentProc, spawn_agent
 
 from agentpool.config import AgentPoolConfig
@@ -25,7 +26,7 @@ from agentpool.discovery import (
     single_endpoint_updater,
 )
 from agentpool.errors import ConnectionFailed
-from agentpool.messages import Allow, RequestHeadersEvent, RequestMetadata
+from agentpool.messages import Allow
 from agentpool.pool import AgentPool
 
 dns_message = pytest.importorskip("dns.message")
@@ -91,11 +92,6 @@ def dns_source(dns_port: int, name: str, **kw: Any) -> DnsSource:
 
 async def next_list(it: AsyncIterator[list[str]], timeout: float = 5.0) -> list[str]:
     return await asyncio.wait_for(it.__anext__(), timeout)
-
-
-def hdrs(cid: str) -> RequestHeadersEvent:
-    meta = RequestMetadata(correlation_id=cid, request_id=cid, client_ip="127.0.0.1", client_port=1)
-    return RequestHeadersEvent(metadata=meta, method="GET", uri="/", headers={})
 
 
 async def test_sources_follow_the_protocol(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 
 import orjson
 import pytest
+from _helpers import hdrs
 from faulty_agent import FaultyAgentProc
 
 from agentpool import (
@@ -43,7 +44,7 @@ from agentpool._impl import core
 from agentpool.circuit import CircuitBreakerConfig, CircuitState
 from agentpool.config import AgentPoolConfig
 from agentpool.connection import AgentConnection
-from agentpool.messages import RequestBodyChunkEvent, RequestHeadersEvent, RequestMetadata
+from agentpool.messages import RequestBodyChunkEvent, RequestHeadersEvent
 from agentpool.pool import AgentPool
 from agentpool.reverse import ReverseConnectionConfig, ReverseConnectionListener
 
@@ -54,16 +55,13 @@ _ids = itertools.count()
 
 
 def headers_event(cid: str, uri: str = "/", fault: str | None = None) -> RequestHeadersEvent:
-    headers = {"host": ["example.com"]}
-    if fault is not None:
-        headers["x-fault"] = [fault]
-    return RequestHeadersEvent(
-        metadata=RequestMetadata(
-            correlation_id=cid, request_id=f"r-{cid}", client_ip="127.0.0.1", client_port=4000
-        ),
-        method="GET",
-        uri=uri,
-        headers=headers,
+    return hdrs(
+        cid,
+        uri,
+        host="example.com",
+        headers=None if fault is None else {"x-fault": [fault]},
+        request_id=f"r-{cid}",
+        client_port=4000,
     )
 
 
