@@ -8,6 +8,12 @@ an async context manager that does not block the event loop while the agent star
 Examples (``agentpool.examples``): ``waf``, ``echo``, ``bench``, ``control`` (behaviour driven by
 ``x-test-*`` request headers, see ``agentpool/examples.py``). Extra knobs are passed through
 ``extra_args``, e.g. ``("--delay", "0.5")``.
+
+Every test agent process (these examples, ``faulty_agent.py``, ``integrity_agent.py``,
+``grpc_agent.py``, ``obs_agent.py``, ``http_agent.py``) is started, waited for and stopped by
+the three functions here: :func:`start_process`, :func:`wait_ready` / :func:`await_ready`
+(bounded: a ready line on stdout, or a socket that accepts) and :func:`stop_process`
+(a signal, then SIGKILL, bounded).
 """
 
 from __future__ import annotations
@@ -18,19 +24,189 @@ import os
 import selectors
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
+from typing import IO, Any, AnyStr, TypeVar
 
 import agentpool
 
 READY_PREFIX = "agentpool agent listening on "
 _PKG_ROOT = str(Path(agentpool.__file__).resolve().parent.parent)
+TESTS_DIR = str(Path(__file__).resolve().parent)
 
-__all__ = ["READY_PREFIX", "AgentProc", "aspawn_agent", "short_socket_dir", "spawn_agent"]
+__all__ = [
+    "READY_PREFIX",
+    "AgentProc",
+    "Ready",
+    "arunning",
+    "aspawn_agent",
+    "await_ready",
+    "child_env",
+    "running",
+    "short_socket_dir",
+    "spawn_agent",
+    "start_process",
+    "stop_process",
+    "wait_ready",
+]
+
+
+class Ready:
+    """What "ready" means for a process: a stdout ``line`` starting with this text, or a
+    ``sock`` that accepts (a Unix socket path or a (host, port))."""
+
+    def __init__(self, *, line: str | None = None, sock: str | tuple[str, int] | None = None):
+        if (line is None) == (sock is None):
+            raise ValueError("give exactly one of line= and sock=")
+        self.line = line
+        self.sock = sock
+
+    def __repr__(self) -> str:
+        return f"line {self.line!r}" if self.line is not None else f"socket {self.sock!r}"
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """This environment with agentpool's root and tests/ first on PYTHONPATH, plus ``extra``."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([_PKG_ROOT, TESTS_DIR, env.get("PYTHONPATH", "")])
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.update(extra)
+    return env
+
+
+def start_process(
+    argv: Sequence[str],
+    *,
+    text: bool = False,
+    stderr: int | IO[Any] | None = None,
+    env: dict[str, str] | None = None,
+    cwd: str | None = None,
+) -> subprocess.Popen[AnyStr]:
+    """Start ``argv`` in its own session, stdin closed, stdout piped (for its ready line)."""
+    return subprocess.Popen(
+        list(argv),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=text,
+        env=child_env() if env is None else env,
+        cwd=cwd,
+        start_new_session=True,
+    )
+
+
+def _accepts(target: tuple[str, int] | str) -> bool:
+    try:
+        if isinstance(target, str):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(0.2)
+                s.connect(target)
+        else:
+            socket.create_connection(target, timeout=0.2).close()
+    except OSError:
+        return False
+    return True
+
+
+def _exited(proc: subprocess.Popen[AnyStr], name: str) -> RuntimeError:
+    proc.wait(timeout=5)
+    out = ""
+    if proc.stdout is not None and not proc.stdout.closed:
+        with contextlib.suppress(Exception):
+            data = proc.stdout.read()
+            out = data.decode(errors="replace") if isinstance(data, bytes) else data
+    detail = f": {out.strip()}" if out.strip() else ""
+    return RuntimeError(f"{name} exited with {proc.returncode} before it was ready{detail}")
+
+
+def _poll_ready(proc: subprocess.Popen[AnyStr], ready: Ready, name: str, wait: float) -> str | None:
+    """One bounded look (at most ``wait`` s): the ready line (or "" for a socket) or None."""
+    if ready.sock is not None:
+        if proc.poll() is not None:
+            raise _exited(proc, name)
+        if _accepts(ready.sock):
+            return ""
+        time.sleep(wait)
+        return None
+    stdout: IO[AnyStr] | None = proc.stdout
+    assert stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(stdout, selectors.EVENT_READ)
+        if not sel.select(wait):
+            if proc.poll() is not None:
+                raise _exited(proc, name)
+            return None
+    raw = stdout.readline()
+    if not raw:
+        raise _exited(proc, name)
+    line = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+    assert ready.line is not None
+    return line.strip() if line.startswith(ready.line) else None
+
+
+def wait_ready(
+    proc: subprocess.Popen[AnyStr], ready: Ready, *, timeout: float = 10.0, name: str = "process"
+) -> str:
+    """Block until ``proc`` is ready (see :class:`Ready`), at most ``timeout`` s; its ready
+    line ("" for a socket). On failure the process is stopped and the error raised."""
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"{name} was not ready within {timeout:g} s ({ready!r})")
+            line = _poll_ready(proc, ready, name, min(remaining, 0.05))
+            if line is not None:
+                return line
+    except BaseException:
+        stop_process(proc, signal.SIGKILL)
+        raise
+
+
+async def await_ready(
+    proc: subprocess.Popen[AnyStr], ready: Ready, *, timeout: float = 10.0, name: str = "process"
+) -> str:
+    """:func:`wait_ready` without blocking the running event loop."""
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            line = _poll_ready(proc, ready, name, 0.0)
+            if line is not None:
+                return line
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{name} was not ready within {timeout:g} s ({ready!r})")
+            await asyncio.sleep(0.01)
+    except BaseException:
+        stop_process(proc, signal.SIGKILL)
+        raise
+
+
+def stop_process(
+    proc: subprocess.Popen[AnyStr], sig: int = signal.SIGTERM, timeout: float = 5.0
+) -> int:
+    """Send ``sig`` (if still running), wait ``timeout`` s, then SIGKILL and wait 5 s more;
+    close its stdout. Idempotent; returns the exit status."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait(5)
+    if proc.stdout is not None:
+        proc.stdout.close()
+    return int(proc.returncode)
+
+
+_READY_LINE = Ready(line=READY_PREFIX)
+_A = TypeVar("_A", bound="AgentProc")
 
 
 def short_socket_dir() -> str:
@@ -79,96 +255,37 @@ class AgentProc:
             argv += ["--socket", self.path]
         return argv + self.extra_args
 
-    def _env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = _PKG_ROOT + os.pathsep + env.get("PYTHONPATH", "")
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        return env
-
     def start(self) -> None:
         """Start the process (non-blocking); call :meth:`wait_ready` next."""
         if self.proc is not None and self.proc.poll() is None:
             raise RuntimeError("agent already running")
-        self.proc = subprocess.Popen(
-            self.argv(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            text=True,
-            env=self._env(),
-            start_new_session=True,
-        )
+        self.proc = start_process(self.argv(), text=True)
 
-    def _read_ready(self, deadline: float) -> bool:
-        """Poll stdout for the ready line until ``deadline``; True once it arrived."""
-        proc = self.proc
-        assert proc is not None and proc.stdout is not None
-        with selectors.DefaultSelector() as sel:
-            sel.register(proc.stdout, selectors.EVENT_READ)
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                if not sel.select(min(remaining, 0.05)):
-                    if proc.poll() is not None:
-                        raise RuntimeError(
-                            f"agent {self.example!r} exited with {proc.returncode} before listening"
-                        )
-                    continue
-                line = proc.stdout.readline()
-                if not line:
-                    proc.wait(timeout=5)
-                    raise RuntimeError(
-                        f"agent {self.example!r} exited with {proc.returncode} before listening"
-                    )
-                if line.startswith(READY_PREFIX):
-                    self.endpoint = line[len(READY_PREFIX) :].strip()
-                    if self.tcp:
-                        self.port = int(self.endpoint.rsplit(":", 1)[1])
-                    return True
+    def _ready(self, line: str) -> None:
+        self.endpoint = line[len(READY_PREFIX) :].strip()
+        if self.tcp:
+            self.port = int(self.endpoint.rsplit(":", 1)[1])
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Block until the agent prints its ready line (bounded); kill it on failure."""
-        deadline = time.monotonic() + (self.ready_timeout if timeout is None else timeout)
-        try:
-            if not self._read_ready(deadline):
-                raise TimeoutError(f"agent {self.example!r} did not start listening in time")
-        except BaseException:
-            self.kill()
-            raise
+        assert self.proc is not None
+        t = self.ready_timeout if timeout is None else timeout
+        self._ready(wait_ready(self.proc, _READY_LINE, timeout=t, name=f"agent {self.example!r}"))
 
     async def await_ready(self, timeout: float | None = None) -> None:
         """Like :meth:`wait_ready` without blocking the running event loop."""
-        deadline = time.monotonic() + (self.ready_timeout if timeout is None else timeout)
-        try:
-            while True:
-                if self._read_ready(min(deadline, time.monotonic() + 0.005)):
-                    return
-                if time.monotonic() >= deadline:
-                    raise TimeoutError(f"agent {self.example!r} did not start listening in time")
-                await asyncio.sleep(0.02)
-        except BaseException:
-            self.kill()
-            raise
+        assert self.proc is not None
+        t = self.ready_timeout if timeout is None else timeout
+        name = f"agent {self.example!r}"
+        self._ready(await await_ready(self.proc, _READY_LINE, timeout=t, name=name))
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Kill the process (default SIGKILL) and reap it; idempotent."""
-        proc = self.proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, sig)
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=5)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        if self.proc is not None:
+            stop_process(self.proc, sig)
 
     def terminate(self) -> None:
         """Graceful stop (SIGTERM), bounded."""
@@ -194,28 +311,8 @@ class AgentProc:
 
 
 @contextlib.contextmanager
-def spawn_agent(
-    example: str = "waf",
-    *,
-    encoding: str = "json",
-    tcp: bool = False,
-    protocol: str = "v2",
-    extra_args: Sequence[str] = (),
-    ready_timeout: float = 10.0,
-) -> Iterator[AgentProc]:
-    """Run an example agent in a subprocess for the duration of the block (always killed).
-
-    ``encoding`` is what the agent supports: ``"json"`` (JSON only) or ``"msgpack"`` (both, so
-    it picks msgpack when the proxy offers it). ``protocol="v1"`` runs a legacy v1 agent.
-    """
-    agent = AgentProc(
-        example,
-        encoding=encoding,
-        tcp=tcp,
-        protocol=protocol,
-        extra_args=extra_args,
-        ready_timeout=ready_timeout,
-    )
+def running(agent: _A) -> Iterator[_A]:
+    """Start ``agent``, wait until it is ready, yield it; always stopped and cleaned up."""
     try:
         agent.start()
         agent.wait_ready()
@@ -225,7 +322,17 @@ def spawn_agent(
 
 
 @contextlib.asynccontextmanager
-async def aspawn_agent(
+async def arunning(agent: _A) -> AsyncIterator[_A]:
+    """Async twin of :func:`running` (waits for readiness without blocking the loop)."""
+    try:
+        agent.start()
+        await agent.await_ready()
+        yield agent
+    finally:
+        agent.cleanup()
+
+
+def spawn_agent(
     example: str = "waf",
     *,
     encoding: str = "json",
@@ -233,19 +340,26 @@ async def aspawn_agent(
     protocol: str = "v2",
     extra_args: Sequence[str] = (),
     ready_timeout: float = 10.0,
-) -> AsyncIterator[AgentProc]:
-    """Async twin of :func:`spawn_agent` (waits for readiness without blocking the loop)."""
-    agent = AgentProc(
-        example,
-        encoding=encoding,
-        tcp=tcp,
-        protocol=protocol,
-        extra_args=extra_args,
-        ready_timeout=ready_timeout,
+) -> contextlib.AbstractContextManager[AgentProc]:
+    """Run an example agent in a subprocess for the duration of the block (always killed).
+
+    ``encoding`` is what the agent supports: ``"json"`` (JSON only) or ``"msgpack"`` (both, so
+    it picks msgpack when the proxy offers it). ``protocol="v1"`` runs a legacy v1 agent.
+    """
+    return running(
+        AgentProc(
+            example,
+            encoding=encoding,
+            tcp=tcp,
+            protocol=protocol,
+            extra_args=extra_args,
+            ready_timeout=ready_timeout,
+        )
     )
-    try:
-        agent.start()
-        await agent.await_ready()
-        yield agent
-    finally:
-        agent.cleanup()
+
+
+def aspawn_agent(
+    example: str = "waf", **kw: Any
+) -> contextlib.AbstractAsyncContextManager[AgentProc]:
+    """Async twin of :func:`spawn_agent` (same options)."""
+    return arunning(AgentProc(example, **kw))

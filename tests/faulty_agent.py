@@ -39,13 +39,11 @@ import argparse
 import asyncio
 import contextlib
 import os
-import selectors
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 from typing import Any
 
 import orjson
@@ -444,48 +442,23 @@ class FaultyAgentProc:
         return argv
 
     def start(self) -> None:
-        import agentpool
+        from agents import start_process
 
-        env = dict(os.environ)
-        root = os.path.dirname(os.path.dirname(os.path.abspath(agentpool.__file__)))
-        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-        self.proc = subprocess.Popen(
-            self.argv(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            env=env,
-            start_new_session=True,
-        )
-
-    def _poll_ready(self) -> bool:
-        proc = self.proc
-        assert proc is not None and proc.stdout is not None
-        with selectors.DefaultSelector() as sel:
-            sel.register(proc.stdout, selectors.EVENT_READ)
-            if not sel.select(0):
-                if proc.poll() is not None:
-                    raise RuntimeError(f"faulty agent exited with {proc.returncode}")
-                return False
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"faulty agent exited with {proc.wait(5)}")
-        return line.strip() == b"ready"
+        self.proc = start_process(self.argv())
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + self.ready_timeout
-        while not self._poll_ready():
-            if time.monotonic() > deadline:
-                self.kill()
-                raise TimeoutError("faulty agent did not start in time")
-            time.sleep(0.005)
+        from agents import Ready, wait_ready
+
+        assert self.proc is not None
+        wait_ready(self.proc, Ready(line="ready"), timeout=self.ready_timeout, name="faulty agent")
 
     async def await_ready(self) -> None:
-        deadline = time.monotonic() + self.ready_timeout
-        while not self._poll_ready():
-            if time.monotonic() > deadline:
-                self.kill()
-                raise TimeoutError("faulty agent did not start in time")
-            await asyncio.sleep(0.01)
+        from agents import Ready, await_ready
+
+        assert self.proc is not None
+        await await_ready(
+            self.proc, Ready(line="ready"), timeout=self.ready_timeout, name="faulty agent"
+        )
 
     async def astart(self) -> FaultyAgentProc:
         self.start()
@@ -530,19 +503,10 @@ class FaultyAgentProc:
         return self.proc is not None and self.proc.poll() is None
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
-        proc = self.proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, sig)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        from agents import stop_process
+
+        if self.proc is not None:
+            stop_process(self.proc, sig)
 
     async def arestart(self) -> None:
         self.kill()

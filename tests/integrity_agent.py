@@ -219,7 +219,6 @@ class CueAgent:
 # -- the stress agent (a process) ------------------------------------------------------------
 
 
-
 async def serve_stress(path: str, late: float, seed: int) -> None:
     rng = random.Random(seed)
     loop = asyncio.get_running_loop()
@@ -291,34 +290,23 @@ class StressAgentProc:
         return self.path
 
     def __enter__(self) -> StressAgentProc:
-        import agentpool
+        from agents import Ready, start_process, wait_ready
 
-        env = dict(os.environ)
-        root = os.path.dirname(os.path.dirname(os.path.abspath(agentpool.__file__)))
-        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
         argv = [sys.executable, os.path.abspath(__file__), "--socket", self.path]
         argv += ["--late", str(self.late), "--seed", str(self.seed)]
-        self.proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=env, start_new_session=True
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if line.strip() != b"ready":
-            self.__exit__()
-            raise RuntimeError("stress agent did not start")
+        self.proc = start_process(argv)
+        try:
+            wait_ready(self.proc, Ready(line="ready"), name="stress agent")
+        except BaseException:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        proc = self.proc
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        if proc is not None and proc.stdout is not None:
-            proc.stdout.close()
+        from agents import stop_process
+
+        if self.proc is not None:
+            stop_process(self.proc)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

@@ -13,12 +13,13 @@ import math
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from agents import AgentProc
+from _helpers import hdrs as make_hdrs
+from _helpers import until
+from agents import AgentProc, running
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -30,7 +31,6 @@ from agentpool.messages import (
     Allow,
     ListUpdate,
     RequestHeadersEvent,
-    RequestMetadata,
     RuleDefinition,
     RuleUpdate,
 )
@@ -60,13 +60,8 @@ class ObsAgentProc(AgentProc):
 
 @pytest.fixture(scope="module")
 def obs() -> Iterator[ObsAgentProc]:
-    agent = ObsAgentProc()
-    try:
-        agent.start()
-        agent.wait_ready()
+    with running(ObsAgentProc()) as agent:
         yield agent
-    finally:
-        agent.cleanup()
 
 
 @pytest.fixture(params=["json", "msgpack"])
@@ -86,26 +81,14 @@ def cfg(connections: int = 2, encoding: str = "json", **kw: Any) -> AgentPoolCon
 
 def hdrs(cid: str, **headers: str) -> RequestHeadersEvent:
     """Request headers; keyword ``x_obs_metrics=...`` becomes header ``x-obs-metrics``."""
-    meta = RequestMetadata(
-        correlation_id=cid, request_id=cid, client_ip="127.0.0.1", client_port=40000
-    )
-    values = {"host": ["example.test"]}
-    values.update({k.replace("_", "-"): [v] for k, v in headers.items()})
-    return RequestHeadersEvent(metadata=meta, method="GET", uri="/", headers=values)
+    extra = {k.replace("_", "-"): [v] for k, v in headers.items()}
+    return make_hdrs(cid, headers=extra, client_port=40000)
 
 
 async def send(pool: AgentPool, cid: str, **headers: str) -> AgentResponse:
     return await asyncio.wait_for(
         pool.send_request_headers(AGENT_ID, cid, hdrs(cid, **headers)), 10.0
     )
-
-
-async def until(pred: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
 
 
 def families(text: str) -> dict[str, Any]:
