@@ -45,7 +45,7 @@ def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: floa
 
 
 def script_agent(path: str) -> subprocess.Popen[bytes]:
-    proc = spawn([sys.executable, os.path.join(TESTS, "http_agent.py"), path])
+    proc = spawn([sys.executable, os.path.join(TESTS, "agents", "http_agent.py"), path])
     wait_ready(proc, path)
     return proc
 

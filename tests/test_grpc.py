@@ -1,4 +1,4 @@
-"""gRPC transport against real gRPC agent processes (tests/grpc_agent.py on grpcio).
+"""gRPC transport against real gRPC agent processes (tests/agents/grpc_agent.py on grpcio).
 
 Handshake, decisions, body chunks, ping, cancel, timeouts, killed agents, malformed
 messages, the 4 MiB message limit, TLS, the pool on gRPC endpoints and the CLI's --grpc.
@@ -58,11 +58,11 @@ from agentpool.messages import (
 from agentpool.pool import AgentPool
 
 T = 10.0
-_AGENT_SCRIPT = str(Path(__file__).resolve().parent / "grpc_agent.py")
+_AGENT_SCRIPT = str(Path(__file__).resolve().parent / "agents" / "grpc_agent.py")
 
 
 class GrpcAgentProc(AgentProc):
-    """tests/grpc_agent.py in a subprocess, on a loopback port (kept across restarts)."""
+    """tests/agents/grpc_agent.py in a subprocess, on a loopback port (kept across restarts)."""
 
     def __init__(self, *extra: str) -> None:
         super().__init__("grpc-test", tcp=True, extra_args=extra)
@@ -584,7 +584,7 @@ async def test_pool_follows_health_and_flow_control_over_grpc(agent: GrpcAgentPr
 
 
 def start_agent_logging_to(log: Path, *extra: str) -> subprocess.Popen[str]:
-    """tests/grpc_agent.py with its stderr (the agent's log) in ``log``."""
+    """tests/agents/grpc_agent.py with its stderr (the agent's log) in ``log``."""
     with open(log, "w") as err:
         return start_process(
             [sys.executable, _AGENT_SCRIPT, "--listen", "127.0.0.1:0", *extra],

@@ -1,6 +1,6 @@
 """A verdict belongs to its event: one test per way the landed code could break that.
 
-Against a raw agent on a real Unix socket that misbehaves on cue (tests/integrity_agent.py);
+Against a raw agent on a real Unix socket that misbehaves on cue (tests/agents/integrity_agent.py);
 every reply names the event it answers (``routing_metadata["ev"]``). Each test below failed
 on the first release (439a0df) and passes now; they run on both cores and both loops.
 """
@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 import pytest
 from _helpers import hdrs, pool_config, until
-from integrity_agent import (
+from agents.integrity_agent import (
     FLOW_CONTROL,
     HEALTH_STATUS,
     CueAgent,

@@ -1,9 +1,10 @@
 """The verdict-integrity stress run: zero verdicts delivered to the wrong event.
 
 Requests at concurrency 256, each a RequestHeaders event then one or two body chunks with the
-same correlation id (as a proxy sends them), against an agent process (tests/integrity_agent.py)
-that answers each event at once, after a random delay (out of order), after the request
-timeout, twice in one write, or never, at random. Every reply names the event it answers.
+same correlation id (as a proxy sends them), against an agent process
+(tests/agents/integrity_agent.py) that answers each event at once, after a random delay (out of
+order), after the request timeout, twice in one write, or never, at random. Every reply names
+the event it answers.
 The run asserts that no response reached the wrong event, that every in-flight gauge is back
 to 0 and that RSS stayed flat after warm-up. docs/reliability.md has the full run's figures;
 ``AGENTPOOL_STRESS_REQUESTS`` sets the count (CI: 100,000 on the compiled core, fewer on the
@@ -19,7 +20,7 @@ import time
 from typing import Any
 
 import pytest
-from integrity_agent import StressAgentProc
+from agents.integrity_agent import StressAgentProc
 
 from agentpool import AgentPool, AgentPoolConfig
 from agentpool._impl import HAS_EXTENSIONS

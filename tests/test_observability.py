@@ -1,6 +1,6 @@
 """Control plane and observability end to end, against a real agent process (issue 5).
 
-The agent is ``tests/obs_agent.py`` in a subprocess; request headers make it send metrics
+The agent is ``tests/agents/obs_agent.py`` in a subprocess; request headers make it send metrics
 reports, config update requests, health reports and flow control signals over the wire.
 Prometheus output is always parsed back with ``prometheus_client.parser``.
 """
@@ -37,7 +37,7 @@ from agentpool.messages import (
 from agentpool.metrics import AgentPoolCollector
 from agentpool.pool import AgentPool
 
-OBS_AGENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "obs_agent.py")
+OBS_AGENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "agents", "obs_agent.py")
 AGENT_ID = "obs"
 P = "agent_protocol"
 
@@ -48,7 +48,7 @@ Key = tuple[str, tuple[tuple[str, str], ...]]
 
 
 class ObsAgentProc(AgentProc):
-    """``tests/obs_agent.py`` in a subprocess (msgpack + JSON, so the pool picks)."""
+    """``tests/agents/obs_agent.py`` in a subprocess (msgpack + JSON, so the pool picks)."""
 
     def __init__(self) -> None:
         super().__init__("obs", encoding="msgpack")

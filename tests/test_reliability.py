@@ -1,6 +1,6 @@
 """Reliability under misbehaving agents (issue 7): fault injection against real processes.
 
-Every scenario drives ``tests/faulty_agent.py`` in a subprocess and checks that the failure
+Every scenario drives ``tests/agents/faulty_agent.py`` in a subprocess and checks that the failure
 surfaces as a typed :class:`AgentProtocolError` within the configured timeouts, that no
 exception reaches the event loop's handler, that other connections and agents keep working,
 and that nothing is left behind: in-flight gauge 0, no waiter, no affinity or sticky session
@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 import pytest
 from _helpers import hdrs
-from faulty_agent import FaultyAgentProc
+from agents.faulty_agent import FaultyAgentProc
 
 from agentpool import (
     AgentProtocolError,

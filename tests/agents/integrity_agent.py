@@ -13,7 +13,7 @@ msg_type, obj) -> action``: ``"now"``, ``"block"`` (a Block 403 now), ``"hold"``
 ``(connection index, delay, frame)`` written after the handshake, and ``refusal`` makes the
 handshake fail with that error string.
 
-As a process (``python tests/integrity_agent.py --socket PATH --late S``, the stress run),
+As a process (``python tests/agents/integrity_agent.py --socket PATH --late S``, the stress run),
 each event gets a random action: at once (60 %), after a random delay up to 20 ms (28 %, out
 of order), after ``--late`` seconds (2 %, past the proxy's request timeout), twice in one
 write (9.5 %), or never (0.5 %).

@@ -9,11 +9,15 @@ Examples (``agentpool.examples``): ``waf``, ``echo``, ``bench``, ``control`` (be
 ``x-test-*`` request headers, see ``agentpool/examples.py``). Extra knobs are passed through
 ``extra_args``, e.g. ``("--delay", "0.5")``.
 
-Every test agent process (these examples, ``faulty_agent.py``, ``integrity_agent.py``,
-``grpc_agent.py``, ``obs_agent.py``, ``http_agent.py``) is started, waited for and stopped by
-the three functions here: :func:`start_process`, :func:`wait_ready` / :func:`await_ready`
-(bounded: a ready line on stdout, or a socket that accepts) and :func:`stop_process`
-(a signal, then SIGKILL, bounded).
+The test agents live beside this module, in tests/agents/: ``faulty_agent.py`` (faults on
+cue, the reliability tests), ``integrity_agent.py`` (raw agent that misbehaves on cue, the
+verdict-integrity tests), ``grpc_agent.py``, ``obs_agent.py`` (metrics, config updates, flow
+control on cue) and ``http_agent.py`` (the HTTP integration tests' scripted agent). Each runs as
+its own process (``python tests/agents/X.py ...``).
+
+Every test agent process is started, waited for and stopped by the functions here:
+:func:`start_process`, :func:`wait_ready` / :func:`await_ready` (bounded: a ready line on
+stdout, or a socket that accepts) and :func:`stop_process` (a signal, then SIGKILL, bounded).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import agentpool
 
 READY_PREFIX = "agentpool agent listening on "
 _PKG_ROOT = str(Path(agentpool.__file__).resolve().parent.parent)
-TESTS_DIR = str(Path(__file__).resolve().parent)
+TESTS_DIR = str(Path(__file__).resolve().parent.parent)
 
 __all__ = [
     "READY_PREFIX",
