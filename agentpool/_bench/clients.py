@@ -192,10 +192,14 @@ class PoolClient:
         self._ids = itertools.count()
         self.frame_size: int | None = None
 
-    async def setup(self) -> None:
-        config = AgentPoolConfig(connections_per_agent=self.connections, encoding=self.encoding)
+    async def _open(self, agents: list[str], connections: int) -> None:
+        config = AgentPoolConfig(connections_per_agent=connections, encoding=self.encoding)
         self.pool = AgentPool(config)
-        await self.pool.add_agent(AGENT_ID, f"unix:{self.path}")
+        for agent in agents:
+            await self.pool.add_agent(agent, f"unix:{self.path}")
+
+    async def setup(self) -> None:
+        await self._open([AGENT_ID], self.connections)
         probe = make_event()
         for n in range(2 * self.connections):
             await asyncio.wait_for(
@@ -261,11 +265,8 @@ class FanOutClient(PoolClient):
     per_rt = 4
 
     async def setup(self) -> None:
-        config = AgentPoolConfig(connections_per_agent=1, encoding=self.encoding)
-        self.pool = AgentPool(config)
         self.agents = [f"{AGENT_ID}-{i}" for i in range(self.per_rt)]
-        for agent in self.agents:
-            await self.pool.add_agent(agent, f"unix:{self.path}")
+        await self._open(self.agents, 1)
         out = await asyncio.wait_for(self.pool.fan_out(self.agents, "probe", make_event()), 5.0)
         self.pool.clear_correlation_affinity("probe")
         for r in out.values():

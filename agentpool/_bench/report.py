@@ -48,71 +48,35 @@ def _baselines(scenarios: list[Scenario], s: Scenario) -> tuple[Scenario | None,
     return raw, grpc or find(scenarios, "grpc", "json", s.in_flight, 1)
 
 
+# The targets (issue 6 and 12): (label, measured (kind, in flight, connections), baseline,
+# threshold of the paired ratio); every scenario is JSON, W stands for --in-flight.
+W = -1
+_TARGETS: tuple[tuple[str, tuple[str, int, int], tuple[str, int, int], float], ...] = (
+    ("pool json 1x1 / raw 1x1", ("pool", 1, 1), ("raw", 1, 1), 0.9),
+    ("pool json {w}x4 / raw {w}x1", ("pool", W, 4), ("raw", W, 1), 1.0),
+    ("pool json {w}x4 / raw {w}x4", ("pool", W, 4), ("raw", W, 4), 1.0),
+    ("pool json {w}x4 / grpc {w} on 1 stream", ("pool", W, 4), ("grpc", W, 1), 30.0),
+    ("pool json {w}x4 / grpc {w} over 4 streams", ("pool", W, 4), ("grpc", W, 4), 30.0),
+    ("pool json {w}x4 / raw+codec {w}x4", ("pool", W, 4), ("rawcodec", W, 4), 1.5),
+    ("batch json {w}x4 / raw {w}x4 (per event)", ("batch", W, 4), ("raw", W, 4), 1.3),
+    ("fanout json {w}x4 / raw {w}x4 (per event)", ("fanout", W, 4), ("raw", W, 4), 1.3),
+    ("pool json 1x1 / grpc 1", ("pool", 1, 1), ("grpc", 1, 1), 2.5),
+)
+
+
 def targets(scenarios: list[Scenario], wide: int) -> list[dict[str, Any]]:
-    """Issue #6 targets, each a paired ratio with its threshold."""
-    f = find
-    rows = [
-        (
-            "pool json 1x1 / raw 1x1",
-            f(scenarios, "pool", "json", 1, 1),
-            f(scenarios, "raw", "json", 1, 1),
-            0.9,
-        ),
-        (
-            f"pool json {wide}x4 / raw {wide}x1",
-            f(scenarios, "pool", "json", wide, 4),
-            f(scenarios, "raw", "json", wide, 1),
-            1.0,
-        ),
-        (
-            f"pool json {wide}x4 / raw {wide}x4",
-            f(scenarios, "pool", "json", wide, 4),
-            f(scenarios, "raw", "json", wide, 4),
-            1.0,
-        ),
-        (
-            f"pool json {wide}x4 / grpc {wide} on 1 stream",
-            f(scenarios, "pool", "json", wide, 4),
-            f(scenarios, "grpc", "json", wide, 1),
-            30.0,
-        ),
-        (
-            f"pool json {wide}x4 / grpc {wide} over 4 streams",
-            f(scenarios, "pool", "json", wide, 4),
-            f(scenarios, "grpc", "json", wide, 4),
-            30.0,
-        ),
-        (
-            f"pool json {wide}x4 / raw+codec {wide}x4",
-            f(scenarios, "pool", "json", wide, 4),
-            f(scenarios, "rawcodec", "json", wide, 4),
-            1.5,
-        ),
-        (
-            f"batch json {wide}x4 / raw {wide}x4 (per event)",
-            f(scenarios, "batch", "json", wide, 4),
-            f(scenarios, "raw", "json", wide, 4),
-            1.3,
-        ),
-        (
-            f"fanout json {wide}x4 / raw {wide}x4 (per event)",
-            f(scenarios, "fanout", "json", wide, 4),
-            f(scenarios, "raw", "json", wide, 4),
-            1.3,
-        ),
-        (
-            "pool json 1x1 / grpc 1",
-            f(scenarios, "pool", "json", 1, 1),
-            f(scenarios, "grpc", "json", 1, 1),
-            2.5,
-        ),
-    ]
+    """The targets, each a paired ratio with its threshold and verdict."""
+
+    def pick(spec: tuple[str, int, int]) -> Scenario | None:
+        kind, in_flight, conns = spec
+        return find(scenarios, kind, "json", wide if in_flight == W else in_flight, conns)
+
     out: list[dict[str, Any]] = []
-    for name, a, b, threshold in rows:
-        summary = _summary(_paired(a, b))
+    for label, measured, baseline, threshold in _TARGETS:
+        summary = _summary(_paired(pick(measured), pick(baseline)))
         out.append(
             {
-                "target": name,
+                "target": label.format(w=wide),
                 "threshold": threshold,
                 "ratio": summary,
                 "met": None if summary is None else summary["median"] >= threshold,
