@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, cast
 
 import orjson
@@ -178,6 +178,13 @@ class RawCodecClient(RawClient):
         return rt
 
 
+def _raise_first(results: Iterable[object]) -> None:
+    """Raise the first failure among per-request results (a scenario never hides one)."""
+    for r in results:
+        if isinstance(r, Exception):
+            raise r
+
+
 class PoolClient:
     """agentpool: ``AgentPool.send_request_headers`` with a realistic event object."""
 
@@ -248,9 +255,7 @@ class BatchClient(PoolClient):
 
         async def rt() -> None:
             items = [(f"{next(ids):032x}", event) for _ in range(n)]
-            for r in await batch(AGENT_ID, items):
-                if isinstance(r, Exception):
-                    raise r
+            _raise_first(await batch(AGENT_ID, items))
             for cid, _ in items:
                 clear(cid)
 
@@ -269,9 +274,7 @@ class FanOutClient(PoolClient):
         await self._open(self.agents, 1)
         out = await asyncio.wait_for(self.pool.fan_out(self.agents, "probe", make_event()), 5.0)
         self.pool.clear_correlation_affinity("probe")
-        for r in out.values():
-            if isinstance(r, Exception):
-                raise r
+        _raise_first(out.values())
 
     def make_rt(self, worker: int) -> RoundTrip:
         fan_out = self.pool.fan_out
@@ -282,9 +285,7 @@ class FanOutClient(PoolClient):
 
         async def rt() -> None:
             cid = f"{next(ids):032x}"
-            for r in (await fan_out(agents, cid, event)).values():
-                if isinstance(r, Exception):
-                    raise r
+            _raise_first((await fan_out(agents, cid, event)).values())
             clear(cid)
 
         return rt
