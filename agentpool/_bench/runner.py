@@ -108,15 +108,6 @@ def _agent_argv(impl: str, path: str) -> list[str]:
     return [sys.executable, "-m", "agentpool", "bench", "--serve-agent", path]
 
 
-def _example_available() -> bool:
-    try:
-        from .. import examples
-
-        return hasattr(examples, "BenchAgent") or "bench" in repr(vars(examples).keys())
-    except Exception:
-        return False
-
-
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
@@ -155,9 +146,9 @@ def run(args: argparse.Namespace) -> int:
             _progress("grpcio is not installed (pip install 'agentpool[bench]'): skipping gRPC")
             args.no_grpc = True
 
-    impl = args.agent
-    if impl == "auto":
-        impl = "example" if _example_available() else "builtin"
+    # auto: the example agent (the harness does not import the agent side to look for it);
+    # the built-in one if the example does not start.
+    impl = "example" if args.agent == "auto" else args.agent
 
     scenarios = build_scenarios(args)
     if not scenarios:
