@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import sys
 
-from agentpool._bench.runner import main, run_agent
+from agentpool._bench import main
+from agentpool._bench.agent import run_agent
 
 
 def _entry(argv: list[str]) -> int:
