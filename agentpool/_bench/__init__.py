@@ -11,7 +11,8 @@ sockets under /tmp are used and every process started here is stopped at the end
 
 Modules: ``workload`` (the event, its bytes, the Allow reply), ``agent`` (the built-in agent
 and the grpcio server), ``clients``, ``scenarios`` (the measurement loop), ``report``,
-``memory`` (``--memory``), ``process`` (start/stop of the servers), ``runner`` (the command).
+``memory`` (``--memory``), ``process`` (start/stop of the servers), ``runner`` (the command),
+``loadtest`` (``agentpool loadtest``, the HTTP load test).
 """
 
 from __future__ import annotations
