@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 import pytest
-from agents.integrity_agent import StressAgentProc
+from agents import StressAgentProc
 
 from agentpool import AgentPool, AgentPoolConfig
 from agentpool._impl import HAS_EXTENSIONS

@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 import pytest
 from _helpers import hdrs
-from agents.faulty_agent import FaultyAgentProc
+from agents import FaultyAgentProc
 
 from agentpool import (
     AgentProtocolError,

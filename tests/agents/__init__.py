@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import selectors
 import shutil
@@ -41,12 +42,15 @@ import agentpool
 
 READY_PREFIX = "agentpool agent listening on "
 _PKG_ROOT = str(Path(agentpool.__file__).resolve().parent.parent)
-TESTS_DIR = str(Path(__file__).resolve().parent.parent)
+_AGENTS_DIR = str(Path(__file__).resolve().parent)
+TESTS_DIR = str(Path(_AGENTS_DIR).parent)
 
 __all__ = [
     "READY_PREFIX",
     "AgentProc",
+    "FaultyAgentProc",
     "Ready",
+    "StressAgentProc",
     "arunning",
     "aspawn_agent",
     "await_ready",
@@ -209,7 +213,6 @@ def stop_process(
     return int(proc.returncode)
 
 
-_READY_LINE = Ready(line=READY_PREFIX)
 _A = TypeVar("_A", bound="AgentProc")
 
 
@@ -220,6 +223,8 @@ def short_socket_dir() -> str:
 
 class AgentProc:
     """One agent subprocess: its endpoint, its process, and controls to kill/restart it."""
+
+    ready = Ready(line=READY_PREFIX)
 
     def __init__(
         self,
@@ -266,6 +271,8 @@ class AgentProc:
         self.proc = start_process(self.argv(), text=True)
 
     def _ready(self, line: str) -> None:
+        if not line.startswith(READY_PREFIX):
+            return  # a raw agent's plain "ready": its endpoint is its socket path
         self.endpoint = line[len(READY_PREFIX) :].strip()
         if self.tcp:
             self.port = int(self.endpoint.rsplit(":", 1)[1])
@@ -274,14 +281,14 @@ class AgentProc:
         """Block until the agent prints its ready line (bounded); kill it on failure."""
         assert self.proc is not None
         t = self.ready_timeout if timeout is None else timeout
-        self._ready(wait_ready(self.proc, _READY_LINE, timeout=t, name=f"agent {self.example!r}"))
+        self._ready(wait_ready(self.proc, self.ready, timeout=t, name=f"agent {self.example!r}"))
 
     async def await_ready(self, timeout: float | None = None) -> None:
         """Like :meth:`wait_ready` without blocking the running event loop."""
         assert self.proc is not None
         t = self.ready_timeout if timeout is None else timeout
         name = f"agent {self.example!r}"
-        self._ready(await await_ready(self.proc, _READY_LINE, timeout=t, name=name))
+        self._ready(await await_ready(self.proc, self.ready, timeout=t, name=name))
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -367,3 +374,111 @@ def aspawn_agent(
 ) -> contextlib.AbstractAsyncContextManager[AgentProc]:
     """Async twin of :func:`spawn_agent` (same options)."""
     return arunning(AgentProc(example, **kw))
+
+
+class FaultyAgentProc(AgentProc):
+    """``faulty_agent.py`` in a subprocess on a fresh short socket path.
+
+    ``set_fault()`` rewrites the control file (atomically), so one process can switch faults
+    between requests; ``frames()`` reads the ``--log`` lines.
+    """
+
+    ready = Ready(line="ready")
+
+    def __init__(
+        self,
+        *,
+        fault: str | None = None,
+        handshake: str | None = None,
+        agent_id: str = "faulty",
+        ready_timeout: float = 10.0,
+    ) -> None:
+        super().__init__("faulty", ready_timeout=ready_timeout)
+        self.dir = self._dir
+        assert self.path is not None
+        self.endpoint = self.path
+        self.control = os.path.join(self.dir, "control.json")
+        self.log = os.path.join(self.dir, "frames.log")
+        self.fault = fault
+        self.handshake = handshake
+        self.agent_id = agent_id
+
+    def argv(self) -> list[str]:
+        assert self.path is not None
+        argv = [sys.executable, os.path.join(_AGENTS_DIR, "faulty_agent.py"), "--socket", self.path]
+        argv += ["--agent-id", self.agent_id, "--control", self.control, "--log", self.log]
+        if self.fault:
+            argv += ["--fault", self.fault]
+        if self.handshake:
+            argv += ["--handshake", self.handshake]
+        return argv
+
+    async def astart(self) -> FaultyAgentProc:
+        self.start()
+        await self.await_ready()
+        return self
+
+    def set_fault(self, default: str | None = None, handshake: str | None = None) -> None:
+        tmp = self.control + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(json.dumps({"default": default, "handshake": handshake}).encode())
+        os.replace(tmp, self.control)
+
+    def clear_log(self) -> None:
+        with open(self.log, "wb"):
+            pass
+
+    def frames(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.log, "rb") as f:
+                return [json.loads(line) for line in f if line.strip()]
+        except FileNotFoundError:
+            return []
+
+    def accepting(self) -> bool:
+        """Whether the socket takes a connection now (a crashed agent's socket refuses)."""
+        assert self.path is not None
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(1.0)
+            try:
+                sock.connect(self.path)
+            except OSError:
+                return False
+        return True
+
+    def wait_exit(self, timeout: float = 5.0) -> int:
+        """Wait for a crash fault to finish the process off; its exit status."""
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+
+class StressAgentProc(AgentProc):
+    """``integrity_agent.py`` as the stress agent process, on a fresh short socket path."""
+
+    ready = Ready(line="ready")
+
+    def __init__(self, late: float, seed: int = 1) -> None:
+        super().__init__("stress")
+        assert self.path is not None
+        self.endpoint = self.path
+        self.late = late
+        self.seed = seed
+
+    def argv(self) -> list[str]:
+        assert self.path is not None
+        script = os.path.join(_AGENTS_DIR, "integrity_agent.py")
+        late, seed = str(self.late), str(self.seed)
+        return [sys.executable, script, "--socket", self.path, "--late", late, "--seed", seed]
+
+    def __enter__(self) -> StressAgentProc:
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.terminate()
+        self.cleanup()

@@ -39,11 +39,8 @@ import argparse
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 from typing import Any
 
 import orjson
@@ -401,120 +398,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         asyncio.run(serve(args, None))
     return 0
-
-
-class FaultyAgentProc:
-    """Test-side handle: runs this module as an agent process on a fresh short socket path.
-
-    ``set_fault()`` rewrites the control file (atomically), so one process can switch faults
-    between requests; ``frames()`` reads the ``--log`` lines.
-    """
-
-    def __init__(
-        self,
-        *,
-        fault: str | None = None,
-        handshake: str | None = None,
-        agent_id: str = "faulty",
-        ready_timeout: float = 10.0,
-    ) -> None:
-        self.dir = tempfile.mkdtemp(prefix="apf-", dir="/tmp")
-        self.path = os.path.join(self.dir, "f.sock")
-        self.control = os.path.join(self.dir, "control.json")
-        self.log = os.path.join(self.dir, "frames.log")
-        self.fault = fault
-        self.handshake = handshake
-        self.agent_id = agent_id
-        self.ready_timeout = ready_timeout
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def endpoint(self) -> str:
-        return self.path
-
-    def argv(self) -> list[str]:
-        argv = [sys.executable, os.path.abspath(__file__), "--socket", self.path]
-        argv += ["--agent-id", self.agent_id, "--control", self.control, "--log", self.log]
-        if self.fault:
-            argv += ["--fault", self.fault]
-        if self.handshake:
-            argv += ["--handshake", self.handshake]
-        return argv
-
-    def start(self) -> None:
-        from agents import start_process
-
-        self.proc = start_process(self.argv())
-
-    def wait_ready(self) -> None:
-        from agents import Ready, wait_ready
-
-        assert self.proc is not None
-        wait_ready(self.proc, Ready(line="ready"), timeout=self.ready_timeout, name="faulty agent")
-
-    async def await_ready(self) -> None:
-        from agents import Ready, await_ready
-
-        assert self.proc is not None
-        await await_ready(
-            self.proc, Ready(line="ready"), timeout=self.ready_timeout, name="faulty agent"
-        )
-
-    async def astart(self) -> FaultyAgentProc:
-        self.start()
-        await self.await_ready()
-        return self
-
-    def set_fault(self, default: str | None = None, handshake: str | None = None) -> None:
-        tmp = self.control + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(orjson.dumps({"default": default, "handshake": handshake}))
-        os.replace(tmp, self.control)
-
-    def clear_log(self) -> None:
-        with open(self.log, "wb"):
-            pass
-
-    def frames(self) -> list[dict[str, Any]]:
-        try:
-            with open(self.log, "rb") as f:
-                return [orjson.loads(line) for line in f if line.strip()]
-        except FileNotFoundError:
-            return []
-
-    def accepting(self) -> bool:
-        """Whether the socket takes a connection now (a crashed agent's socket refuses)."""
-        import socket
-
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(1.0)
-            try:
-                sock.connect(self.path)
-            except OSError:
-                return False
-        return True
-
-    def wait_exit(self, timeout: float = 5.0) -> int:
-        """Wait for a crash fault to finish the process off; its exit status."""
-        assert self.proc is not None
-        return self.proc.wait(timeout)
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        from agents import stop_process
-
-        if self.proc is not None:
-            stop_process(self.proc, sig)
-
-    async def arestart(self) -> None:
-        self.kill()
-        await self.astart()
-
-    def cleanup(self) -> None:
-        self.kill()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -273,41 +272,6 @@ async def serve_stress(path: str, late: float, seed: int) -> None:
 def _write(writer: asyncio.StreamWriter, frame: bytes) -> None:
     if not writer.is_closing():
         writer.write(frame)
-
-
-class StressAgentProc:
-    """Runs this module as the stress agent process on a fresh short socket path."""
-
-    def __init__(self, late: float, seed: int = 1) -> None:
-        self.dir = tempfile.mkdtemp(prefix="aps-", dir="/tmp")
-        self.path = os.path.join(self.dir, "s.sock")
-        self.late = late
-        self.seed = seed
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def endpoint(self) -> str:
-        return self.path
-
-    def __enter__(self) -> StressAgentProc:
-        from agents import Ready, start_process, wait_ready
-
-        argv = [sys.executable, os.path.abspath(__file__), "--socket", self.path]
-        argv += ["--late", str(self.late), "--seed", str(self.seed)]
-        self.proc = start_process(argv)
-        try:
-            wait_ready(self.proc, Ready(line="ready"), name="stress agent")
-        except BaseException:
-            shutil.rmtree(self.dir, ignore_errors=True)
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        from agents import stop_process
-
-        if self.proc is not None:
-            stop_process(self.proc)
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @contextlib.asynccontextmanager
