@@ -1,5 +1,5 @@
 """Helpers shared by the test modules: events, pool configs, bounded waits, a proxy-side
-connection, a fake clock.
+connection, RSS, a fake clock.
 
 Imported as ``from _helpers import ...`` (tests/ is the rootdir on sys.path; CI runs the
 suite from a copy where ``tests`` is not a package).
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
@@ -77,6 +78,12 @@ async def proxy(endpoint: str, **kw: Any) -> AsyncIterator[AgentConnection]:
     finally:
         conn.close()
         await asyncio.wait_for(conn.wait_closed(), 5.0)
+
+
+def rss_bytes() -> int:
+    """This process's resident set size (Linux /proc), for bounded-memory checks."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 class FakeClock:

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from _helpers import hdrs, proxy
+from _helpers import rss_bytes as _rss
 from _helpers import until as wait_until
 from agents import short_socket_dir
 
@@ -428,11 +429,6 @@ async def test_only_the_newest_event_of_a_correlation_id_is_answered() -> None:
             assert session.running_handlers == 0
         finally:
             raw.close()
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 async def test_100k_pipelined_events_keep_tasks_and_memory_bounded() -> None:

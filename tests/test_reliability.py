@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 import pytest
-from _helpers import hdrs
+from _helpers import hdrs, rss_bytes
 from agents import FaultyAgentProc
 
 from agentpool import (
@@ -745,11 +745,6 @@ async def main(target, agent_id):
 
 asyncio.run(main(sys.argv[1], sys.argv[2]))
 """
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def registration_frame(agent_id: str, token: str | None) -> bytes:
