@@ -80,6 +80,11 @@ async def proxy(endpoint: str, **kw: Any) -> AsyncIterator[AgentConnection]:
         await asyncio.wait_for(conn.wait_closed(), 5.0)
 
 
+def states(pool: Any, agent_id: str) -> list[Any]:
+    """The connection states of ``agent_id`` in ``pool`` (the pool's private table)."""
+    return list(pool._agents[agent_id].conns)
+
+
 def rss_bytes() -> int:
     """This process's resident set size (Linux /proc), for bounded-memory checks."""
     with open("/proc/self/statm") as f:

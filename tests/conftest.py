@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from typing import Any
 
 import pytest
 from agents import AgentProc, spawn_agent
@@ -52,3 +53,16 @@ def control() -> Iterator[AgentProc]:
     """The ``control`` example agent on a Unix socket, steered by ``x-test-*`` headers."""
     with spawn_agent("control") as agent:
         yield agent
+
+
+@pytest.fixture
+async def stub_dns() -> AsyncIterator[tuple[Any, int]]:
+    """A stub DNS server on a loopback UDP port (tests/_dns.py, needs dnspython): (server, port)."""
+    from _dns import StubDns
+
+    loop = asyncio.get_running_loop()
+    transport, proto = await loop.create_datagram_endpoint(StubDns, local_addr=("127.0.0.1", 0))
+    try:
+        yield proto, transport.get_extra_info("sockname")[1]
+    finally:
+        transport.close()

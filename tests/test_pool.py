@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 import pytest
-from _helpers import hdrs, pool_config
+from _helpers import hdrs, pool_config, states
 from agents import AgentProc
 
 from agentpool import (
@@ -41,10 +41,6 @@ def body(cid: str, index: int = 0, last: bool = False) -> RequestBodyChunkEvent:
     return RequestBodyChunkEvent(
         correlation_id=cid, data=b"chunk-%d" % index, is_last=last, chunk_index=index
     )
-
-
-def states(pool: AgentPool, agent_id: str) -> list[Any]:
-    return list(pool._agents[agent_id].conns)
 
 
 def counts(pool: AgentPool, agent_id: str) -> list[int]:

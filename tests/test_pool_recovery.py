@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 import pytest
-from _helpers import hdrs, pool_config, until
+from _helpers import hdrs, pool_config, states, until
 from agents import AgentProc, aspawn_agent
 
 from agentpool import ConnectionClosed, ConnectionFailed, Timeout, Unavailable
@@ -25,10 +25,6 @@ from agentpool.pool import AgentPool
 cfg = pool_config(
     request_timeout=5.0, connect_timeout=2.0, reconnect_interval=0.05, circuit_breaker=None
 )
-
-
-def states(pool: AgentPool, agent_id: str) -> list[Any]:
-    return list(pool._agents[agent_id].conns)
 
 
 def assert_nothing_left(pool: AgentPool, seen: list[Any]) -> None:
