@@ -474,7 +474,7 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from . import bench
+    from . import _bench as bench
 
     if args.only:
         every = bench.build_scenarios(
@@ -492,7 +492,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     return bench.run(args)
 
 
-# -- proxy, loadtest (agentpool.proxy, agentpool.loadtest) ------------------------------------
+# -- proxy, loadtest (agentpool.proxy, agentpool._bench.loadtest) ----------------------------
 
 
 def _proxy_arguments(p: argparse.ArgumentParser) -> None:
@@ -541,7 +541,7 @@ def _loadtest_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_loadtest(args: argparse.Namespace) -> int:
-    from . import loadtest
+    from ._bench import loadtest
 
     return loadtest.run_command(args)
 

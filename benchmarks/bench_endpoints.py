@@ -20,19 +20,17 @@ import asyncio
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import tracemalloc
 from collections.abc import Awaitable, Callable
 
+from agentpool._bench.process import Processes
 from agentpool.config import AgentPoolConfig
 from agentpool.endpoints import EndpointRecord
 from agentpool.framing import HAS_EXTENSIONS
 from agentpool.pool import AgentPool
-
-READY = "agentpool agent listening on "
 
 
 async def longest_turn(action: Callable[[], Awaitable[object]]) -> tuple[float, float]:
@@ -112,16 +110,10 @@ def main() -> None:
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="ap-", dir="/tmp")
     sock = os.path.join(tmp, "a.sock")
-    agent = subprocess.Popen(
-        [sys.executable, "-m", "agentpool", "agent", "--example", "echo", "--socket", sock],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=tmp,
-    )
+    procs = Processes()
     try:
-        assert agent.stdout is not None
-        line = agent.stdout.readline()
-        assert line.startswith(READY), line
+        argv = [sys.executable, "-m", "agentpool", "agent", "--example", "echo", "--socket", sock]
+        procs.start_listening(argv, "echo agent")
         endpoints = []
         for i in range(100):
             link = os.path.join(tmp, f"{i}.sock")
@@ -135,8 +127,7 @@ def main() -> None:
         else:
             asyncio.run(run(endpoints, args.reps))
     finally:
-        agent.kill()
-        agent.wait()
+        procs.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -24,21 +24,15 @@ import contextlib
 import itertools
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from agentpool.bench import (
-    AGENT_ID,
-    make_event,
-    measure,
-    process_cpu_reader,
-)
-
-READY = "agentpool agent listening on "
+from agentpool._bench.process import Processes
+from agentpool._bench.scenarios import measure, process_cpu_reader
+from agentpool._bench.workload import AGENT_ID, make_event
 
 
 class PoolClient:
@@ -283,36 +277,23 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     tmp = tempfile.mkdtemp(prefix="apg-", dir="/tmp")
     uds = os.path.join(tmp, "a.sock")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "agentpool",
-            "agent",
-            "--example",
-            "bench",
-            "--loop",
-            "uvloop",
-            "--socket",
-            uds,
-            "--grpc",
-            "127.0.0.1:0",
-        ],
-        stdout=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        start_new_session=True,
-    )
+    procs = Processes()
+    cmd = [
+        sys.executable,
+        "-m",
+        "agentpool",
+        "agent",
+        "--example",
+        "bench",
+        "--loop",
+        "uvloop",
+        "--socket",
+        uds,
+        "--grpc",
+        "127.0.0.1:0",
+    ]
     try:
-        assert proc.stdout is not None
-        endpoints = []
-        deadline = time.monotonic() + 15
-        while len(endpoints) < 2 and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                raise RuntimeError("agent exited before listening")
-            if line.startswith(READY):
-                endpoints.append(line[len(READY) :].strip())
+        pid, endpoints = procs.start_listening(cmd, "bench agent", count=2)
         grpc_ep = next(e for e in endpoints if e.startswith("grpc://"))
         try:
             import uvloop
@@ -320,14 +301,9 @@ def main(argv: list[str] | None = None) -> int:
             runner: Any = uvloop.run
         except ImportError:  # pragma: no cover
             runner = asyncio.run
-        print(runner(run(args, uds, grpc_ep, proc.pid)))
+        print(runner(run(args, uds, grpc_ep, pid)))
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        procs.stop_all()
         with contextlib.suppress(OSError):
             os.unlink(uds)
             os.rmdir(tmp)

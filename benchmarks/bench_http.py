@@ -20,9 +20,9 @@ import time
 from typing import Any
 
 from agentpool import AgentPool, AgentPoolConfig, RequestHeadersEvent, RequestMetadata
+from agentpool._bench.loadtest import _plain, _wait_path
 from agentpool.asgi import AgentMiddleware
 from agentpool.cli import main as cli_main
-from agentpool.loadtest import _plain, _wait_path
 
 HEADERS = [
     (b"host", b"127.0.0.1:8000"),

@@ -34,7 +34,9 @@ from typing import Any
 
 import pytest
 
-from agentpool.bench import PoolClient, Processes, RawClient, event_json, response_json
+from agentpool._bench.clients import PoolClient, RawClient
+from agentpool._bench.process import Processes
+from agentpool._bench.workload import event_json, response_json
 from agentpool.codec import JSON_CODEC
 
 BATCH = 2000

@@ -13,31 +13,25 @@ import argparse
 import itertools
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from agentpool import tls
-from agentpool.bench import make_event, measure, process_cpu_reader
+from agentpool._bench.process import Processes
+from agentpool._bench.scenarios import measure, process_cpu_reader
+from agentpool._bench.workload import make_event
 from agentpool.config import AgentPoolConfig
 from agentpool.framing import HAS_EXTENSIONS
 from agentpool.pool import AgentPool
 
-READY = "agentpool agent listening on "
 
-
-def start_agent(extra: list[str]) -> tuple[subprocess.Popen[str], str]:
+def start_agent(procs: Processes, extra: list[str]) -> tuple[int, str]:
     argv = [sys.executable, "-m", "agentpool", "agent", "--example", "bench"]
     argv += ["--tcp", "127.0.0.1:0", "--loop", "uvloop", *extra]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line.startswith(READY):
-        proc.kill()
-        raise RuntimeError(f"agent did not start: {line!r}")
-    return proc, line[len(READY) :].strip()
+    pid, (endpoint,) = procs.start_listening(argv, "bench agent")
+    return pid, endpoint
 
 
 async def run(args: argparse.Namespace, plain_ep: str, tls_ep: str, ctx: Any, pids: Any) -> None:
@@ -123,16 +117,12 @@ def main() -> int:
         server.private_key_and_cert_chain_pem.write_to_path(paths["server"])
         client.private_key_and_cert_chain_pem.write_to_path(paths["client"])
         tls_args = ["--tls-cert", paths["server"], "--tls-ca", paths["ca"]]
-        plain, plain_ep = start_agent([])
-        secure, tls_ep = start_agent(tls_args)
-        try:
+        with Processes() as procs:
+            plain, plain_ep = start_agent(procs, [])
+            secure, tls_ep = start_agent(procs, tls_args)
             ctx = tls.client_context(ca=paths["ca"], cert=paths["client"], server_name="agent.test")
-            pids = {"tcp": plain.pid, "tls": secure.pid}
+            pids = {"tcp": plain, "tls": secure}
             uvloop.run(run(args, plain_ep, tls_ep, ctx, pids))
-        finally:
-            for proc in (plain, secure):
-                proc.kill()
-                proc.wait()
     return 0
 
 

@@ -1,6 +1,6 @@
 """Round-trip benchmark harness: agentpool pool vs a raw uvloop client vs grpcio aio.
 
-Same as ``python -m agentpool bench``; the harness lives in :mod:`agentpool.bench` so that the
+Same as ``python -m agentpool bench``; the harness lives in :mod:`agentpool._bench` so that the
 installed package can run it. Run ``python benchmarks/roundtrip.py --help`` for the options.
 ``python benchmarks/roundtrip.py --agent PATH`` serves only the built-in benchmark agent on the
 Unix socket PATH (a minimal uvloop v2 agent answering every event with an Allow).
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from agentpool.bench import run_agent
+from agentpool._bench.agent import run_agent
 from agentpool.cli import main
 
 

@@ -1,6 +1,6 @@
 """Applications the HTTP integration tests serve (uvicorn ``--factory``, aiohttp upstream).
 
-``AP_TEST_AGENT`` is the script agent's endpoint (tests/http_agent.py).
+``AP_TEST_AGENT`` is the script agent's endpoint (tests/agents/http_agent.py).
 """
 
 from __future__ import annotations

@@ -8,9 +8,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
+
+import agents
 
 import agentpool
 
@@ -19,10 +20,7 @@ ROOT = str(Path(agentpool.__file__).resolve().parent.parent)
 
 
 def env(**extra: str) -> dict[str, str]:
-    out = dict(os.environ)
-    out["PYTHONPATH"] = os.pathsep.join([TESTS, ROOT, out.get("PYTHONPATH", "")])
-    out.update(extra)
-    return out
+    return agents.child_env(**extra)
 
 
 def free_port() -> int:
@@ -34,46 +32,20 @@ def free_port() -> int:
 def wait_ready(
     proc: subprocess.Popen[bytes], check: str | tuple[str, int], timeout: float = 20.0
 ) -> None:
-    """Wait until a Unix socket path exists / a TCP port accepts, or fail with the output."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            out = proc.stdout.read().decode() if proc.stdout else ""
-            raise RuntimeError(f"process exited with {proc.returncode}: {out}")
-        if isinstance(check, str):
-            if os.path.exists(check):
-                with socket.socket(socket.AF_UNIX) as s, contextlib.suppress(OSError):
-                    s.connect(check)
-                    return
-        else:
-            with contextlib.suppress(OSError), socket.create_connection(check, timeout=0.2):
-                return
-        time.sleep(0.03)
-    stop(proc)
-    raise RuntimeError(f"not ready after {timeout} s: {check}")
+    """Wait until a Unix socket path / a TCP port accepts, or fail with the output."""
+    agents.wait_ready(proc, agents.Ready(sock=check), timeout=timeout)
 
 
 def spawn(args: list[str], **extra: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        args, env=env(**extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=TESTS
-    )
+    return agents.start_process(args, env=env(**extra), stderr=subprocess.STDOUT, cwd=TESTS)
 
 
 def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-    if proc.stdout:
-        proc.stdout.close()
-    return int(proc.returncode)
+    return agents.stop_process(proc, sig, timeout)
 
 
 def script_agent(path: str) -> subprocess.Popen[bytes]:
-    proc = spawn([sys.executable, os.path.join(TESTS, "http_agent.py"), path])
+    proc = spawn([sys.executable, os.path.join(TESTS, "agents", "http_agent.py"), path])
     wait_ready(proc, path)
     return proc
 

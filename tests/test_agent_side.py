@@ -14,9 +14,13 @@ import os
 import shutil
 import socket
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 import pytest
+from _helpers import hdrs, proxy
+from _helpers import rss_bytes as _rss
+from _helpers import until as wait_until
 from agents import short_socket_dir
 
 from agentpool._impl import core
@@ -36,7 +40,6 @@ from agentpool.messages import (
     HandshakeRequest,
     MetricsReport,
     RequestHeadersEvent,
-    RequestMetadata,
     RequestReload,
     WebSocketClose,
 )
@@ -44,15 +47,7 @@ from agentpool.messages import (
 T = 10.0
 
 
-def headers_event(cid: str, uri: str = "/") -> RequestHeadersEvent:
-    return RequestHeadersEvent(
-        metadata=RequestMetadata(
-            correlation_id=cid, request_id="r", client_ip="10.0.0.1", client_port=1234
-        ),
-        method="GET",
-        uri=uri,
-        headers={"host": ["h"]},
-    )
+headers_event = partial(hdrs, host="h", request_id="r", client_ip="10.0.0.1", client_port=1234)
 
 
 @contextlib.asynccontextmanager
@@ -65,16 +60,6 @@ async def serve(agent: Agent, **kw: Any) -> AsyncIterator[AgentServer]:
     finally:
         await asyncio.wait_for(server.close(), 5.0)
         shutil.rmtree(d, ignore_errors=True)
-
-
-@contextlib.asynccontextmanager
-async def proxy(endpoint: str, **kw: Any) -> AsyncIterator[AgentConnection]:
-    conn = await AgentConnection.open(endpoint, agent_id="p", request_timeout=5.0, **kw)
-    try:
-        yield conn
-    finally:
-        conn.close()
-        await asyncio.wait_for(conn.wait_closed(), 5.0)
 
 
 class RawProxy:
@@ -123,13 +108,6 @@ class RawProxy:
 
     def close(self) -> None:
         self.sock.close()
-
-
-async def wait_until(cond: Any, timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not cond():
-        assert asyncio.get_running_loop().time() < deadline, "condition never became true"
-        await asyncio.sleep(0.005)
 
 
 def only_session(server: AgentServer) -> AgentSession:
@@ -451,11 +429,6 @@ async def test_only_the_newest_event_of_a_correlation_id_is_answered() -> None:
             assert session.running_handlers == 0
         finally:
             raw.close()
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 async def test_100k_pipelined_events_keep_tasks_and_memory_bounded() -> None:

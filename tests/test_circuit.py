@@ -3,19 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from _helpers import FakeClock
 
 from agentpool.circuit import CircuitBreaker, CircuitBreakerConfig, CircuitState
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 import pytest
+from _helpers import FakeClock
 
 from agentpool.control import (
     RESULT_RETENTION,
@@ -28,17 +29,9 @@ from agentpool.messages import (
 )
 
 
-class FakeClock:
-    def __init__(self, now: float = 100.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(100.0)
 
 
 @pytest.fixture

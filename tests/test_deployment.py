@@ -14,14 +14,14 @@ import socket
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from agents import AgentProc
-from test_discovery import StubDns
 
 trustme = pytest.importorskip("trustme")
+pytest.importorskip("dns.message")
+from _dns import StubDns  # noqa: E402
 from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
 from prometheus_client.multiprocess import MultiProcessCollector  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
@@ -30,16 +30,6 @@ WORKER = str(Path(__file__).with_name("deploy_worker.py"))
 SRV_NAME = "_waf._tcp.agents.test"
 REQUESTS = 600
 CLIENTS = 16
-
-
-@pytest.fixture
-async def stub_dns() -> AsyncIterator[tuple[StubDns, int]]:
-    loop = asyncio.get_running_loop()
-    transport, proto = await loop.create_datagram_endpoint(StubDns, local_addr=("127.0.0.1", 0))
-    try:
-        yield proto, transport.get_extra_info("sockname")[1]
-    finally:
-        transport.close()
 
 
 def make_certs(d: Path) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _helpers import hdrs
 from agents import AgentProc, spawn_agent
 
 from agentpool.config import AgentPoolConfig
@@ -25,55 +26,11 @@ from agentpool.discovery import (
     single_endpoint_updater,
 )
 from agentpool.errors import ConnectionFailed
-from agentpool.messages import Allow, RequestHeadersEvent, RequestMetadata
+from agentpool.messages import Allow
 from agentpool.pool import AgentPool
 
-dns_message = pytest.importorskip("dns.message")
-import dns.rcode  # noqa: E402
-import dns.rrset  # noqa: E402
-
-
-class StubDns(asyncio.DatagramProtocol):
-    """Answers from ``records[(name, type)] = (ttl, [rdata text, ...])``; counts queries."""
-
-    def __init__(self) -> None:
-        self.records: dict[tuple[str, str], tuple[int, list[str]]] = {}
-        self.queries: dict[tuple[str, str], int] = {}
-        self.servfail = False
-        self.transport: asyncio.DatagramTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        query = dns_message.from_wire(data)
-        response = dns_message.make_response(query)
-        q = query.question[0]
-        name = q.name.to_text().rstrip(".")
-        rdtype = dns.rdatatype.to_text(q.rdtype)
-        key = (name, rdtype)
-        self.queries[key] = self.queries.get(key, 0) + 1
-        if self.servfail:
-            response.set_rcode(dns.rcode.SERVFAIL)
-        elif key in self.records:
-            ttl, rdatas = self.records[key]
-            if rdatas:
-                response.answer.append(dns.rrset.from_text_list(q.name, ttl, "IN", rdtype, rdatas))
-        elif not any(n == name for n, _ in self.records):
-            response.set_rcode(dns.rcode.NXDOMAIN)
-        assert self.transport is not None
-        self.transport.sendto(response.to_wire(), addr)
-
-
-@pytest.fixture
-async def stub_dns() -> AsyncIterator[tuple[StubDns, int]]:
-    loop = asyncio.get_running_loop()
-    transport, proto = await loop.create_datagram_endpoint(StubDns, local_addr=("127.0.0.1", 0))
-    port = transport.get_extra_info("sockname")[1]
-    try:
-        yield proto, port
-    finally:
-        transport.close()
+pytest.importorskip("dns.message")
+from _dns import StubDns
 
 
 @pytest.fixture(scope="module")
@@ -91,11 +48,6 @@ def dns_source(dns_port: int, name: str, **kw: Any) -> DnsSource:
 
 async def next_list(it: AsyncIterator[list[str]], timeout: float = 5.0) -> list[str]:
     return await asyncio.wait_for(it.__anext__(), timeout)
-
-
-def hdrs(cid: str) -> RequestHeadersEvent:
-    meta = RequestMetadata(correlation_id=cid, request_id=cid, client_ip="127.0.0.1", client_port=1)
-    return RequestHeadersEvent(metadata=meta, method="GET", uri="/", headers={})
 
 
 async def test_sources_follow_the_protocol(tmp_path: Path) -> None:

@@ -18,15 +18,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _helpers import hdrs, pool_config, until
 from agents import AgentProc, aspawn_agent, short_socket_dir, spawn_agent
 
 from agentpool import AgentNotFound, InvalidEndpoint, InvalidMessage
 from agentpool.circuit import CircuitBreakerConfig
-from agentpool.config import AgentPoolConfig
 from agentpool.discovery import Discovery, FileSource, endpoints_updater, single_endpoint_updater
 from agentpool.enums import LoadBalanceStrategy
-from agentpool.messages import AgentResponse, RequestHeadersEvent, RequestMetadata
+from agentpool.messages import AgentResponse
 from agentpool.pool import AgentPool
+
+cfg = pool_config(
+    connections_per_agent=2,
+    request_timeout=5.0,
+    connect_timeout=2.0,
+    reconnect_interval=0.05,
+    health_check_interval=0.05,
+    circuit_breaker=None,
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,36 +44,8 @@ def replicas() -> Iterator[list[AgentProc]]:
         yield [a, b, c]
 
 
-def hdrs(cid: str, *, delay: float | None = None, action: str | None = None) -> RequestHeadersEvent:
-    headers = {"host": ["example.test"]}
-    if delay is not None:
-        headers["x-test-delay"] = [str(delay)]
-    if action is not None:
-        headers["x-test-action"] = [action]
-    meta = RequestMetadata(correlation_id=cid, request_id=cid, client_ip="127.0.0.1", client_port=1)
-    return RequestHeadersEvent(metadata=meta, method="GET", uri="/", headers=headers)
-
-
-def cfg(**kw: Any) -> AgentPoolConfig:
-    kw.setdefault("connections_per_agent", 2)
-    kw.setdefault("request_timeout", 5.0)
-    kw.setdefault("connect_timeout", 2.0)
-    kw.setdefault("reconnect_interval", 0.05)
-    kw.setdefault("health_check_interval", 0.05)
-    kw.setdefault("circuit_breaker", None)
-    return AgentPoolConfig(**kw)
-
-
 def pid(reply: AgentResponse) -> int:
     return int(reply.routing_metadata["pid"])
-
-
-async def until(pred: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
 
 
 async def send(pool: AgentPool, cid: str, **kw: Any) -> AgentResponse:
@@ -229,7 +210,7 @@ async def _report_unhealthy(pool: AgentPool, replica: AgentProc) -> None:
         pool.clear_correlation_affinity(f"p{i}")
         if pid(reply) == replica.pid:
             await pool.send_request_headers_with_sticky_session(
-                session, "w", f"h{i}", hdrs(f"h{i}", action="health:4")
+                session, "w", f"h{i}", hdrs(f"h{i}", actions="health:4")
             )
             await until(lambda: not by_endpoint(pool)[replica.endpoint].is_healthy)
             return

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+from functools import partial
 
 import pytest
+from _helpers import hdrs
 from agents import aspawn_agent, short_socket_dir
 
 from agentpool import (
@@ -20,8 +22,6 @@ from agentpool import (
     ConnectionFailed,
     InvalidEndpoint,
     InvalidMessage,
-    RequestHeadersEvent,
-    RequestMetadata,
     Unavailable,
 )
 from agentpool.endpoint import SCHEMES, parse_endpoint
@@ -37,15 +37,7 @@ def _cfg(**kw: object) -> AgentPoolConfig:
     return AgentPoolConfig(**base)  # type: ignore[arg-type]
 
 
-def _event(cid: str) -> RequestHeadersEvent:
-    return RequestHeadersEvent(
-        metadata=RequestMetadata(
-            correlation_id=cid, request_id=cid, client_ip="127.0.0.1", client_port=1
-        ),
-        method="GET",
-        uri="/",
-        headers={"host": ["example.com"]},
-    )
+_event = partial(hdrs, host="example.com")
 
 
 BAD = [

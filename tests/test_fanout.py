@@ -3,41 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
-from agents import AgentProc, spawn_agent
+from _helpers import hdrs, pool_config
+from agents import AgentProc
 
 from agentpool import AgentNotFound, ConnectionClosed, DuplicateCorrelationId, Timeout
-from agentpool.config import AgentPoolConfig
 from agentpool.messages import (
     Allow,
     Block,
     RequestBodyChunkEvent,
-    RequestHeadersEvent,
-    RequestMetadata,
 )
 from agentpool.pool import AgentPool
 
-
-@pytest.fixture(scope="module")
-def control() -> Iterator[AgentProc]:
-    with spawn_agent("control") as agent:
-        yield agent
-
-
-@pytest.fixture(scope="module")
-def waf() -> Iterator[AgentProc]:
-    with spawn_agent("waf") as agent:
-        yield agent
-
-
-def hdrs(cid: str, uri: str = "/", delay: float | None = None) -> RequestHeadersEvent:
-    headers = {"host": ["example.test"]}
-    if delay is not None:
-        headers["x-test-delay"] = [str(delay)]
-    meta = RequestMetadata(correlation_id=cid, request_id=cid, client_ip="127.0.0.1", client_port=1)
-    return RequestHeadersEvent(metadata=meta, method="GET", uri=uri, headers=headers)
+cfg = pool_config(request_timeout=5.0)
 
 
 def settled(pool: AgentPool) -> None:
@@ -45,11 +24,6 @@ def settled(pool: AgentPool) -> None:
     assert snap.in_flight_requests == 0
     for entry in pool._agents.values():
         assert [st.in_flight for st in entry.conns] == [0] * len(list(entry.conns))
-
-
-def cfg(**kw: object) -> AgentPoolConfig:
-    kw.setdefault("request_timeout", 5.0)
-    return AgentPoolConfig(**kw)  # type: ignore[arg-type]
 
 
 async def test_fan_out_results_per_agent(waf: AgentProc, control: AgentProc) -> None:

@@ -1,4 +1,4 @@
-"""gRPC transport against real gRPC agent processes (tests/grpc_agent.py on grpcio).
+"""gRPC transport against real gRPC agent processes (tests/agents/grpc_agent.py on grpcio).
 
 Handshake, decisions, body chunks, ping, cancel, timeouts, killed agents, malformed
 messages, the 4 MiB message limit, TLS, the pool on gRPC endpoints and the CLI's --grpc.
@@ -21,7 +21,8 @@ import pytest
 pytest.importorskip("grpc")
 pytest.importorskip("google.protobuf")
 
-from agents import AgentProc
+from _helpers import hdrs, until
+from agents import AgentProc, running, start_process
 
 from agentpool import (
     ConnectionClosed,
@@ -51,19 +52,17 @@ from agentpool.messages import (
     Redirect,
     RequestBodyChunkEvent,
     RequestCompleteEvent,
-    RequestHeadersEvent,
-    RequestMetadata,
     ResponseHeadersEvent,
     WebSocketFrameEvent,
 )
 from agentpool.pool import AgentPool
 
 T = 10.0
-_AGENT_SCRIPT = str(Path(__file__).resolve().parent / "grpc_agent.py")
+_AGENT_SCRIPT = str(Path(__file__).resolve().parent / "agents" / "grpc_agent.py")
 
 
 class GrpcAgentProc(AgentProc):
-    """tests/grpc_agent.py in a subprocess, on a loopback port (kept across restarts)."""
+    """tests/agents/grpc_agent.py in a subprocess, on a loopback port (kept across restarts)."""
 
     def __init__(self, *extra: str) -> None:
         super().__init__("grpc-test", tcp=True, extra_args=extra)
@@ -80,13 +79,8 @@ class GrpcAgentProc(AgentProc):
 
 @pytest.fixture(scope="module")
 def agent() -> Iterator[GrpcAgentProc]:
-    proc = GrpcAgentProc()
-    try:
-        proc.start()
-        proc.wait_ready()
+    with running(GrpcAgentProc()) as proc:
         yield proc
-    finally:
-        proc.cleanup()
 
 
 async def spawn(*extra: str) -> GrpcAgentProc:
@@ -94,25 +88,6 @@ async def spawn(*extra: str) -> GrpcAgentProc:
     proc.start()
     await proc.await_ready()
     return proc
-
-
-def hdrs(
-    cid: str,
-    uri: str = "/",
-    *,
-    actions: str | None = None,
-    delay: float | None = None,
-    headers: dict[str, list[str]] | None = None,
-) -> RequestHeadersEvent:
-    h = {"host": ["example.test"], **(headers or {})}
-    if actions:
-        h["x-test-action"] = [actions]
-    if delay is not None:
-        h["x-test-delay"] = [str(delay)]
-    meta = RequestMetadata(
-        correlation_id=cid, request_id=cid, client_ip="127.0.0.1", client_port=1234
-    )
-    return RequestHeadersEvent(metadata=meta, method="GET", uri=uri, headers=h)
 
 
 class Recorder:
@@ -162,14 +137,6 @@ def tcp_connections_to(port: int) -> set[int]:
                 if fields[3] == "01" and int(fields[2].rsplit(":", 1)[1], 16) == port:
                     ports.add(int(fields[1].rsplit(":", 1)[1], 16))
     return ports
-
-
-async def until(pred: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
 
 
 async def open_conn(endpoint: str, **kw: Any) -> GrpcAgentConnection:
@@ -617,14 +584,12 @@ async def test_pool_follows_health_and_flow_control_over_grpc(agent: GrpcAgentPr
 
 
 def start_agent_logging_to(log: Path, *extra: str) -> subprocess.Popen[str]:
-    """tests/grpc_agent.py with its stderr (the agent's log) in ``log``."""
+    """tests/agents/grpc_agent.py with its stderr (the agent's log) in ``log``."""
     with open(log, "w") as err:
-        return subprocess.Popen(
+        return start_process(
             [sys.executable, _AGENT_SCRIPT, "--listen", "127.0.0.1:0", *extra],
-            stdout=subprocess.PIPE,
             stderr=err,
             text=True,
-            env=GrpcAgentProc()._env(),
         )
 
 

@@ -1,6 +1,6 @@
 """A verdict belongs to its event: one test per way the landed code could break that.
 
-Against a raw agent on a real Unix socket that misbehaves on cue (tests/integrity_agent.py);
+Against a raw agent on a real Unix socket that misbehaves on cue (tests/agents/integrity_agent.py);
 every reply names the event it answers (``routing_metadata["ev"]``). Each test below failed
 on the first release (439a0df) and passes now; they run on both cores and both loops.
 """
@@ -10,19 +10,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import time
 from typing import Any
 
 import orjson
 import pytest
-from integrity_agent import (
+from _helpers import hdrs, pool_config, until
+from agents.integrity_agent import (
     FLOW_CONTROL,
     HEALTH_STATUS,
     CueAgent,
     cue_agent,
 )
 
-from agentpool import AgentPool, AgentPoolConfig
+from agentpool import AgentPool
 from agentpool._impl import core
 from agentpool.circuit import CircuitBreakerConfig
 from agentpool.codec import get_codec
@@ -51,25 +51,18 @@ H = 0x10  # RequestHeaders
 B = 0x11  # RequestBodyChunk
 
 
-def hdrs(cid: str, **kw: Any) -> RequestHeadersEvent:
-    meta = RequestMetadata(correlation_id=cid, request_id=cid, client_ip="127.0.0.1", client_port=1)
-    kw.setdefault("headers", {"host": ["example.test"]})
-    kw.setdefault("uri", "/")
-    return RequestHeadersEvent(metadata=meta, method="GET", **kw)
+cfg = pool_config(
+    connections_per_agent=1,
+    request_timeout=5.0,
+    connect_timeout=2.0,
+    reconnect_interval=0.05,
+    keepalive=False,
+)
 
 
 def chunk(cid: str, index: int = 0, **kw: Any) -> RequestBodyChunkEvent:
     kw.setdefault("is_last", True)
     return RequestBodyChunkEvent(correlation_id=cid, data=b"x=1", chunk_index=index, **kw)
-
-
-def cfg(**kw: Any) -> AgentPoolConfig:
-    kw.setdefault("connections_per_agent", 1)
-    kw.setdefault("request_timeout", 5.0)
-    kw.setdefault("connect_timeout", 2.0)
-    kw.setdefault("reconnect_interval", 0.05)
-    kw.setdefault("keepalive", False)
-    return AgentPoolConfig(**kw)
 
 
 def ev(resp: Any) -> str:
@@ -79,14 +72,6 @@ def ev(resp: Any) -> str:
 def proto(pool: AgentPool, agent_id: str = "a") -> Any:
     (st,) = [s for s in pool._agents[agent_id].conns if not s.closed]
     return st.conn.protocol_core
-
-
-async def until(pred: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.005)
 
 
 # -- 1. a late reply never answers the next event ------------------------------------------------

@@ -1,9 +1,10 @@
 """The verdict-integrity stress run: zero verdicts delivered to the wrong event.
 
 Requests at concurrency 256, each a RequestHeaders event then one or two body chunks with the
-same correlation id (as a proxy sends them), against an agent process (tests/integrity_agent.py)
-that answers each event at once, after a random delay (out of order), after the request
-timeout, twice in one write, or never, at random. Every reply names the event it answers.
+same correlation id (as a proxy sends them), against an agent process
+(tests/agents/integrity_agent.py) that answers each event at once, after a random delay (out of
+order), after the request timeout, twice in one write, or never, at random. Every reply names
+the event it answers.
 The run asserts that no response reached the wrong event, that every in-flight gauge is back
 to 0 and that RSS stayed flat after warm-up. docs/reliability.md has the full run's figures;
 ``AGENTPOOL_STRESS_REQUESTS`` sets the count (CI: 100,000 on the compiled core, fewer on the
@@ -16,15 +17,17 @@ import asyncio
 import gc
 import os
 import time
+from functools import partial
 from typing import Any
 
 import pytest
-from integrity_agent import StressAgentProc
+from _helpers import hdrs, rss_bytes
+from agents import StressAgentProc
 
 from agentpool import AgentPool, AgentPoolConfig
 from agentpool._impl import HAS_EXTENSIONS
 from agentpool.errors import AgentProtocolError, ConnectionFailed
-from agentpool.messages import RequestBodyChunkEvent, RequestHeadersEvent, RequestMetadata
+from agentpool.messages import RequestBodyChunkEvent
 
 CONCURRENCY = 256
 TIMEOUT = 0.25
@@ -32,13 +35,10 @@ DEFAULT_REQUESTS = 100_000 if HAS_EXTENSIONS else 20_000
 
 
 def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+    return rss_bytes() / 1e6
 
 
-def headers(cid: str) -> RequestHeadersEvent:
-    meta = RequestMetadata(correlation_id=cid, request_id=cid, client_ip="127.0.0.1", client_port=1)
-    return RequestHeadersEvent(metadata=meta, method="POST", uri="/", headers={"host": ["x"]})
+headers = partial(hdrs, method="POST", host="x")
 
 
 async def run(pool: AgentPool, total: int, warm: int) -> dict[str, Any]:

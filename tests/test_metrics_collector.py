@@ -6,6 +6,7 @@ import logging
 import math
 
 import pytest
+from _helpers import FakeClock
 from prometheus_client.parser import text_string_to_metric_families
 
 from agentpool.messages import (
@@ -23,14 +24,6 @@ from agentpool.metrics import (
     format_value,
     rust_f64_display,
 )
-
-
-class FakeClock:
-    def __init__(self, now: float = 500.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def report(
@@ -195,7 +188,7 @@ def test_expire_with_zero_max_age_then_accepts_new() -> None:
 
 
 def test_expire_respects_max_age_with_clock() -> None:
-    clock = FakeClock()
+    clock = FakeClock(500.0)
     mc = MetricsCollector(MetricsCollectorConfig(max_age=300.0), clock=clock)
     mc.record(report(counters=[counter("old", 1)], gauges=[gauge("g", 1.0)]))
     clock.now += 200
@@ -419,7 +412,7 @@ def test_same_labels_without_agent_label_are_separate_series_per_agent() -> None
 
 
 def test_capacity_warning_once_per_episode(caplog: pytest.LogCaptureFixture) -> None:
-    clock = FakeClock()
+    clock = FakeClock(500.0)
     mc = MetricsCollector(MetricsCollectorConfig(max_series=1, max_age=10.0), clock=clock)
     with caplog.at_level(logging.WARNING, logger="agentpool.metrics"):
         mc.record(report(counters=[counter("a", 1), counter("b", 1), counter("c", 1)]))

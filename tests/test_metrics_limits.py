@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from _helpers import rss_bytes as _rss
 from agents import short_socket_dir
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -229,11 +230,6 @@ def test_exposition_is_valid_for_any_reports(
 
 
 # -- through a pool, with a real agent: the figures ---------------------------------
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 @contextlib.asynccontextmanager

@@ -9,28 +9,21 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agents import AgentProc, spawn_agent
+from _helpers import hdrs
+from agents import AgentProc
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.utils import floatToGoString as go
 
 from agentpool.config import AgentPoolConfig
-from agentpool.messages import RequestHeadersEvent, RequestMetadata
 from agentpool.multiproc import MultiprocessExporter
 from agentpool.pool import AgentPool
 
 WORKER = str(Path(__file__).with_name("multiproc_worker.py"))
-
-
-@pytest.fixture(scope="module")
-def waf() -> Iterator[AgentProc]:
-    with spawn_agent("waf") as agent:
-        yield agent
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -45,11 +38,6 @@ def scrape(path: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=path)
     return samples(generate_latest(registry).decode())
-
-
-def hdrs(cid: str) -> RequestHeadersEvent:
-    meta = RequestMetadata(correlation_id=cid, request_id=cid, client_ip="127.0.0.1", client_port=1)
-    return RequestHeadersEvent(metadata=meta, method="GET", uri="/", headers={})
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])

@@ -1,6 +1,6 @@
 """Control plane and observability end to end, against a real agent process (issue 5).
 
-The agent is ``tests/obs_agent.py`` in a subprocess; request headers make it send metrics
+The agent is ``tests/agents/obs_agent.py`` in a subprocess; request headers make it send metrics
 reports, config update requests, health reports and flow control signals over the wire.
 Prometheus output is always parsed back with ``prometheus_client.parser``.
 """
@@ -13,12 +13,13 @@ import math
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from agents import AgentProc
+from _helpers import hdrs as make_hdrs
+from _helpers import until
+from agents import AgentProc, running
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -30,14 +31,13 @@ from agentpool.messages import (
     Allow,
     ListUpdate,
     RequestHeadersEvent,
-    RequestMetadata,
     RuleDefinition,
     RuleUpdate,
 )
 from agentpool.metrics import AgentPoolCollector
 from agentpool.pool import AgentPool
 
-OBS_AGENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "obs_agent.py")
+OBS_AGENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "agents", "obs_agent.py")
 AGENT_ID = "obs"
 P = "agent_protocol"
 
@@ -48,7 +48,7 @@ Key = tuple[str, tuple[tuple[str, str], ...]]
 
 
 class ObsAgentProc(AgentProc):
-    """``tests/obs_agent.py`` in a subprocess (msgpack + JSON, so the pool picks)."""
+    """``tests/agents/obs_agent.py`` in a subprocess (msgpack + JSON, so the pool picks)."""
 
     def __init__(self) -> None:
         super().__init__("obs", encoding="msgpack")
@@ -60,13 +60,8 @@ class ObsAgentProc(AgentProc):
 
 @pytest.fixture(scope="module")
 def obs() -> Iterator[ObsAgentProc]:
-    agent = ObsAgentProc()
-    try:
-        agent.start()
-        agent.wait_ready()
+    with running(ObsAgentProc()) as agent:
         yield agent
-    finally:
-        agent.cleanup()
 
 
 @pytest.fixture(params=["json", "msgpack"])
@@ -86,26 +81,14 @@ def cfg(connections: int = 2, encoding: str = "json", **kw: Any) -> AgentPoolCon
 
 def hdrs(cid: str, **headers: str) -> RequestHeadersEvent:
     """Request headers; keyword ``x_obs_metrics=...`` becomes header ``x-obs-metrics``."""
-    meta = RequestMetadata(
-        correlation_id=cid, request_id=cid, client_ip="127.0.0.1", client_port=40000
-    )
-    values = {"host": ["example.test"]}
-    values.update({k.replace("_", "-"): [v] for k, v in headers.items()})
-    return RequestHeadersEvent(metadata=meta, method="GET", uri="/", headers=values)
+    extra = {k.replace("_", "-"): [v] for k, v in headers.items()}
+    return make_hdrs(cid, headers=extra, client_port=40000)
 
 
 async def send(pool: AgentPool, cid: str, **headers: str) -> AgentResponse:
     return await asyncio.wait_for(
         pool.send_request_headers(AGENT_ID, cid, hdrs(cid, **headers)), 10.0
     )
-
-
-async def until(pred: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
 
 
 def families(text: str) -> dict[str, Any]:

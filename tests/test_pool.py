@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from agents import AgentProc, spawn_agent
+from _helpers import hdrs, pool_config, states
+from agents import AgentProc
 
 from agentpool import (
     CircuitBreakerOpen,
@@ -28,52 +28,19 @@ from agentpool.messages import (
     Block,
     GuardrailInspectEvent,
     RequestBodyChunkEvent,
-    RequestHeadersEvent,
-    RequestMetadata,
     RequestReload,
     ResponseBodyChunkEvent,
     ResponseHeadersEvent,
 )
 from agentpool.pool import AgentPool, AgentPoolStats, is_uds_endpoint
 
-
-@pytest.fixture(scope="module")
-def control() -> Iterator[AgentProc]:
-    with spawn_agent("control") as agent:
-        yield agent
-
-
-@pytest.fixture(scope="module")
-def waf() -> Iterator[AgentProc]:
-    with spawn_agent("waf") as agent:
-        yield agent
-
-
-def hdrs(
-    cid: str,
-    uri: str = "/",
-    *,
-    actions: str | None = None,
-    delay: float | None = None,
-    method: str = "GET",
-) -> RequestHeadersEvent:
-    headers = {"host": ["example.test"]}
-    if actions:
-        headers["x-test-action"] = [actions]
-    if delay is not None:
-        headers["x-test-delay"] = [str(delay)]
-    meta = RequestMetadata(correlation_id=cid, request_id=cid, client_ip="127.0.0.1", client_port=1)
-    return RequestHeadersEvent(metadata=meta, method=method, uri=uri, headers=headers)
+cfg = pool_config(request_timeout=5.0, connect_timeout=5.0)
 
 
 def body(cid: str, index: int = 0, last: bool = False) -> RequestBodyChunkEvent:
     return RequestBodyChunkEvent(
         correlation_id=cid, data=b"chunk-%d" % index, is_last=last, chunk_index=index
     )
-
-
-def states(pool: AgentPool, agent_id: str) -> list[Any]:
-    return list(pool._agents[agent_id].conns)
 
 
 def counts(pool: AgentPool, agent_id: str) -> list[int]:
@@ -84,12 +51,6 @@ def served_by(before: list[int], after: list[int]) -> int:
     changed = [i for i, (a, b) in enumerate(zip(before, after)) if a != b]
     assert len(changed) == 1, (before, after)
     return changed[0]
-
-
-def cfg(**kw: Any) -> AgentPoolConfig:
-    kw.setdefault("request_timeout", 5.0)
-    kw.setdefault("connect_timeout", 5.0)
-    return AgentPoolConfig(**kw)
 
 
 # --------------------------------------------------------------------------- config (16.1)

@@ -17,7 +17,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from agents import AgentProc
+from _helpers import until
+from agents import AgentProc, running
 
 from agentpool.agent import Agent, AgentServer
 from agentpool.config import AgentPoolConfig, ConfigPusherConfig
@@ -96,24 +97,14 @@ class PushAgentProc(AgentProc):
 
 @pytest.fixture(scope="module")
 def push_agent() -> Iterator[PushAgentProc]:
-    agent = PushAgentProc()
-    try:
-        agent.start()
-        agent.wait_ready()
+    with running(PushAgentProc()) as agent:
         yield agent
-    finally:
-        agent.cleanup()
 
 
 @pytest.fixture(scope="module")
 def no_push_agent() -> Iterator[PushAgentProc]:
-    agent = PushAgentProc(supports_push=False)
-    try:
-        agent.start()
-        agent.wait_ready()
+    with running(PushAgentProc(supports_push=False)) as agent:
         yield agent
-    finally:
-        agent.cleanup()
 
 
 def cfg(**push: Any) -> AgentPoolConfig:
@@ -123,14 +114,6 @@ def cfg(**push: Any) -> AgentPoolConfig:
         health_check_interval=60.0,
         config_push=ConfigPusherConfig(**push),
     )
-
-
-async def until(pred: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
 
 
 async def configs_seen(pool: AgentPool, agent_id: str) -> list[Any]:

@@ -7,61 +7,24 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from agents import AgentProc, aspawn_agent, spawn_agent
+from _helpers import hdrs, pool_config, states, until
+from agents import AgentProc, aspawn_agent
 
 from agentpool import ConnectionClosed, ConnectionFailed, Timeout, Unavailable
-from agentpool.config import AgentPoolConfig
 from agentpool.connection import AgentConnection
 from agentpool.messages import (
     AgentCapabilities,
     Allow,
     RequestBodyChunkEvent,
-    RequestHeadersEvent,
-    RequestMetadata,
 )
 from agentpool.pool import AgentPool
 
-
-@pytest.fixture(scope="module")
-def control() -> Iterator[AgentProc]:
-    with spawn_agent("control") as agent:
-        yield agent
-
-
-def hdrs(
-    cid: str, *, actions: str | None = None, delay: float | None = None
-) -> RequestHeadersEvent:
-    headers = {"host": ["example.test"]}
-    if actions:
-        headers["x-test-action"] = [actions]
-    if delay is not None:
-        headers["x-test-delay"] = [str(delay)]
-    meta = RequestMetadata(correlation_id=cid, request_id=cid, client_ip="127.0.0.1", client_port=1)
-    return RequestHeadersEvent(metadata=meta, method="GET", uri="/", headers=headers)
-
-
-def cfg(**kw: Any) -> AgentPoolConfig:
-    kw.setdefault("request_timeout", 5.0)
-    kw.setdefault("connect_timeout", 2.0)
-    kw.setdefault("reconnect_interval", 0.05)
-    kw.setdefault("circuit_breaker", None)
-    return AgentPoolConfig(**kw)
-
-
-def states(pool: AgentPool, agent_id: str) -> list[Any]:
-    return list(pool._agents[agent_id].conns)
-
-
-async def until(pred: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
+cfg = pool_config(
+    request_timeout=5.0, connect_timeout=2.0, reconnect_interval=0.05, circuit_breaker=None
+)
 
 
 def assert_nothing_left(pool: AgentPool, seen: list[Any]) -> None:

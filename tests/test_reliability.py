@@ -1,6 +1,6 @@
 """Reliability under misbehaving agents (issue 7): fault injection against real processes.
 
-Every scenario drives ``tests/faulty_agent.py`` in a subprocess and checks that the failure
+Every scenario drives ``tests/agents/faulty_agent.py`` in a subprocess and checks that the failure
 surfaces as a typed :class:`AgentProtocolError` within the configured timeouts, that no
 exception reaches the event loop's handler, that other connections and agents keep working,
 and that nothing is left behind: in-flight gauge 0, no waiter, no affinity or sticky session
@@ -24,7 +24,8 @@ from typing import Any
 
 import orjson
 import pytest
-from faulty_agent import FaultyAgentProc
+from _helpers import hdrs, rss_bytes
+from agents import FaultyAgentProc
 
 from agentpool import (
     AgentProtocolError,
@@ -43,7 +44,7 @@ from agentpool._impl import core
 from agentpool.circuit import CircuitBreakerConfig, CircuitState
 from agentpool.config import AgentPoolConfig
 from agentpool.connection import AgentConnection
-from agentpool.messages import RequestBodyChunkEvent, RequestHeadersEvent, RequestMetadata
+from agentpool.messages import RequestBodyChunkEvent, RequestHeadersEvent
 from agentpool.pool import AgentPool
 from agentpool.reverse import ReverseConnectionConfig, ReverseConnectionListener
 
@@ -54,16 +55,13 @@ _ids = itertools.count()
 
 
 def headers_event(cid: str, uri: str = "/", fault: str | None = None) -> RequestHeadersEvent:
-    headers = {"host": ["example.com"]}
-    if fault is not None:
-        headers["x-fault"] = [fault]
-    return RequestHeadersEvent(
-        metadata=RequestMetadata(
-            correlation_id=cid, request_id=f"r-{cid}", client_ip="127.0.0.1", client_port=4000
-        ),
-        method="GET",
-        uri=uri,
-        headers=headers,
+    return hdrs(
+        cid,
+        uri,
+        host="example.com",
+        headers=None if fault is None else {"x-fault": [fault]},
+        request_id=f"r-{cid}",
+        client_port=4000,
     )
 
 
@@ -747,11 +745,6 @@ async def main(target, agent_id):
 
 asyncio.run(main(sys.argv[1], sys.argv[2]))
 """
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def registration_frame(agent_id: str, token: str | None) -> bytes:

@@ -19,12 +19,13 @@ import time
 from typing import Any
 
 import pytest
+from _helpers import hdrs, rss_bytes
 from agents import AgentProc, aspawn_agent
 
 from agentpool import AgentProtocolError, CircuitBreakerOpen
 from agentpool.config import AgentPoolConfig
 from agentpool.framing import HAS_EXTENSIONS
-from agentpool.messages import RequestHeadersEvent, RequestMetadata
+from agentpool.messages import RequestHeadersEvent
 from agentpool.pool import AgentPool
 
 REQUESTS = int(os.environ.get("AGENTPOOL_LOAD_REQUESTS", 200_000 if HAS_EXTENSIONS else 50_000))
@@ -38,19 +39,14 @@ RUN_LIMIT = 110.0
 RECOVERY_LIMIT = 5.0
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def make_event(cid: str) -> RequestHeadersEvent:
-    return RequestHeadersEvent(
-        metadata=RequestMetadata(
-            correlation_id=cid, request_id=cid, client_ip="10.0.0.1", client_port=40000
-        ),
-        method="GET",
-        uri="/api/items?page=2",
-        headers={"host": ["example.com"], "user-agent": ["load/1"], "accept": ["*/*"]},
+    return hdrs(
+        cid,
+        "/api/items?page=2",
+        host="example.com",
+        headers={"user-agent": ["load/1"], "accept": ["*/*"]},
+        client_ip="10.0.0.1",
+        client_port=40000,
     )
 
 

@@ -18,10 +18,12 @@ import stat
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _helpers import hdrs
 
 import agentpool
 from agentpool.agent import connect_reverse
@@ -40,8 +42,6 @@ from agentpool.messages import (
     AgentCapabilities,
     RegistrationRequest,
     RegistrationResponse,
-    RequestHeadersEvent,
-    RequestMetadata,
 )
 from agentpool.pool import AgentPool
 from agentpool.reverse import (
@@ -197,15 +197,7 @@ async def wait_for(cond: Any, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def headers_event(cid: str, uri: str = "/") -> RequestHeadersEvent:
-    return RequestHeadersEvent(
-        metadata=RequestMetadata(
-            correlation_id=cid, request_id=cid, client_ip="127.0.0.1", client_port=40000
-        ),
-        method="GET",
-        uri=uri,
-        headers={"host": ["example.test"]},
-    )
+headers_event = partial(hdrs, client_port=40000)
 
 
 # -- config ------------------------------------------------------------------------------------

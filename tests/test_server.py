@@ -8,10 +8,12 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from _helpers import hdrs, proxy
+from _helpers import until as wait_until
 from agents import short_socket_dir
 
 from agentpool._impl import core
@@ -41,7 +43,6 @@ from agentpool.messages import (
     RequestBodyChunkEvent,
     RequestCompleteEvent,
     RequestHeadersEvent,
-    RequestMetadata,
     ResponseBodyChunkEvent,
     ResponseHeadersEvent,
     WebSocketFrameEvent,
@@ -51,13 +52,15 @@ T = 10.0
 
 
 def headers_event(cid: str, uri: str = "/", delay: float = 0.0) -> RequestHeadersEvent:
-    return RequestHeadersEvent(
-        metadata=RequestMetadata(
-            correlation_id=cid, request_id="r", client_ip="10.0.0.1", client_port=1234
-        ),
+    return hdrs(
+        cid,
+        uri,
         method="POST",
-        uri=uri,
-        headers={"host": ["h"], "x-delay": [str(delay)]},
+        host="h",
+        headers={"x-delay": [str(delay)]},
+        request_id="r",
+        client_ip="10.0.0.1",
+        client_port=1234,
     )
 
 
@@ -148,16 +151,6 @@ async def serve(
     finally:
         await asyncio.wait_for(server.close(), 5.0)
         shutil.rmtree(d, ignore_errors=True)
-
-
-@contextlib.asynccontextmanager
-async def proxy(endpoint: str, **kw: Any) -> AsyncIterator[AgentConnection]:
-    conn = await AgentConnection.open(endpoint, agent_id="p", request_timeout=5.0, **kw)
-    try:
-        yield conn
-    finally:
-        conn.close()
-        await asyncio.wait_for(conn.wait_closed(), 5.0)
 
 
 @pytest.mark.parametrize("encoding", ["json", "msgpack"])
@@ -472,13 +465,6 @@ async def stalled_proxy(
                 await loop.sock_sendall(sock, frame)
 
     return sock, asyncio.ensure_future(flood())
-
-
-async def wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not cond():
-        assert asyncio.get_running_loop().time() < deadline, "condition never became true"
-        await asyncio.sleep(0.01)
 
 
 async def test_proxy_that_stops_reading_is_bounded_and_close_does_not_hang() -> None:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _helpers import hdrs
 from agents import spawn_agent
 
 from agentpool import tls
@@ -25,7 +26,7 @@ from agentpool.agent.examples import WafAgent, make_agent
 from agentpool.config import AgentPoolConfig
 from agentpool.connection import AgentConnection, parse_endpoint
 from agentpool.errors import AgentProtocolError, ConnectionFailed, InvalidMessage
-from agentpool.messages import Allow, Block, RequestHeadersEvent, RequestMetadata
+from agentpool.messages import Allow, Block
 from agentpool.pool import AgentPool
 from agentpool.reverse import (
     ReverseConnectionConfig,
@@ -36,13 +37,6 @@ from agentpool.tls import TLSHandshakeFailed
 trustme = pytest.importorskip("trustme")
 
 NAME = "agent.test"
-
-
-def hdrs(cid: str, uri: str = "/") -> RequestHeadersEvent:
-    meta = RequestMetadata(correlation_id=cid, request_id=cid, client_ip="127.0.0.1", client_port=1)
-    return RequestHeadersEvent(
-        metadata=meta, method="GET", uri=uri, headers={"host": ["example.test"]}
-    )
 
 
 class Pki:

@@ -1,6 +1,6 @@
 """Agent process for the observability tests (run it as a script, tests start it).
 
-``python tests/obs_agent.py --socket PATH [--encoding json|msgpack] [--agent-id ID]`` serves
+``python tests/agents/obs_agent.py --socket PATH [--encoding json|msgpack] [--agent-id ID]`` serves
 an agent whose behaviour is chosen per request by request headers:
 
 * ``x-obs-metrics: <json>`` sends a MetricsReport built from the JSON

@@ -13,7 +13,7 @@ msg_type, obj) -> action``: ``"now"``, ``"block"`` (a Block 403 now), ``"hold"``
 ``(connection index, delay, frame)`` written after the handshake, and ``refusal`` makes the
 handshake fail with that error string.
 
-As a process (``python tests/integrity_agent.py --socket PATH --late S``, the stress run),
+As a process (``python tests/agents/integrity_agent.py --socket PATH --late S``, the stress run),
 each event gets a random action: at once (60 %), after a random delay up to 20 ms (28 %, out
 of order), after ``--late`` seconds (2 %, past the proxy's request timeout), twice in one
 write (9.5 %), or never (0.5 %).
@@ -28,7 +28,6 @@ import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -219,7 +218,6 @@ class CueAgent:
 # -- the stress agent (a process) ------------------------------------------------------------
 
 
-
 async def serve_stress(path: str, late: float, seed: int) -> None:
     rng = random.Random(seed)
     loop = asyncio.get_running_loop()
@@ -274,52 +272,6 @@ async def serve_stress(path: str, late: float, seed: int) -> None:
 def _write(writer: asyncio.StreamWriter, frame: bytes) -> None:
     if not writer.is_closing():
         writer.write(frame)
-
-
-class StressAgentProc:
-    """Runs this module as the stress agent process on a fresh short socket path."""
-
-    def __init__(self, late: float, seed: int = 1) -> None:
-        self.dir = tempfile.mkdtemp(prefix="aps-", dir="/tmp")
-        self.path = os.path.join(self.dir, "s.sock")
-        self.late = late
-        self.seed = seed
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def endpoint(self) -> str:
-        return self.path
-
-    def __enter__(self) -> StressAgentProc:
-        import agentpool
-
-        env = dict(os.environ)
-        root = os.path.dirname(os.path.dirname(os.path.abspath(agentpool.__file__)))
-        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-        argv = [sys.executable, os.path.abspath(__file__), "--socket", self.path]
-        argv += ["--late", str(self.late), "--seed", str(self.seed)]
-        self.proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=env, start_new_session=True
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if line.strip() != b"ready":
-            self.__exit__()
-            raise RuntimeError("stress agent did not start")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        proc = self.proc
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        if proc is not None and proc.stdout is not None:
-            proc.stdout.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @contextlib.asynccontextmanager

@@ -1,4 +1,4 @@
-"""Scripted agent for the HTTP integration tests: ``python http_agent.py SOCKET_PATH``.
+"""Scripted agent for the HTTP integration tests: ``python tests/agents/http_agent.py SOCKET_PATH``.
 
 Behaviour by request path:
 ``/block`` Block 403 with a body and a header; ``/redirect`` Redirect 302;

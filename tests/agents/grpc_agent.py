@@ -1,4 +1,6 @@
-"""A gRPC test agent process: ``python tests/grpc_agent.py --listen HOST:PORT [--tls-dir D]``.
+"""A gRPC test agent process.
+
+``python tests/agents/grpc_agent.py --listen HOST:PORT [--tls-dir D]``.
 
 Serves :class:`GrpcTestAgent` with :class:`agentpool.agent.grpc.GrpcAgentServer` and prints the
 usual ``agentpool agent listening on <endpoint>`` line. Behaviour per request is chosen by

@@ -65,8 +65,8 @@ def asgi_plain() -> Any:
 
 def asgi_checked() -> Any:
     """uvicorn factory: the app behind one agent check (request headers only)."""
-    from .asgi import AgentMiddleware
-    from .config import AgentPoolConfig
+    from ..asgi import AgentMiddleware
+    from ..config import AgentPoolConfig
 
     endpoint = os.environ[_AGENT_ENV]
     conns = int(os.environ.get(_CONNS_ENV) or 4)  # 4: the AgentPoolConfig default
@@ -78,7 +78,7 @@ def asgi_checked() -> Any:
 
 
 def upstream(argv: Any = None) -> Any:
-    """``python -m aiohttp.web agentpool.loadtest:upstream``: the proxy's upstream."""
+    """``python -m aiohttp.web agentpool._bench.loadtest:upstream``: the proxy's upstream."""
     from aiohttp import web
 
     async def hello(request: web.Request) -> web.Response:
@@ -142,9 +142,9 @@ def _start(target: str, agent: str, upstream_url: str) -> tuple[subprocess.Popen
     py = sys.executable
     if target in ("asgi", "asgi+agent"):
         factory = (
-            "agentpool.loadtest:asgi_checked"
+            "agentpool._bench.loadtest:asgi_checked"
             if target == "asgi+agent"
-            else ("agentpool.loadtest:asgi_plain")
+            else ("agentpool._bench.loadtest:asgi_plain")
         )
         args = [
             py,
@@ -349,7 +349,7 @@ def run(
                 "127.0.0.1",
                 "-P",
                 str(up_port),
-                "agentpool.loadtest:upstream",
+                "agentpool._bench.loadtest:upstream",
             ]
         )
         procs.append(up)
@@ -413,7 +413,7 @@ def table(results: dict[str, dict[str, list[Result]]], connections: int) -> str:
 
 def run_command(args: argparse.Namespace) -> int:
     """Run ``agentpool loadtest`` with parsed options."""
-    from ._command import CommandError
+    from .._command import CommandError
 
     if not 0 < args.duration <= 60 or not 0 < args.repeat <= 20 or args.connections < 1:
         raise CommandError(
