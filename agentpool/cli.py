@@ -367,6 +367,7 @@ def _agent_servers(agent: Any, args: argparse.Namespace) -> list[Any]:
         }
         if args.tcp:
             host, _, port = args.tcp.rpartition(":")
+            host = host[1:-1] if host.startswith("[") else host
             options.update(host=host or "127.0.0.1", port=int(port), ssl=_tls_context(args))
         else:
             options.update(path=args.socket)

@@ -6,6 +6,7 @@ with status 1; Ctrl-C exits 130; no traceback anywhere.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import selectors
 import signal
@@ -185,6 +186,50 @@ def test_ctrl_c_exits_130_without_traceback(args: tuple[str, ...], ready: str | 
         os.rmdir(tmp)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this host")
+async def test_agent_command_on_ipv6_loopback() -> None:
+    """``--tcp [::1]:0`` listens on ::1 and prints an endpoint a pool can use as given."""
+    from _helpers import hdrs
+
+    from agentpool import AgentPool, AgentPoolConfig, Allow, Block
+
+    proc = await asyncio.create_subprocess_exec(
+        *_argv("agent", "--tcp", "[::1]:0", "--example", "waf"),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        cwd=tempfile.gettempdir(),
+    )
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), T)).decode()
+        assert line.startswith("agentpool agent listening on tcp://[::1]:"), line
+        endpoint = line.split()[-1]
+        async with AgentPool(AgentPoolConfig()) as pool:
+            await pool.add_agent("waf", endpoint)
+            blocked = await pool.send_request_headers("waf", "c1", hdrs("c1", "/admin"))
+            allowed = await pool.send_request_headers("waf", "c2", hdrs("c2", "/index.html"))
+        assert blocked.decision == Block(status=403, body="Forbidden"), blocked
+        assert isinstance(allowed.decision, Allow), allowed
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), T)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
 
 
 async def test_agent_command_serves_a_pool() -> None:

@@ -87,7 +87,8 @@ class AgentServer:
         """Where proxies connect: ``unix:/path``, ``tcp://host:port`` or ``tls://host:port``."""
         if self.path is not None:
             return f"unix:{self.path}"
-        return f"{'tcp' if self.ssl is None else 'tls'}://{self.host}:{self.port}"
+        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+        return f"{'tcp' if self.ssl is None else 'tls'}://{host}:{self.port}"
 
     @property
     def sessions(self) -> list[AgentSession]:
