@@ -4,8 +4,9 @@ Field names and defaults are upstream's so code written against the Rust crate r
 These are plain data holders; :mod:`agentpool.codec` turns them into wire payloads and back.
 Body ``data`` is ``bytes`` on the Python side (base64 in JSON, raw ``bin`` in MessagePack).
 
-One module for all 45 message classes, over 800 lines, on purpose: each message is declared
-exactly once, here, and both the codec's schemas and the reader look them up in one place.
+One module for all 45 message classes, over 800 lines on purpose: every message of the
+protocol is declared here once, as a reader of docs/protocol.md expects to find them, and the
+codec's schemas (agentpool/codec/) build and check each class against this one declaration.
 """
 
 from __future__ import annotations
