@@ -7,6 +7,7 @@ from typing import Any, Final, final
 from agentpool._metrics_py import DEFAULT_BUCKETS_US as DEFAULT_BUCKETS_US
 from agentpool._metrics_py import HistogramSnapshot as HistogramSnapshot
 from agentpool._metrics_py import ProtocolMetricsSnapshot as ProtocolMetricsSnapshot
+from agentpool.connection import AgentConnection
 from agentpool.enums import MessageType
 
 COMPILED: Final[bool]
@@ -40,9 +41,9 @@ class ConnState:
     healthy: bool
     paused: bool
     closed: bool
-    def __init__(self, conn: object, now: float | None = None) -> None: ...
+    def __init__(self, conn: AgentConnection, now: float | None = None) -> None: ...
     @property
-    def conn(self) -> object: ...
+    def conn(self) -> AgentConnection: ...
     @property
     def in_flight(self) -> int: ...
     @property

@@ -17,9 +17,12 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConnectionFailed
+
+if TYPE_CHECKING:
+    from .connection import AgentConnection
 
 try:
     import cython
@@ -60,7 +63,7 @@ class ConnState:
         "paused",
     )
 
-    def __init__(self, conn: object, now: float | None = None) -> None:
+    def __init__(self, conn: AgentConnection, now: float | None = None) -> None:
         if now is None:
             now = time.monotonic()
         self._conn = conn
@@ -75,7 +78,7 @@ class ConnState:
         self._last_used = float(now)
 
     @property
-    def conn(self) -> Any:
+    def conn(self) -> AgentConnection:
         """The connection object this state describes."""
         return self._conn
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
+from ._impl import core
 from .circuit import CircuitBreaker, CircuitBreakerConfig, CircuitState
 from .endpoint import parse_endpoint
 from .errors import InvalidEndpoint
@@ -98,7 +98,7 @@ class EndpointRecord:
         self.breaker = breaker
         # True while the breaker is closed with no failures: the hot path then skips it.
         self.breaker_clean = True
-        self.states: list[Any] = []
+        self.states: list[core.ConnState] = []
         self.reported_ok = True
         self.health_at = 0.0
         self.selectable = True
@@ -156,7 +156,7 @@ class EndpointRecord:
         )
 
 
-def _usable(st: Any) -> bool:
+def _usable(st: core.ConnState) -> bool:
     return bool(not st.closed and st.conn.is_connected and st.consecutive_errors < _UNHEALTHY_AFTER)
 
 

@@ -18,11 +18,11 @@ from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any
 
 from . import tls as _tls
 from ._impl import core
-from .circuit import CircuitBreakerConfig, CircuitState
+from .circuit import CircuitBreaker, CircuitBreakerConfig, CircuitState
 from .config import AgentPoolConfig
 from .connection import AgentConnection
 from .control import ConfigPushDelivery, ConfigPusher, ConfigUpdateHandler
@@ -73,6 +73,18 @@ __all__ = ["AgentPool", "AgentPoolStats", "EndpointStats", "is_uds_endpoint"]
 log = logging.getLogger(__name__)
 
 _monotonic = time.monotonic
+ConnState = core.ConnState
+
+if TYPE_CHECKING:
+    # a request _send_all submitted at once: what _settle accounts when it completes
+    _Submitted = tuple[
+        asyncio.Future[AgentResponse],
+        "_AgentEntry | EndpointRecord",
+        ConnState,
+        CircuitBreaker | EndpointsBreaker | None,
+        int,
+        float,
+    ]
 
 # What a send does, as bit flags (the table under "Sending" in docs/pool.md).
 _TRACK = 1  # protocol metrics: requests/responses/in-flight/errors
@@ -108,7 +120,7 @@ Event = (
 )
 
 
-def _event_kind(event: Any) -> int:
+def _event_kind(event: object) -> int:
     kind = _EVENT_KINDS.get(type(event))
     if kind is None:
         raise TypeError(f"not an event the pool sends: {type(event).__name__}")
@@ -191,7 +203,7 @@ class _AgentEntry:
         self.capabilities: AgentCapabilities | None = None
         self.endpoints: dict[str, EndpointRecord] = {}
         self.draining: list[EndpointRecord] = []
-        self.endpoint_of: dict[Any, EndpointRecord] = {}
+        self.endpoint_of: dict[ConnState, EndpointRecord] = {}
         # The gate before selection: refuses only when every endpoint's breaker does.
         self.breaker: EndpointsBreaker | None = None
         # True while some endpoint's breaker is closed: the hot path then skips the gate.
@@ -243,7 +255,7 @@ class _AgentEntry:
     def is_healthy(self) -> bool:
         return any(ep.is_healthy() for ep in self.endpoints.values())
 
-    def all_states(self) -> list[Any]:
+    def all_states(self) -> list[ConnState]:
         return list(self.endpoint_of)
 
 
@@ -281,9 +293,6 @@ def _record_connect_error(entry: _AgentEntry, ep: EndpointRecord, error: BaseExc
     entry.conns.last_error = ep.last_error
 
 
-def _conn(st: Any) -> AgentConnection:
-    return cast(AgentConnection, st.conn)
-
 
 class AgentPool:
     """Connections to external processing agents, with load balancing, affinity and recovery.
@@ -297,7 +306,7 @@ class AgentPool:
         self._config = config if config is not None else AgentPoolConfig()
         cfg = self._config
         self._agents: dict[str, _AgentEntry] = {}
-        self._conn_index: dict[AgentConnection, tuple[_AgentEntry, Any]] = {}
+        self._conn_index: dict[AgentConnection, tuple[_AgentEntry, ConnState]] = {}
         self._sessions = core.SessionMap()
         self._metrics = core.ProtocolMetrics()
         self._collector = MetricsCollector(cfg.metrics)
@@ -308,8 +317,8 @@ class AgentPool:
         self._limit = cfg.max_concurrent_per_connection
         self._flow_mode = cfg.flow_control_mode
         self._sticky_timeout = cfg.sticky_session_timeout
-        self._slot_waiters: dict[Any, deque[asyncio.Future[bool]]] = {}
-        self._resume_events: dict[Any, asyncio.Event] = {}
+        self._slot_waiters: dict[ConnState, deque[asyncio.Future[bool]]] = {}
+        self._resume_events: dict[ConnState, asyncio.Event] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._push_delivery = ConfigPushDelivery(
             self._pusher,
@@ -328,7 +337,8 @@ class AgentPool:
         # away otherwise (connection lost, refused at capacity) are purged by the ttl sweep.
         # While the pool has one agent (``_sole``) its ids are not indexed; ``_unindexed`` is
         # the agent (at most one) whose map may hold such ids, cleared directly.
-        self._affinity_index: dict[str, Any] = {}
+        # an agent, or a tuple of the agents when several hold the id
+        self._affinity_index: dict[str, _AgentEntry | tuple[_AgentEntry, ...]] = {}
         self._sole: _AgentEntry | None = None
         self._unindexed: _AgentEntry | None = None
         self._closing = False
@@ -348,7 +358,7 @@ class AgentPool:
         return self._config
 
     @property
-    def protocol_metrics(self) -> Any:
+    def protocol_metrics(self) -> core.ProtocolMetrics:
         """Proxy-side :class:`ProtocolMetrics` (gauges refreshed on access)."""
         self._refresh_gauges()
         return self._metrics
@@ -493,7 +503,7 @@ class AgentPool:
                 await task
         entries = list(self._agents.values())
         cancels = [
-            _conn(st).cancel_all(CancelReason.PROXY_SHUTDOWN)
+            st.conn.cancel_all(CancelReason.PROXY_SHUTDOWN)
             for entry in entries
             for st in entry.all_states()
             if not st.closed
@@ -788,7 +798,7 @@ class AgentPool:
 
     def _close_drained(self, entry: _AgentEntry, ep: EndpointRecord) -> None:
         for st in list(ep.states):
-            conn = _conn(st)
+            conn = st.conn
             self._retire(entry, st)
             conn.close()
         with contextlib.suppress(ValueError):
@@ -890,7 +900,9 @@ class AgentPool:
             cfg.connect_timeout + 1.0,
         )
 
-    def _attach(self, entry: _AgentEntry, ep: EndpointRecord, conn: AgentConnection) -> Any:
+    def _attach(
+        self, entry: _AgentEntry, ep: EndpointRecord, conn: AgentConnection
+    ) -> ConnState:
         st = core.ConnState(conn)
         conn.use_accounting(self._metrics, self._affinity_rejected)
         entry.conns.add(st)
@@ -928,7 +940,7 @@ class AgentPool:
         ):
             self._pusher.register_agent(entry.agent_id, caps.name, caps.features.config_push)
 
-    def _retire(self, entry: _AgentEntry, st: Any) -> None:
+    def _retire(self, entry: _AgentEntry, st: ConnState) -> None:
         """Forget a connection: out of its set, index, affinities and sessions."""
         st.closed = True
         st.healthy = False
@@ -948,7 +960,7 @@ class AgentPool:
     async def _close_entry(self, entry: _AgentEntry) -> None:
         conns = []
         for st in entry.all_states():
-            conn = _conn(st)
+            conn = st.conn
             self._sessions.drop_state(st)
             self._conn_index.pop(conn, None)
             st.closed = True
@@ -1047,10 +1059,10 @@ class AgentPool:
         self._metrics.set_healthy_connections(self._count_healthy())
 
     @staticmethod
-    def _conn_usable(st: Any) -> bool:
+    def _conn_usable(st: ConnState) -> bool:
         return bool(not st.closed and st.conn.is_connected and st.consecutive_errors < 3)
 
-    def _wake_all(self, st: Any) -> None:
+    def _wake_all(self, st: ConnState) -> None:
         waiters = self._slot_waiters.pop(st, None)
         if waiters:
             for fut in waiters:
@@ -1126,7 +1138,7 @@ class AgentPool:
         return await self._send(agent_id, correlation_id, event, _KIND_WEBSOCKET, st, None)
 
     async def _send_failover(
-        self, agent_id: str, correlation_id: str, event: Any, kind: int
+        self, agent_id: str, correlation_id: str, event: object, kind: int
     ) -> AgentResponse:
         """A new request to an agent with several endpoints: when the connection it went out
         on is lost before the reply (a replica died), it is sent again on another healthy
@@ -1178,9 +1190,9 @@ class AgentPool:
         self,
         agent_id: str,
         correlation_id: str,
-        event: Any,
+        event: object,
         kind: int,
-        pinned: Any,
+        pinned: ConnState | None,
         timeout: float | None,
     ) -> AgentResponse:
         # The checks, encode, frame and accounting of a request (its success included) are
@@ -1197,8 +1209,8 @@ class AgentPool:
             raise CircuitBreakerOpen(agent_id)
         # the breaker and its clean flag: the agent's gate until a connection is chosen,
         # then the chosen connection's endpoint (docs/pool.md, "Endpoint sets")
-        breaker: Any = gate
-        holder: Any = entry
+        breaker: CircuitBreaker | EndpointsBreaker | None = gate
+        holder: _AgentEntry | EndpointRecord = entry
         started = _monotonic()
         flags = kind & _SUBMIT_KINDS
         if kind & _TRACK and not self._total_requests & _SERIALIZATION_SAMPLE:
@@ -1221,8 +1233,9 @@ class AgentPool:
                 if st.closed:
                     st = entry.conns.select(self._strategy)
             if gate is not None:
-                holder = entry.endpoint_of.get(st) or entry
-                breaker = None if holder is entry else holder.breaker
+                ep = entry.endpoint_of.get(st)
+                holder = entry if ep is None else ep
+                breaker = None if ep is None else ep.breaker
             if st.in_flight >= self._limit or (self._slot_waiters and st in self._slot_waiters):
                 st = await self._acquire_slot(entry, st, correlation_id, timeout)
                 flags |= _SUBMIT_BEGUN
@@ -1245,6 +1258,7 @@ class AgentPool:
             if kind & _TRACK:
                 self._metrics.inc_requests()
             if attempted:
+                assert st is not None  # attempted: a connection was chosen
                 if (
                     isinstance(exc, asyncio.CancelledError)
                     or (local and not isinstance(exc, ConnectionClosed))
@@ -1283,7 +1297,7 @@ class AgentPool:
             else:  # answered as the caller gave up: the core accounted it
                 if self._slot_waiters:
                     self._wake_slot(st)
-                if breaker is not None and not holder.breaker_clean:
+                if not holder.breaker_clean and isinstance(breaker, CircuitBreaker):
                     breaker.record_success()
                     recorded = True
             self._after(holder, breaker, recorded)
@@ -1303,7 +1317,7 @@ class AgentPool:
             self._wake_slot(st)
         if self._drained is not None and self._in_flight_total() == 0:
             self._drained.set()
-        if breaker is not None and not holder.breaker_clean:
+        if not holder.breaker_clean and isinstance(breaker, CircuitBreaker):
             breaker.record_success()
             holder.breaker_clean = (
                 breaker.state is CircuitState.CLOSED and breaker.failure_count == 0
@@ -1340,7 +1354,7 @@ class AgentPool:
         )
 
     async def _send_all(
-        self, requests: list[tuple[str, str, Any, int]]
+        self, requests: list[tuple[str, str, Event, int]]
     ) -> list[AgentResponse | Exception]:
         """Submit every request now, then wait once for all of them.
 
@@ -1350,9 +1364,10 @@ class AgentPool:
         """
         loop = asyncio.get_running_loop()
         n = len(requests)
+        # filled by index: every slot is set before it is returned
         results: list[Any] = [None] * n
         group = core.RequestGroup(loop.create_future())
-        fast: list[tuple[int, Any]] = []
+        fast: list[tuple[int, _Submitted]] = []
         tasks: list[tuple[int, asyncio.Task[AgentResponse]]] = []
         for i, (agent_id, cid, event, kind) in enumerate(requests):
             try:
@@ -1376,7 +1391,7 @@ class AgentPool:
                 for i, item in fast:
                     fut, st = item[0], item[2]
                     if not fut.done():
-                        _conn(st).protocol_core.discard(requests[i][1], fut)
+                        st.conn.protocol_core.discard(requests[i][1], fut)
                     self._settle(*item)
                 raise
         for i, item in fast:
@@ -1385,9 +1400,9 @@ class AgentPool:
 
     async def _wait_mixed(
         self,
-        requests: list[tuple[str, str, Any, int]],
+        requests: list[tuple[str, str, Event, int]],
         results: list[Any],
-        fast: list[tuple[int, Any]],
+        fast: list[tuple[int, _Submitted]],
         tasks: list[tuple[int, asyncio.Task[AgentResponse]]],
     ) -> None:
         """Wait for submitted requests and :meth:`_send` tasks together; each submitted one
@@ -1395,7 +1410,9 @@ class AgentPool:
         remaining = len(fast) + len(tasks)
         done = asyncio.get_running_loop().create_future()
 
-        def finished(i: int, item: Any, fut: asyncio.Future[Any]) -> None:
+        def finished(
+            i: int, item: _Submitted | None, fut: asyncio.Future[AgentResponse]
+        ) -> None:
             nonlocal remaining
             if item is None:  # a _send task: accounted there
                 if fut.cancelled():
@@ -1417,17 +1434,17 @@ class AgentPool:
         except asyncio.CancelledError:
             for i, item in fast:
                 if not item[0].done():
-                    _conn(item[2]).protocol_core.discard(requests[i][1], item[0])
+                    item[2].conn.protocol_core.discard(requests[i][1], item[0])
             for _, task in tasks:
                 task.cancel()
             raise
 
     def _settle(
         self,
-        fut: asyncio.Future[Any],
+        fut: asyncio.Future[AgentResponse],
         entry: _AgentEntry | EndpointRecord,
-        st: Any,
-        breaker: Any,
+        st: ConnState,
+        breaker: CircuitBreaker | EndpointsBreaker | None,
         kind: int,
         started: float,
     ) -> AgentResponse | Exception:
@@ -1439,7 +1456,7 @@ class AgentPool:
         else:
             error = fut.exception()
         if error is None:
-            if breaker is not None and not entry.breaker_clean:
+            if not entry.breaker_clean and isinstance(breaker, CircuitBreaker):
                 breaker.record_success()
                 entry.breaker_clean = (
                     breaker.state is CircuitState.CLOSED and breaker.failure_count == 0
@@ -1448,7 +1465,7 @@ class AgentPool:
                 self._wake_slot(st)
             if self._drained is not None and self._in_flight_total() == 0:
                 self._drained.set()
-            return cast(AgentResponse, fut.result())
+            return fut.result()
         if kind & _TRACK:
             self._metrics.dec_in_flight()
         recorded = False
@@ -1463,8 +1480,13 @@ class AgentPool:
         return RequestCancelled(f"request failed: {error!r}")
 
     def _submit_now(
-        self, agent_id: str, correlation_id: str, event: Any, kind: int, group: Any
-    ) -> tuple[Any, ...] | None:
+        self,
+        agent_id: str,
+        correlation_id: str,
+        event: object,
+        kind: int,
+        group: core.RequestGroup,
+    ) -> _Submitted | None:
         """:meth:`_send` up to its await, when nothing has to be waited for; None when
         something does (the caller then runs :meth:`_send`). Errors raised here are
         accounted as in :meth:`_send`."""
@@ -1477,8 +1499,9 @@ class AgentPool:
         gate = None if kind & _NO_BREAKER else entry.breaker
         if gate is not None and not entry.breaker_clean and not gate.is_closed():
             raise CircuitBreakerOpen(agent_id)
-        breaker: Any = gate  # then the chosen connection's endpoint's, as in _send
-        holder: Any = entry
+        # then the chosen connection's endpoint's, as in _send
+        breaker: CircuitBreaker | EndpointsBreaker | None = gate
+        holder: _AgentEntry | EndpointRecord = entry
         started = _monotonic()
         flags = kind & _SUBMIT_KINDS
         if kind & _TRACK and not self._total_requests & _SERIALIZATION_SAMPLE:
@@ -1491,19 +1514,20 @@ class AgentPool:
             if st is None:
                 st = entry.conns.select(self._strategy)
             if gate is not None:
-                holder = entry.endpoint_of.get(st) or entry
-                breaker = None if holder is entry else holder.breaker
+                ep = entry.endpoint_of.get(st)
+                holder = entry if ep is None else ep
+                breaker = None if ep is None else ep.breaker
             if (
                 (st.paused and kind & _FLOW)
                 or st.in_flight >= self._limit
                 or (self._slot_waiters and st in self._slot_waiters)
-                or _conn(st).protocol_core is None
+                or st.conn.protocol_core is None
             ):
                 self._total_requests -= 1  # counted again by _send
                 self._after(holder, breaker, False)
                 return None
             attempted = True
-            fut = _conn(st).protocol_core.submit(
+            fut = st.conn.protocol_core.submit(
                 event, correlation_id, None, st, entry.affinity, flags, group
             )
         except Unavailable as exc:
@@ -1527,8 +1551,8 @@ class AgentPool:
     def _refused(
         self,
         entry: _AgentEntry | EndpointRecord,
-        st: Any,
-        breaker: Any,
+        st: ConnState | None,
+        breaker: CircuitBreaker | EndpointsBreaker | None,
         kind: int,
         exc: BaseException,
         started: float,
@@ -1539,6 +1563,7 @@ class AgentPool:
         if kind & _TRACK:
             self._metrics.inc_requests()
         if attempted:
+            assert st is not None  # attempted: a connection was chosen
             if isinstance(exc, ConnectionClosed) and not isinstance(exc, _LOCAL_ERRORS):
                 st.begin(started)
                 recorded = self._failed(entry, st, breaker, kind, exc)
@@ -1550,8 +1575,8 @@ class AgentPool:
     def _failed(
         self,
         entry: _AgentEntry | EndpointRecord,
-        st: Any,
-        breaker: Any,
+        st: ConnState,
+        breaker: CircuitBreaker | EndpointsBreaker | None,
         kind: int,
         exc: BaseException,
     ) -> bool:
@@ -1559,7 +1584,7 @@ class AgentPool:
         st.finish(False)
         self._total_errors += 1
         recorded = False
-        if breaker is not None and isinstance(exc, AgentProtocolError):
+        if isinstance(breaker, CircuitBreaker) and isinstance(exc, AgentProtocolError):
             breaker.record_failure()
             entry.breaker_clean = False
             recorded = True
@@ -1573,14 +1598,19 @@ class AgentPool:
                 pm.inc_serialization_errors()
         return recorded
 
-    def _ended(self, st: Any, kind: int, started: float) -> None:
+    def _ended(self, st: ConnState, kind: int, started: float) -> None:
         """A request that held a slot ended without a reply: its duration, its slot."""
         if kind & _DURATION:
             self._metrics.record_request_duration(_monotonic() - started)
         if self._slot_waiters:
             self._wake_slot(st)
 
-    def _after(self, entry: _AgentEntry | EndpointRecord, breaker: Any, recorded: bool) -> None:
+    def _after(
+        self,
+        entry: _AgentEntry | EndpointRecord,
+        breaker: CircuitBreaker | EndpointsBreaker | None,
+        recorded: bool,
+    ) -> None:
         """After a request that did not succeed: the drain event, the breaker's probe slot."""
         if self._drained is not None and self._in_flight_total() == 0:
             self._drained.set()
@@ -1592,13 +1622,13 @@ class AgentPool:
         ):
             breaker.release()  # never reached the agent: the probe slot goes back
 
-    def _unpaused_alternative(self, entry: _AgentEntry, chosen: Any) -> Any:
+    def _unpaused_alternative(self, entry: _AgentEntry, chosen: ConnState) -> ConnState:
         for st in entry.conns:
             if st.healthy and not st.closed and not st.paused:
                 return st
         return chosen
 
-    async def _flow_gate(self, entry: _AgentEntry, st: Any) -> bool:
+    async def _flow_gate(self, entry: _AgentEntry, st: ConnState) -> bool:
         """Apply the flow-control mode to a paused connection; False means fail open."""
         mode = self._flow_mode
         if mode == FlowControlMode.WAIT_AND_RETRY:
@@ -1620,8 +1650,8 @@ class AgentPool:
         raise FlowControlPaused(entry.agent_id)
 
     async def _acquire_slot(
-        self, entry: _AgentEntry, st: Any, correlation_id: str, timeout: float | None
-    ) -> Any:
+        self, entry: _AgentEntry, st: ConnState, correlation_id: str, timeout: float | None
+    ) -> ConnState:
         """Wait for a slot below ``max_concurrent_per_connection``; the connection it got.
 
         Waiters are served first come, first served: a freed slot is taken on behalf of the
@@ -1633,7 +1663,7 @@ class AgentPool:
         t = self._config.request_timeout if timeout is None else timeout
         deadline = loop.time() + t
         while True:
-            if st.closed or _conn(st).is_closed:
+            if st.closed or st.conn.is_closed:
                 st = entry.conns.select(self._strategy)
             waiters = self._slot_waiters.get(st)
             if st.in_flight < self._limit and not waiters:
@@ -1663,16 +1693,16 @@ class AgentPool:
                     t, agent_id=entry.agent_id, phase="slot", correlation_id=correlation_id
                 ) from None
             if handed:
-                if not _conn(st).is_closed:
+                if not st.conn.is_closed:
                     return st
                 st.release()  # the connection died as the slot was handed over
 
-    def _wake_slot(self, st: Any) -> None:
+    def _wake_slot(self, st: ConnState) -> None:
         """Hand freed slots of ``st`` to its oldest waiters (taken for them before they run)."""
         waiters = self._slot_waiters.get(st)
         if waiters is None:
             return
-        if st.closed or _conn(st).is_closed:
+        if st.closed or st.conn.is_closed:
             self._wake_all(st)  # its waiters go elsewhere
             return
         while waiters and st.in_flight < self._limit:
@@ -1704,7 +1734,7 @@ class AgentPool:
         if entry is None:
             raise self._not_found(agent_id)
         calls = [
-            _conn(st).cancel(correlation_id, reason) for st in entry.all_states() if not st.closed
+            st.conn.cancel(correlation_id, reason) for st in entry.all_states() if not st.closed
         ]
         for result in await asyncio.gather(*calls, return_exceptions=True):
             if isinstance(result, asyncio.CancelledError):
@@ -1726,7 +1756,7 @@ class AgentPool:
         held = self._affinity_index.pop(correlation_id, None)
         if held is None:
             return
-        if held.__class__ is tuple:
+        if isinstance(held, tuple):
             for entry in held:
                 entry.affinity.remove(correlation_id)
         else:
@@ -1743,9 +1773,11 @@ class AgentPool:
             if u is not None and self._agents.get(u.agent_id) is not u:
                 self._unindexed = None
 
-    def _index_affinity(self, correlation_id: str, entry: _AgentEntry, held: Any) -> None:
+    def _index_affinity(
+        self, correlation_id: str, entry: _AgentEntry, held: _AgentEntry | tuple[_AgentEntry, ...]
+    ) -> None:
         """Note a second (third, ...) agent holding ``correlation_id`` in its affinity map."""
-        if held.__class__ is not tuple:
+        if not isinstance(held, tuple):
             self._affinity_index[correlation_id] = (held, entry)
         elif entry not in held:
             self._affinity_index[correlation_id] = (*held, entry)
@@ -1754,7 +1786,7 @@ class AgentPool:
         """Drop index entries of ids no longer stored in any map they point to."""
         index = self._affinity_index
         for cid, held in list(index.items()):
-            entries = held if held.__class__ is tuple else (held,)
+            entries = held if isinstance(held, tuple) else (held,)
             if all(e.affinity.peek(cid) is None for e in entries):
                 del index[cid]
 
@@ -1834,7 +1866,7 @@ class AgentPool:
         entry = self._agents.get(agent_id)
         if entry is None:
             return False
-        return any(not st.closed and _conn(st).is_pending(cid) for st in entry.all_states())
+        return any(not st.closed and st.conn.is_pending(cid) for st in entry.all_states())
 
     def _send_configure(
         self, agent_id: str, cid: str, event: ConfigureEvent, timeout: float
@@ -1903,8 +1935,8 @@ class AgentPool:
             self._refresh_gauges()
 
     async def _maintain_agent(self, entry: _AgentEntry) -> None:
-        dead: list[Any] = []
-        probes: list[Any] = []
+        dead: list[ConnState] = []
+        probes: list[ConnState] = []
         cfg = self._config
         idle_before = _monotonic() - cfg.health_check_interval
         eps = entry.active()
@@ -1918,7 +1950,7 @@ class AgentPool:
                 and (breaker is None or breaker.state is CircuitState.CLOSED)
             )
             for st in list(ep.states):
-                if st.closed or not _conn(st).is_connected:
+                if st.closed or not st.conn.is_connected:
                     dead.append(st)
                 elif st.consecutive_errors >= 3:
                     probes.append(st)
@@ -1993,7 +2025,7 @@ class AgentPool:
                 continue
             if breaker.state is CircuitState.OPEN and breaker.retry_after() > 0:
                 continue
-            live = [st for st in ep.states if not st.closed and _conn(st).is_connected]
+            live = [st for st in ep.states if not st.closed and st.conn.is_connected]
             if not live or entry.protocol != "v2":
                 continue
             breaker.is_closed()  # open -> half-open
@@ -2076,13 +2108,13 @@ class AgentPool:
         """Fullest connection write buffer, as a percentage of its limit."""
         worst = 0.0
         for st in self._all_states():
-            proto: Any = None if st.closed else _conn(st).protocol_core
+            proto: Any = None if st.closed else st.conn.protocol_core
             limit = getattr(proto, "max_write_buffer", 0)
             if limit:
                 worst = max(worst, 100.0 * proto.write_buffer_size / limit)
         return min(100, round(worst))
 
-    def _all_states(self) -> Iterable[Any]:
+    def _all_states(self) -> Iterable[ConnState]:
         for entry in list(self._agents.values()):
             yield from list(entry.conns)
 
