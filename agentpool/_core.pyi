@@ -214,7 +214,8 @@ class RequestGroup:
     remaining: int  # readonly
     def __init__(self, future: asyncio.Future[None]) -> None: ...
 
-class AgentProtocolCore:
+# an asyncio protocol by its methods (the compiled class does not subclass asyncio.Protocol)
+class AgentProtocolCore(asyncio.Protocol):
     transport: asyncio.Transport | None  # readonly
     request_timeout: float  # readonly
     max_write_buffer: int

@@ -11,11 +11,17 @@ import collections
 import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import errors as _errors
 from ._framing_py import MAX_MESSAGE_SIZE, FrameDecoder
 from .enums import MessageType
+
+if TYPE_CHECKING:
+    _ProtocolBase = asyncio.Protocol
+else:
+    # an asyncio protocol by its methods, as the compiled class (which cannot subclass it)
+    _ProtocolBase = object
 
 __all__ = [
     "FLUSH_AFTER",
@@ -107,7 +113,7 @@ def _entry_gone(entry: _Entry) -> None:
         group._done()
 
 
-class AgentProtocolCore:
+class AgentProtocolCore(_ProtocolBase):
     """asyncio protocol for one proxy→agent connection.
 
     Decodes frames, routes AgentResponse frames to the waiter future registered under their

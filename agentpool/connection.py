@@ -131,7 +131,7 @@ class AgentConnection:
         encoding: str = "json",
         protocol: str = "v2",
         request_timeout: float = 30.0,
-        listener: Any = None,
+        listener: ConnectionListener | None = None,
         max_abandoned: int = 1024,
     ) -> None:
         if protocol not in ("v2", "v1"):
@@ -165,10 +165,15 @@ class AgentConnection:
         self._phase = "connect"
         self._ping_seq = itertools.count()
         self._pings: dict[int, tuple[asyncio.Future[float], float]] = {}
-        self._core: Any = None
+        self._core: core.AgentProtocolCore | None = None
         self._v1: _v1.V1ClientProtocol | None = None
         # send(event, correlation_id, timeout) bound to the fastest callable for this protocol
-        self.submit: Callable[[Any, str, float | None], asyncio.Future[AgentResponse]]
+        self.submit: Callable[[object, str, float | None], asyncio.Future[AgentResponse]]
+        # submit(event, correlation_id, timeout, state, affinity, flags): AgentProtocolCore.submit
+        self.submit_request: Callable[
+            [object, str, float | None, core.ConnState, core.AffinityMap, int],
+            asyncio.Future[AgentResponse],
+        ]
         if protocol == "v2":
             self._core = core.AgentProtocolCore(
                 self._loop,
@@ -186,7 +191,7 @@ class AgentConnection:
         else:
             self.submit = self.send
             self.submit_request = self._submit_v1
-        self._metrics: Any = None
+        self._metrics: core.ProtocolMetrics | None = None
         self._on_affinity_rejected: Callable[[], object] | None = None
 
     # -- construction --------------------------------------------------------------------
@@ -204,7 +209,7 @@ class AgentConnection:
         proxy_id: str = "zentinel-proxy",
         proxy_version: str = __version__,
         config: Any = None,
-        listener: Any = None,
+        listener: ConnectionListener | None = None,
         ssl: Any = None,
         max_abandoned: int = 1024,
     ) -> AgentConnection:
@@ -288,7 +293,7 @@ class AgentConnection:
         encoding: str = "json",
         request_timeout: float = 30.0,
         initial_data: bytes = b"",
-        listener: Any = None,
+        listener: ConnectionListener | None = None,
         endpoint: str | None = None,
         max_abandoned: int = 1024,
     ) -> AgentConnection:
@@ -309,14 +314,16 @@ class AgentConnection:
         )
         conn._set_codec(encoding)
         conn.capabilities = capabilities
+        proto = conn._core
+        assert proto is not None  # a v2 connection: it has a protocol core
         sock.setblocking(False)
         if sock.family == socket.AF_UNIX:
-            await conn._loop.create_unix_connection(lambda: conn._core, sock=sock)
+            await conn._loop.create_unix_connection(lambda: proto, sock=sock)
         else:
-            await conn._loop.create_connection(lambda: conn._core, sock=sock)
+            await conn._loop.create_connection(lambda: proto, sock=sock)
         conn._connected = True
         if initial_data:
-            conn._core.data_received(initial_data)
+            proto.data_received(initial_data)
         return conn
 
     @classmethod
@@ -328,7 +335,7 @@ class AgentConnection:
         capabilities: AgentCapabilities,
         encoding: str = "json",
         request_timeout: float = 30.0,
-        listener: Any = None,
+        listener: ConnectionListener | None = None,
         endpoint: str,
     ) -> AgentConnection:
         """Adopt a registered TLS connection (an :class:`agentpool.tls.TLSStream`)."""
@@ -341,10 +348,12 @@ class AgentConnection:
         )
         conn._set_codec(encoding)
         conn.capabilities = capabilities
-        rest = stream.detach(conn._core)
+        proto = conn._core
+        assert proto is not None  # a v2 connection: it has a protocol core
+        rest = stream.detach(proto)
         conn._connected = True
         if rest:
-            conn._core.data_received(rest)
+            proto.data_received(rest)
         return conn
 
     async def _connect(
@@ -363,8 +372,9 @@ class AgentConnection:
             ssl = default_client_context()
         if kind == "unix" and ssl is not None:
             raise ConnectionFailed(f"{self.endpoint}: TLS needs a TCP endpoint")
-        factory: Any
+        factory: asyncio.Protocol
         if self.protocol == "v2":
+            assert self._core is not None  # made with every v2 connection
             factory = self._core
         else:
             factory = self._v1 = _v1.V1ClientProtocol(self)
@@ -396,6 +406,7 @@ class AgentConnection:
             config=config,
             supported_encodings=offered,
         )
+        assert self._core is not None  # v2 (v1 returned above)
         self._core.write_frame(
             MessageType.HANDSHAKE_REQUEST, _codec.encode_handshake_request(request)
         )
@@ -474,7 +485,7 @@ class AgentConnection:
         return self._v1.in_flight if self._v1 is not None else 0
 
     @property
-    def protocol_core(self) -> Any:
+    def protocol_core(self) -> core.AgentProtocolCore | None:
         """The core protocol object (counters: requests_sent, responses_received, ...)."""
         return self._core
 
@@ -496,7 +507,9 @@ class AgentConnection:
             )
 
     def use_accounting(
-        self, metrics: Any, on_affinity_rejected: Callable[[], object] | None = None
+        self,
+        metrics: core.ProtocolMetrics,
+        on_affinity_rejected: Callable[[], object] | None = None,
     ) -> None:
         """Account the requests of :attr:`submit_request` in ``metrics`` (the pool's
         ProtocolMetrics); ``on_affinity_rejected()`` when the affinity map is full."""
@@ -510,8 +523,8 @@ class AgentConnection:
         event: Any,
         correlation_id: str,
         timeout: float | None,
-        st: Any,
-        affinity: Any,
+        st: core.ConnState,
+        affinity: core.AffinityMap,
         flags: int,
     ) -> asyncio.Future[AgentResponse]:
         """:meth:`AgentProtocolCore.submit` for a v1 connection (same accounting)."""
@@ -541,7 +554,9 @@ class AgentConnection:
         fut.add_done_callback(functools.partial(self._account_v1, st, now, flags))
         return fut
 
-    def _account_v1(self, st: Any, started: float, flags: int, fut: asyncio.Future[Any]) -> None:
+    def _account_v1(
+        self, st: core.ConnState, started: float, flags: int, fut: asyncio.Future[AgentResponse]
+    ) -> None:
         if fut.cancelled() or fut.exception() is not None:
             return
         st.finish(True)
@@ -579,6 +594,7 @@ class AgentConnection:
 
     def _abandon_if_cancelled(self, correlation_id: str, fut: asyncio.Future[Any]) -> None:
         if fut.cancelled():
+            assert self._core is not None  # send() adds this callback on v2 only
             self._core.discard(correlation_id, fut)
 
     async def request(
@@ -606,7 +622,9 @@ class AgentConnection:
             c.discard(correlation_id, fut)
             raise
 
-    async def _wait_writable(self, c: Any, t: float, correlation_id: str | None) -> None:
+    async def _wait_writable(
+        self, c: core.AgentProtocolCore, t: float, correlation_id: str | None
+    ) -> None:
         deadline = self._loop.time() + t
         while (drained := c.wait_writable()) is not None:
             remaining = deadline - self._loop.time()
@@ -718,7 +736,7 @@ class AgentConnection:
 
     # -- callbacks from the core -------------------------------------------------------------
 
-    def _notify(self, name: str, *args: Any) -> Any:
+    def _notify(self, name: str, *args: object) -> object:
         fn = getattr(self.listener, name, None)
         if fn is None:
             return None
@@ -737,6 +755,8 @@ class AgentConnection:
             log.exception("agent %r: error handling frame 0x%02x", self.agent_id, msg_type)
 
     def _handle_frame(self, msg_type: MessageType, payload: bytes) -> None:
+        c = self._core
+        assert c is not None  # frames come from the (v2) protocol core
         hs = self._hs_waiter
         if hs is not None:
             # Frames the agent wrote right after its HandshakeResponse (in the same read)
@@ -748,7 +768,7 @@ class AgentConnection:
                 self._finish_handshake(msg_type, payload)
             except AgentProtocolError as exc:
                 hs.set_exception(exc)
-                self._core.abort(ConnectionClosed("handshake failed"))
+                c.abort(ConnectionClosed("handshake failed"))
             else:
                 hs.set_result(None)
             return
@@ -777,8 +797,8 @@ class AgentConnection:
             req = self._codec.decode_control(msg_type, payload)
             if isinstance(req, ConfigUpdateRequest):
                 resp = self._notify("on_config_update", req)
-                if isinstance(resp, ConfigUpdateResponse) and not self._core.closed:
-                    self._core.write_frame(
+                if isinstance(resp, ConfigUpdateResponse) and not c.closed:
+                    c.write_frame(
                         MessageType.CONFIG_UPDATE_REQUEST, self._codec.encode_control(resp)
                     )
         elif msg_type == MessageType.AGENT_RESPONSE:
@@ -799,6 +819,7 @@ class AgentConnection:
             log.warning("agent %r: AgentResponse before a codec was negotiated", self.agent_id)
             return
         cid = _response_correlation_id(self.encoding, payload)
+        assert self._core is not None  # the core passed this reply on
         if cid and self._core.fail_waiter(cid, error):
             log.warning(
                 "agent %r: undecodable AgentResponse for %r: %s", self.agent_id, cid, error

@@ -24,7 +24,7 @@ from . import tls as _tls
 from ._impl import core
 from .circuit import CircuitBreaker, CircuitBreakerConfig, CircuitState
 from .config import AgentPoolConfig
-from .connection import AgentConnection
+from .connection import AgentConnection, ConnectionListener
 from .control import ConfigPushDelivery, ConfigPusher, ConfigUpdateHandler
 from .endpoints import (
     EndpointRecord,
@@ -259,7 +259,7 @@ class _AgentEntry:
         return list(self.endpoint_of)
 
 
-class _Listener:
+class _Listener(ConnectionListener):
     """Routes connection callbacks (health, flow control, metrics, config, close) to the pool."""
 
     __slots__ = ("_pool",)
@@ -292,6 +292,12 @@ def _record_connect_error(entry: _AgentEntry, ep: EndpointRecord, error: BaseExc
     ep.last_error = f"last connect error at {when}{where}: {error or type(error).__name__}"
     entry.conns.last_error = ep.last_error
 
+
+def _abandon(st: ConnState, correlation_id: str, fut: asyncio.Future[AgentResponse]) -> None:
+    """Abandon a request :meth:`AgentPool._submit_now` submitted on ``st``."""
+    proto = st.conn.protocol_core
+    assert proto is not None  # _submit_now submits through the protocol core only
+    proto.discard(correlation_id, fut)
 
 
 class AgentPool:
@@ -1391,7 +1397,7 @@ class AgentPool:
                 for i, item in fast:
                     fut, st = item[0], item[2]
                     if not fut.done():
-                        st.conn.protocol_core.discard(requests[i][1], fut)
+                        _abandon(st, requests[i][1], fut)
                     self._settle(*item)
                 raise
         for i, item in fast:
@@ -1434,7 +1440,7 @@ class AgentPool:
         except asyncio.CancelledError:
             for i, item in fast:
                 if not item[0].done():
-                    item[2].conn.protocol_core.discard(requests[i][1], item[0])
+                    _abandon(item[2], requests[i][1], item[0])
             for _, task in tasks:
                 task.cancel()
             raise

@@ -22,8 +22,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from .._impl import core
 from .._version import __version__
-from ..connection import AgentConnection
+from ..connection import AgentConnection, ConnectionListener
 from ..enums import EventType, FlowAction, HealthState, MessageType
 from ..errors import (
     AgentProtocolError,
@@ -338,13 +339,16 @@ class GrpcAgentConnection(AgentConnection):
     many independent connections.
     """
 
+    # always v2: the protocol core is made with the connection and never dropped
+    _core: core.AgentProtocolCore
+
     def __init__(
         self,
         endpoint: str,
         *,
         agent_id: str,
         request_timeout: float = 30.0,
-        listener: Any = None,
+        listener: ConnectionListener | None = None,
         ssl: Any = None,
         **options: Any,
     ) -> None:
@@ -381,7 +385,7 @@ class GrpcAgentConnection(AgentConnection):
         proxy_id: str = "zentinel-proxy",
         proxy_version: str = __version__,
         config: Any = None,
-        listener: Any = None,
+        listener: ConnectionListener | None = None,
         ssl: Any = None,
         **options: Any,
     ) -> GrpcAgentConnection:
