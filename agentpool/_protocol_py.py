@@ -18,6 +18,9 @@ from ._framing_py import MAX_MESSAGE_SIZE, FrameDecoder
 from .enums import MessageType
 
 if TYPE_CHECKING:
+    from ._metrics_py import ProtocolMetrics
+    from ._selection_py import AffinityMap, ConnState
+
     _ProtocolBase = asyncio.Protocol
 else:
     # an asyncio protocol by its methods, as the compiled class (which cannot subclass it)
@@ -215,7 +218,7 @@ class AgentProtocolCore(_ProtocolBase):
         self.bytes_received = 0
         self.bytes_sent = 0
         self.writes = 0
-        self._pm: Any = None
+        self._pm: ProtocolMetrics | None = None
         self._on_aff_reject: Callable[[], object] | None = None
         self._resp: Any = None
         self._resp_mode = 0
@@ -225,7 +228,7 @@ class AgentProtocolCore(_ProtocolBase):
     # -- configuration -------------------------------------------------------------------
 
     def set_accounting(
-        self, metrics: Any, on_affinity_rejected: Callable[[], object] | None = None
+        self, metrics: ProtocolMetrics, on_affinity_rejected: Callable[[], object] | None = None
     ) -> None:
         """Account :meth:`submit`-ted requests in ``metrics``; ``on_affinity_rejected()`` is
         called when the affinity map refuses a new correlation id (at capacity)."""
@@ -393,7 +396,7 @@ class AgentProtocolCore(_ProtocolBase):
         timeout: float | None,
         flags: int,
         group: RequestGroup | None,
-        st: Any,
+        st: ConnState | None,
     ) -> None:
         default = timeout is None or timeout == self.request_timeout
         t = self.request_timeout if default or timeout is None else timeout
@@ -445,8 +448,8 @@ class AgentProtocolCore(_ProtocolBase):
         event: Any,
         correlation_id: str,
         timeout: float | None,
-        st: Any,
-        affinity: Any,
+        st: ConnState,
+        affinity: AffinityMap,
         flags: int,
         group: RequestGroup | None = None,
     ) -> asyncio.Future[Any]:

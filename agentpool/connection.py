@@ -17,7 +17,7 @@ import socket
 import ssl as _ssl
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import orjson
@@ -51,6 +51,9 @@ from .messages import (
     HealthStatus,
     MetricsReport,
 )
+
+if TYPE_CHECKING:
+    from .tls import TLSStream
 
 __all__ = [
     "AgentConnection",
@@ -329,7 +332,7 @@ class AgentConnection:
     @classmethod
     async def from_tls_stream(
         cls,
-        stream: Any,
+        stream: TLSStream,
         *,
         agent_id: str,
         capabilities: AgentCapabilities,

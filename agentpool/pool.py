@@ -2114,10 +2114,9 @@ class AgentPool:
         """Fullest connection write buffer, as a percentage of its limit."""
         worst = 0.0
         for st in self._all_states():
-            proto: Any = None if st.closed else st.conn.protocol_core
-            limit = getattr(proto, "max_write_buffer", 0)
-            if limit:
-                worst = max(worst, 100.0 * proto.write_buffer_size / limit)
+            proto = None if st.closed else st.conn.protocol_core
+            if proto is not None and proto.max_write_buffer:
+                worst = max(worst, 100.0 * proto.write_buffer_size / proto.max_write_buffer)
         return min(100, round(worst))
 
     def _all_states(self) -> Iterable[ConnState]:
