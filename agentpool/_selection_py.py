@@ -363,7 +363,7 @@ class AffinityMap:
     def __init__(self, max_entries: int = 100_000) -> None:
         if max_entries < 0:
             raise ValueError("max_entries must be >= 0")
-        self._map: dict[Any, _Affinity] = {}
+        self._map: dict[str, _Affinity] = {}
         self._max_entries = max_entries
         self._rejections = 0
         self._at_capacity = False
@@ -383,11 +383,11 @@ class AffinityMap:
         """True from a refused store until the next accepted one."""
         return bool(self._at_capacity)
 
-    def store(self, correlation_id: Any, state: ConnState, now: float) -> bool:
+    def store(self, correlation_id: str, state: ConnState, now: float) -> bool:
         """Bind ``correlation_id`` to ``state``; False if refused at capacity."""
         return bool(self._store(correlation_id, state, now))
 
-    def _store(self, correlation_id: Any, state: ConnState, now: float) -> bool:
+    def _store(self, correlation_id: str, state: ConnState, now: float) -> bool:
         entry = self._map.get(correlation_id)
         if entry is None:
             if len(self._map) >= self._max_entries:
@@ -402,7 +402,7 @@ class AffinityMap:
         self._at_capacity = False
         return True
 
-    def get(self, correlation_id: Any, now: float) -> ConnState | None:
+    def get(self, correlation_id: str, now: float) -> ConnState | None:
         """The bound connection (refreshing its idle timer), or None."""
         entry = self._map.get(correlation_id)
         if entry is None:
@@ -410,14 +410,14 @@ class AffinityMap:
         entry.last_access = now
         return entry.state
 
-    def peek(self, correlation_id: Any) -> ConnState | None:
+    def peek(self, correlation_id: str) -> ConnState | None:
         """The bound connection without refreshing anything, or None."""
         entry = self._map.get(correlation_id)
         if entry is None:
             return None
         return entry.state
 
-    def remove(self, correlation_id: Any) -> bool:
+    def remove(self, correlation_id: str) -> bool:
         """Drop the binding; False if there was none."""
         return self._map.pop(correlation_id, None) is not None
 
@@ -455,7 +455,7 @@ class AffinityMap:
         return f"<AffinityMap entries={len(self._map)} max_entries={self._max_entries}>"
 
 
-def forget_affinity(entries: dict[Any, Any], correlation_id: Any) -> int:
+def forget_affinity(entries: dict[Any, Any], correlation_id: str) -> int:
     """Drop ``correlation_id`` from the ``affinity`` map of every value of ``entries`` (the
     pool's agents) in one call; how many bindings were dropped."""
     n = 0
@@ -470,7 +470,7 @@ class _Session:
     __slots__ = ("agent_id", "created_at", "last_accessed", "state")
 
     state: ConnState
-    agent_id: Any
+    agent_id: str
     created_at: float
     last_accessed: float
 
@@ -485,9 +485,9 @@ class SessionMap:
     __slots__ = ("_map",)
 
     def __init__(self) -> None:
-        self._map: dict[Any, _Session] = {}
+        self._map: dict[str, _Session] = {}
 
-    def create(self, session_id: Any, state: ConnState, agent_id: Any, now: float) -> None:
+    def create(self, session_id: str, state: ConnState, agent_id: str, now: float) -> None:
         """Bind ``session_id`` (overwriting an existing one), touched at ``now``."""
         entry = _Session.__new__(_Session)
         entry.state = state
@@ -496,7 +496,7 @@ class SessionMap:
         entry.last_accessed = now
         self._map[session_id] = entry
 
-    def lookup(self, session_id: Any, now: float, timeout: float | None) -> ConnState | None:
+    def lookup(self, session_id: str, now: float, timeout: float | None) -> ConnState | None:
         """The session's connection, refreshed; an expired session is removed (None)."""
         entry = self._map.get(session_id)
         if entry is None:
@@ -509,7 +509,7 @@ class SessionMap:
         entry.last_accessed = now
         return entry.state
 
-    def has(self, session_id: Any, now: float, timeout: float | None) -> bool:
+    def has(self, session_id: str, now: float, timeout: float | None) -> bool:
         """True if the session exists and is not expired; changes nothing."""
         entry = self._map.get(session_id)
         if entry is None:
@@ -519,21 +519,21 @@ class SessionMap:
         t: float = timeout
         return not now - entry.last_accessed > t
 
-    def peek(self, session_id: Any) -> ConnState | None:
+    def peek(self, session_id: str) -> ConnState | None:
         """The session's connection, ignoring expiry and refreshing nothing."""
         entry = self._map.get(session_id)
         if entry is None:
             return None
         return entry.state
 
-    def agent(self, session_id: Any) -> Any:
+    def agent(self, session_id: str) -> str | None:
         """The agent id bound to the session (expiry not checked, nothing refreshed)."""
         entry = self._map.get(session_id)
         if entry is None:
             return None
         return entry.agent_id
 
-    def remove(self, session_id: Any) -> bool:
+    def remove(self, session_id: str) -> bool:
         """Drop the session; False if there was none."""
         return self._map.pop(session_id, None) is not None
 
