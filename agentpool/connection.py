@@ -5,7 +5,7 @@ replies to waiters by correlation id, timeouts, write coalescing, counters) happ
 core's :class:`AgentProtocolCore`; this module does the handshake, the control messages and
 the lifecycle.
 
-Just over 800 lines on purpose: a connection's life, from opening (Unix socket, TCP, TLS,
+Over 800 lines on purpose: a connection's life, from opening (Unix socket, TCP, TLS,
 an accepted reverse connection, v1) through the handshake and control messages to closing, is
 one state machine in one class, and splitting it would scatter its states across files.
 """
