@@ -1289,11 +1289,7 @@ class AgentPool:
             self._after(holder, breaker, recorded)
             raise
         if kind & _STORE_AFFINITY and entry is not self._sole:
-            held = self._affinity_index.get(correlation_id)
-            if held is None:
-                self._affinity_index[correlation_id] = entry
-            elif held is not entry:
-                self._index_affinity(correlation_id, entry, held)
+            self._index_affinity(correlation_id, entry)
         try:
             response: AgentResponse = await fut
         except asyncio.CancelledError:
@@ -1554,11 +1550,7 @@ class AgentPool:
             self._refused(holder, st, breaker, kind, exc, started, attempted)
             raise
         if kind & _STORE_AFFINITY and entry is not self._sole:
-            held = self._affinity_index.get(correlation_id)
-            if held is None:
-                self._affinity_index[correlation_id] = entry
-            elif held is not entry:
-                self._index_affinity(correlation_id, entry, held)
+            self._index_affinity(correlation_id, entry)
         return fut, holder, st, breaker, kind, started
 
     def _refused(
@@ -1786,14 +1778,18 @@ class AgentPool:
             if u is not None and self._agents.get(u.agent_id) is not u:
                 self._unindexed = None
 
-    def _index_affinity(
-        self, correlation_id: str, entry: _AgentEntry, held: _AgentEntry | tuple[_AgentEntry, ...]
-    ) -> None:
-        """Note a second (third, ...) agent holding ``correlation_id`` in its affinity map."""
-        if not isinstance(held, tuple):
-            self._affinity_index[correlation_id] = (held, entry)
+    def _index_affinity(self, correlation_id: str, entry: _AgentEntry) -> None:
+        """Note that ``entry`` holds ``correlation_id`` in its affinity map (so may others)."""
+        index = self._affinity_index
+        held = index.get(correlation_id)
+        if held is None:
+            index[correlation_id] = entry
+        elif held is entry:
+            return
+        elif not isinstance(held, tuple):
+            index[correlation_id] = (held, entry)
         elif entry not in held:
-            self._affinity_index[correlation_id] = (*held, entry)
+            index[correlation_id] = (*held, entry)
 
     def _purge_affinity_index(self) -> None:
         """Drop index entries of ids no longer stored in any map they point to."""
