@@ -18,11 +18,11 @@ from agentpool.http import (
     HeaderGuard,
     Route,
     Stop,
-    _mutated,
     apply_header_ops,
     decision_reply,
     load_config,
 )
+from agentpool.http.exchange import _mutated
 from agentpool.messages import (
     AgentResponse,
     Block,
@@ -314,7 +314,7 @@ def test_asgi_header_names_lower_cased_and_cache_bounded() -> None:
 def test_timestamp_is_rfc3339_with_nanoseconds() -> None:
     import re
 
-    from agentpool.http import _timestamp
+    from agentpool.http.exchange import _timestamp
 
     stamp = _timestamp()
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}\+00:00", stamp), stamp

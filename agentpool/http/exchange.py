@@ -26,10 +26,10 @@ from typing import Any, Literal, TypeAlias
 
 import orjson
 
-from .config import AgentPoolConfig
-from .enums import EventType
-from .errors import AgentProtocolError
-from .messages import (
+from ..config import AgentPoolConfig
+from ..enums import EventType
+from ..errors import AgentProtocolError
+from ..messages import (
     AgentResponse,
     Allow,
     Block,
@@ -46,7 +46,7 @@ from .messages import (
     WebSocketClose,
     WebSocketFrameEvent,
 )
-from .pool import AgentPool
+from ..pool import AgentPool
 
 __all__ = [
     "EVENT_NAMES",

@@ -1,0 +1,47 @@
+"""Agents in front of HTTP servers: routes, failure policy, header guard, per-request exchange.
+
+This is the framework-neutral layer shared by :mod:`agentpool.asgi`, :mod:`agentpool.aiohttp`
+and ``python -m agentpool proxy``: it turns a request into events, sends them to the agents a
+route names (independent agents in one fan-out), and turns the replies into what the server
+does next — a :class:`Reply` to send at once, header edits passed through the
+:class:`HeaderGuard`, body chunks to forward (possibly mutated), or a WebSocket decision.
+See docs/integrations.md for the behaviour in full.
+"""
+
+from .exchange import (
+    EVENT_NAMES,
+    HOP_BY_HOP,
+    NEVER_MUTABLE,
+    AgentRule,
+    BodyMode,
+    Exchange,
+    Failure,
+    Glue,
+    HeaderGuard,
+    Headers,
+    Reply,
+    Route,
+    Stop,
+    apply_header_ops,
+    decision_reply,
+    load_config,
+)
+
+__all__ = [
+    "EVENT_NAMES",
+    "HOP_BY_HOP",
+    "NEVER_MUTABLE",
+    "AgentRule",
+    "BodyMode",
+    "Exchange",
+    "Failure",
+    "Glue",
+    "HeaderGuard",
+    "Headers",
+    "Reply",
+    "Route",
+    "Stop",
+    "apply_header_ops",
+    "decision_reply",
+    "load_config",
+]
