@@ -22,7 +22,7 @@ from agentpool.http import (
     decision_reply,
     load_config,
 )
-from agentpool.http.exchange import _mutated
+from agentpool.http.guard import _mutated
 from agentpool.messages import (
     AgentResponse,
     Block,

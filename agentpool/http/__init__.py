@@ -8,23 +8,18 @@ does next — a :class:`Reply` to send at once, header edits passed through the
 See docs/integrations.md for the behaviour in full.
 """
 
-from .exchange import (
-    EVENT_NAMES,
+from .config import EVENT_NAMES, AgentRule, BodyMode, Failure, Route, load_config
+from .exchange import Exchange
+from .glue import Glue
+from .guard import (
     HOP_BY_HOP,
     NEVER_MUTABLE,
-    AgentRule,
-    BodyMode,
-    Exchange,
-    Failure,
-    Glue,
     HeaderGuard,
     Headers,
     Reply,
-    Route,
     Stop,
     apply_header_ops,
     decision_reply,
-    load_config,
 )
 
 __all__ = [
