@@ -6,6 +6,11 @@ route names (independent agents in one fan-out), and turns the replies into what
 does next — a :class:`Reply` to send at once, header edits passed through the
 :class:`HeaderGuard`, body chunks to forward (possibly mutated), or a WebSocket decision.
 See docs/integrations.md for the behaviour in full.
+
+The parts: :mod:`~agentpool.http.guard` (header guard, replies), :mod:`~agentpool.http.config`
+(routes, rules, config mapping), :mod:`~agentpool.http.plan` (a route resolved against the
+pool), :mod:`~agentpool.http.glue` (:class:`Glue`) and :mod:`~agentpool.http.exchange` (one
+request); import the public names from ``agentpool.http`` itself.
 """
 
 from .config import EVENT_NAMES, AgentRule, BodyMode, Failure, Route, load_config
