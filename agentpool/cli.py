@@ -603,7 +603,10 @@ def build_parser(prog: str = "agentpool") -> argparse.ArgumentParser:
     """The whole command line: global options and one subparser per :data:`COMMANDS` entry."""
     parser = _Parser(
         prog=prog,
-        description="Connection pool for Zentinel v2 agents: demo, example agents, benchmark.",
+        description=(
+            "Connection pool for Zentinel v2 agents: demo, example agents, reverse proxy, "
+            "benchmarks."
+        ),
         formatter_class=_HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=_version())
