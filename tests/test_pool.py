@@ -8,9 +8,10 @@ import time
 from typing import Any
 
 import pytest
-from _helpers import hdrs, pool_config, states
+from _helpers import FakeClock, hdrs, pool_config, states
 from agents import AgentProc
 
+import agentpool.pool
 from agentpool import (
     CircuitBreakerOpen,
     ConnectionClosed,
@@ -580,15 +581,20 @@ async def test_sticky_falls_back_when_connection_is_gone(control: AgentProc) -> 
         assert used is False and isinstance(resp.decision, Allow)
 
 
-async def test_sticky_expiry_has_is_pure_refresh_refreshes(control: AgentProc) -> None:
+async def test_sticky_expiry_has_is_pure_refresh_refreshes(
+    control: AgentProc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the pool's session clock, moved by hand: a loaded machine cannot stretch the sleeps
+    clock = FakeClock()
+    monkeypatch.setattr(agentpool.pool, "_monotonic", clock)
     async with AgentPool(cfg(connections_per_agent=1, sticky_session_timeout=0.3)) as pool:
         await pool.add_agent("c", control.endpoint)
         pool.create_sticky_session("pure", "c")
         pool.create_sticky_session("kept", "c")
-        await asyncio.sleep(0.2)
+        clock.advance(0.2)
         assert pool.has_sticky_session("pure")  # does not refresh
         assert pool.refresh_sticky_session("kept")  # refreshes
-        await asyncio.sleep(0.2)
+        clock.advance(0.2)
         assert not pool.has_sticky_session("pure")
         assert pool.has_sticky_session("kept")
         assert pool.sticky_session_count() == 2  # expired ones count until swept
