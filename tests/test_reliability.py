@@ -607,7 +607,7 @@ async def test_circuit_breaker_cycle(faulty: FaultyAgentProc, loop_guard: LoopGu
         for _ in range(20):
             _, error, took = await call()
             assert isinstance(error, CircuitBreakerOpen), repr(error)
-            assert took < 0.05
+            assert took < 0.2  # refused at once, not after the 0.2 s request timeout
         assert "circuit breaker open" in str(error)
         await asyncio.sleep(0.1)
         assert count_events(faulty) == events_before, faulty.frames()
@@ -640,7 +640,7 @@ async def test_unreachable_agent_fails_typed_then_recovers(loop_guard: LoopGuard
                 pool.send_request_headers("f", cid, headers_event(cid)), 3.0
             )
             assert isinstance(error, (ConnectionFailed, Unavailable)), repr(error)
-            assert took < 0.1
+            assert took < REQUEST_TIMEOUT  # failed at once, not after the request timeout
             await agent.astart()
             deadline = time.monotonic() + 5.0
             while True:
