@@ -1199,6 +1199,26 @@ class AgentPool:
         response = await self._send(agent_id, correlation_id, event, _KIND_HEADERS, st, None)
         return response, st is not None
 
+    def _admit(
+        self, agent_id: str, kind: int
+    ) -> tuple[_AgentEntry, CircuitBreaker | EndpointsBreaker | None, int]:
+        """What every request passes before a connection is chosen (the agent exists, the pool
+        is not shutting down, the agent's breaker lets it through): the agent's entry, its
+        breaker gate (None for kinds that bypass it) and the core's submit flags."""
+        self._total_requests += 1
+        entry = self._agents.get(agent_id)
+        if entry is None:
+            raise self._not_found(agent_id)
+        if self._closing and kind & _NEW_REQUEST:
+            raise Unavailable("pool is shutting down")
+        gate = None if kind & _NO_BREAKER else entry.breaker
+        if gate is not None and not entry.breaker_clean and not gate.is_closed():
+            raise CircuitBreakerOpen(agent_id)
+        flags = kind & _SUBMIT_KINDS
+        if kind & _TRACK and not self._total_requests & _SERIALIZATION_SAMPLE:
+            flags |= _SUBMIT_SAMPLE
+        return entry, gate, flags
+
     async def _send(
         self,
         agent_id: str,
@@ -1211,23 +1231,12 @@ class AgentPool:
         # The checks, encode, frame and accounting of a request (its success included) are
         # one core call (``submit_request``); what stays here must be Python: the flow-control
         # gate, the wait for a slot, and the accounting of failures.
-        self._total_requests += 1
-        entry = self._agents.get(agent_id)
-        if entry is None:
-            raise self._not_found(agent_id)
-        if self._closing and kind & _NEW_REQUEST:
-            raise Unavailable("pool is shutting down")
-        gate = None if kind & _NO_BREAKER else entry.breaker
-        if gate is not None and not entry.breaker_clean and not gate.is_closed():
-            raise CircuitBreakerOpen(agent_id)
+        entry, gate, flags = self._admit(agent_id, kind)
         # the breaker and its clean flag: the agent's gate until a connection is chosen,
         # then the chosen connection's endpoint (docs/pool.md, "Endpoint sets")
         breaker: CircuitBreaker | EndpointsBreaker | None = gate
         holder: _AgentEntry | EndpointRecord = entry
         started = _monotonic()
-        flags = kind & _SUBMIT_KINDS
-        if kind & _TRACK and not self._total_requests & _SERIALIZATION_SAMPLE:
-            flags |= _SUBMIT_SAMPLE
         st = pinned
         attempted = local = False
         try:
@@ -1499,22 +1508,11 @@ class AgentPool:
         """:meth:`_send` up to its await, when nothing has to be waited for; None when
         something does (the caller then runs :meth:`_send`). Errors raised here are
         accounted as in :meth:`_send`."""
-        self._total_requests += 1
-        entry = self._agents.get(agent_id)
-        if entry is None:
-            raise self._not_found(agent_id)
-        if self._closing and kind & _NEW_REQUEST:
-            raise Unavailable("pool is shutting down")
-        gate = None if kind & _NO_BREAKER else entry.breaker
-        if gate is not None and not entry.breaker_clean and not gate.is_closed():
-            raise CircuitBreakerOpen(agent_id)
-        # then the chosen connection's endpoint's, as in _send
+        entry, gate, flags = self._admit(agent_id, kind)
+        # the agent's breaker, then the chosen connection's endpoint's, as in _send
         breaker: CircuitBreaker | EndpointsBreaker | None = gate
         holder: _AgentEntry | EndpointRecord = entry
         started = _monotonic()
-        flags = kind & _SUBMIT_KINDS
-        if kind & _TRACK and not self._total_requests & _SERIALIZATION_SAMPLE:
-            flags |= _SUBMIT_SAMPLE
         st = None
         attempted = False
         try:
