@@ -1,11 +1,9 @@
 # Compiled helpers of agentpool.codec: fresh decoded AgentResponse objects (lazy fields),
-# and a direct JSON writer for RequestHeaders events.
-# Twin: agentpool/_codec_py.py.
-#
-# Over 800 lines because this is the part of the codec that is really C: slot offsets and
-# descriptors for the lazy reply, a reply validator that walks orjson's objects without
-# building any, and a byte writer with its own growable buffer and SWAR string scan. They share
-# the inline helpers above and below, which Cython can only inline within one module.
+# and a direct JSON writer for RequestHeaders events (twin: agentpool/_codec_py.py).
+# Long on purpose (over 800 lines): this is the part of the codec that is really C (slot
+# offsets and descriptors for the lazy reply, a reply validator that walks orjson's objects
+# without building any, a byte writer with its own growable buffer and SWAR string scan), and
+# its pieces share inline helpers, which Cython can only inline within one module.
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE

@@ -1,13 +1,13 @@
 """The proxy side of one agent connection (v2 over UDS or TCP, or legacy v1 via agentpool.v1).
 
+Long on purpose (over 800 lines): a connection's life, from opening (Unix socket, TCP, TLS,
+an accepted reverse connection, v1) through the handshake and control messages to closing, is
+one state machine in one class, and splitting it would scatter its states across files.
+
 :class:`AgentConnection` owns a socket to one agent. The per-frame work (decoding, routing
 replies to waiters by correlation id, timeouts, write coalescing, counters) happens in the
 core's :class:`AgentProtocolCore`; this module does the handshake, the control messages and
 the lifecycle.
-
-Over 800 lines on purpose: a connection's life, from opening (Unix socket, TCP, TLS,
-an accepted reverse connection, v1) through the handshake and control messages to closing, is
-one state machine in one class, and splitting it would scatter its states across files.
 """
 
 from __future__ import annotations

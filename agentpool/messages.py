@@ -1,12 +1,12 @@
 """Message classes for every Zentinel v2 agent-protocol message (docs/protocol.md).
 
+Long on purpose (over 800 lines): one module for all 45 message classes. Every message of the
+protocol is declared here once, as a reader of docs/protocol.md expects to find them, and the
+codec's schemas (agentpool/codec/) build and check each class against this one declaration.
+
 Field names and defaults are upstream's so code written against the Rust crate reads the same.
 These are plain data holders; :mod:`agentpool.codec` turns them into wire payloads and back.
 Body ``data`` is ``bytes`` on the Python side (base64 in JSON, raw ``bin`` in MessagePack).
-
-One module for all 45 message classes, over 800 lines on purpose: every message of the
-protocol is declared here once, as a reader of docs/protocol.md expects to find them, and the
-codec's schemas (agentpool/codec/) build and check each class against this one declaration.
 """
 
 from __future__ import annotations

@@ -1,17 +1,17 @@
 """The agent pool: Zentinel's ``AgentPool`` for asyncio (docs/pool.md).
 
-An :class:`AgentPool` keeps ``connections_per_agent`` connections to each agent, picks one per
-event with the compiled selection core, routes body chunks by correlation affinity and
-long-lived streams by sticky session, applies flow control and a per-agent circuit breaker,
-and repairs itself in :meth:`AgentPool.run_maintenance` (replacing dead connections and
-reconnecting with capped backoff, forever). Method names are upstream's, in snake_case.
-
 Long on purpose (over 2,000 lines): :class:`AgentPool` is one class, as upstream's pool is
 one struct. The request path, fan-out, endpoint sets, recovery and sessions all read and
 update the same per-agent entries, slot and flow waiters and counters, and each of those
 carries invariants that a reader checks in one place. The parts that need none of that state
 live elsewhere: the per-frame work in the core, the breaker in ``circuit``, endpoint records in
 ``endpoints``, config push in ``control``, and metrics in ``metrics``.
+
+An :class:`AgentPool` keeps ``connections_per_agent`` connections to each agent, picks one per
+event with the compiled selection core, routes body chunks by correlation affinity and
+long-lived streams by sticky session, applies flow control and a per-agent circuit breaker,
+and repairs itself in :meth:`AgentPool.run_maintenance` (replacing dead connections and
+reconnecting with capped backoff, forever). Method names are upstream's, in snake_case.
 """
 
 from __future__ import annotations
